@@ -1,0 +1,36 @@
+"""Packaging for t5gemma-jax: the tested stack is pinned exactly."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "seqio==0.0.20",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "gin-config==0.5.0",
+    "sentencepiece==0.2.1",
+    "safetensors==0.8.0",
+    "numpy>=1.26",
+]
+
+TEST_REQUIRES = [
+    "pytest==8.4.2",
+    "torch==2.13.0",  # the CPU wheel on disk; never let pip pick a CUDA build
+    "transformers==5.23.0",
+]
+
+setup(
+    name="t5gemma-jax",
+    version="0.1.0",
+    description="T5Gemma encoder-decoder models in JAX/Flax: exact numerics, sharded training.",
+    packages=find_packages(include=["t5gemma_jax", "t5gemma_jax.*", "tasks", "tasks.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+    entry_points={"console_scripts": ["t5gemma=t5gemma_jax.main:main"]},
+)

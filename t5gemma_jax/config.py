@@ -1,0 +1,183 @@
+"""Model configuration: one `ModuleConfig` per stack, a `T5GemmaConfig` for the pair.
+
+Configs are frozen dataclasses so they can be hashed, used as static jit arguments and bound from
+gin at the edges (see `t5gemma_jax/main.py`); the model itself never reads gin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+LAYER_TYPES = (SLIDING, FULL)
+REMAT_POLICIES = ("none", "full", "minimal")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def alternating_layer_types(num_layers: int) -> tuple[str, ...]:
+  """Gemma 2 pattern: sliding on even layer indices, full attention on odd ones."""
+  return tuple(SLIDING if i % 2 == 0 else FULL for i in range(num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleConfig:
+  """Hyper-parameters of one stack (the encoder or the decoder).
+
+  Field names follow the published T5Gemma configs; `layer_types=None` means the Gemma 2
+  alternation (sliding, full, sliding, ...).
+  """
+
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  query_pre_attn_scalar: float
+  vocab_size: int = 256000
+  attn_logit_softcapping: Optional[float] = 50.0
+  final_logit_softcapping: Optional[float] = 30.0
+  sliding_window: Optional[int] = 4096
+  layer_types: Optional[tuple[str, ...]] = None
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  dropout_rate: float = 0.0
+  attention_dropout: float = 0.0
+
+  def __post_init__(self):
+    if self.layer_types is None:
+      object.__setattr__(self, "layer_types", alternating_layer_types(self.num_layers))
+    else:
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
+    for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "vocab_size"):
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"ModuleConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"ModuleConfig.num_heads ({self.num_heads}) must be a multiple of "
+                       f"num_kv_heads ({self.num_kv_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"ModuleConfig.head_dim must be even for RoPE, got {self.head_dim}")
+    if len(self.layer_types) != self.num_layers:
+      raise ValueError(f"ModuleConfig.layer_types has {len(self.layer_types)} entries but "
+                       f"num_layers is {self.num_layers}")
+    bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+    if bad:
+      raise ValueError(f"ModuleConfig.layer_types has unknown types {bad}; use {LAYER_TYPES}")
+    if SLIDING in self.layer_types and not self.sliding_window:
+      raise ValueError("ModuleConfig.sliding_window must be set when layer_types has "
+                       f"'{SLIDING}' layers")
+
+  @property
+  def layer_period(self) -> int:
+    """Length of the shortest repeating unit of `layer_types` (the unit that scan repeats)."""
+    types = self.layer_types
+    for p in range(1, len(types) + 1):
+      if all(types[i] == types[i % p] for i in range(len(types))):
+        return p
+    return len(types)
+
+
+@dataclasses.dataclass(frozen=True)
+class T5GemmaConfig:
+  """An encoder and a decoder stack plus the options that only change how the model runs.
+
+  Attributes:
+    encoder, decoder: the two stacks; the decoder's cross-attention reads `encoder.hidden_size`.
+    pad_id, eos_id, bos_id: special token ids (0, 1, 2 in every released checkpoint).
+    dtype: activation dtype name ("float32", "bfloat16"); softmax, norms and logits stay float32.
+    param_dtype: dtype name in which parameters are created and stored.
+    scan_layers: run each stack with `nn.scan` over its repeating unit of layers.
+    remat_policy: "none", "full" (recompute everything) or "minimal" (keep the named matmul
+      outputs: projections, attention output, MLP activations).
+  """
+
+  encoder: ModuleConfig
+  decoder: ModuleConfig
+  pad_id: int = 0
+  eos_id: int = 1
+  bos_id: int = 2
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ValueError(f"T5GemmaConfig.{name} must be one of {sorted(DTYPES)}, "
+                         f"got {getattr(self, name)!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"T5GemmaConfig.remat_policy must be one of {REMAT_POLICIES}, "
+                       f"got {self.remat_policy!r}")
+    if self.encoder.vocab_size != self.decoder.vocab_size:
+      raise ValueError(f"encoder.vocab_size ({self.encoder.vocab_size}) and decoder.vocab_size "
+                       f"({self.decoder.vocab_size}) must match")
+
+  @property
+  def activation_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def parameter_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  @property
+  def vocab_size(self) -> int:
+    return self.decoder.vocab_size
+
+  def replace(self, **changes) -> "T5GemmaConfig":
+    return dataclasses.replace(self, **changes)
+
+
+# name: (num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim)
+_RELEASED_STACKS = {
+    "s": (8, 512, 1024, 8, 8, 64),
+    "b": (12, 768, 2048, 12, 12, 64),
+    "l": (24, 1024, 2816, 16, 16, 64),
+    "ml": (26, 1152, 6912, 4, 4, 256),
+    "xl": (24, 2048, 5120, 32, 32, 64),
+    "2b": (26, 2304, 9216, 8, 4, 256),
+    "9b": (42, 3584, 14336, 16, 8, 256),
+}
+
+# A model small enough for unit tests and the offline demo, but with every feature switched on:
+# GQA, a sliding window shorter than typical test sequences and both layer types.
+_TINY = ModuleConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, vocab_size=2048,
+                     sliding_window=16)
+
+PRESETS = ("tiny", "s-s", "b-b", "l-l", "ml-ml", "xl-xl", "2b-2b", "9b-2b", "9b-9b")
+
+
+def stack_preset(name: str) -> ModuleConfig:
+  """The `ModuleConfig` of one released stack size ("s", "b", ..., "9b") or "tiny"."""
+  if name == "tiny":
+    return _TINY
+  if name not in _RELEASED_STACKS:
+    raise ValueError(f"unknown stack size {name!r}; known: tiny, {', '.join(_RELEASED_STACKS)}")
+  layers, hidden, ffn, heads, kv_heads, head_dim = _RELEASED_STACKS[name]
+  return ModuleConfig(hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
+                      num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                      query_pre_attn_scalar=head_dim)
+
+
+def preset(name: str, **options) -> T5GemmaConfig:
+  """A named model: "tiny" or a released pair such as "2b-2b" or "9b-2b" (encoder-decoder).
+
+  Args:
+    name: one of `PRESETS`.
+    **options: run-time fields of `T5GemmaConfig` (dtype, param_dtype, scan_layers, ...).
+
+  Returns:
+    The frozen config.
+  """
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+  enc_name, dec_name = ("tiny", "tiny") if name == "tiny" else name.split("-")
+  return T5GemmaConfig(encoder=stack_preset(enc_name), decoder=stack_preset(dec_name), **options)
+

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: Hugging Face T5Gemma folders (hf.py)."""

@@ -1,0 +1,5 @@
+"""The T5Gemma model in Flax linen."""
+
+from t5gemma_jax.model.transformer import Decoder, DecoderBlock, Encoder, EncoderBlock, T5Gemma
+
+__all__ = ["T5Gemma", "Encoder", "Decoder", "EncoderBlock", "DecoderBlock"]

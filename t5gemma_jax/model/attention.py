@@ -1,0 +1,173 @@
+"""Attention masks and the Gemma 2 attention layer (self- and cross-attention, GQA, softcap).
+
+Masks are boolean [B, Q, K] arrays (True = may attend) built from segment ids: 0 marks padding,
+equal positive ids mark tokens of the same packed example. A row without packing simply has
+segment id 1 on every real token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from t5gemma_jax.model.layers import Einsum, apply_rope
+
+Array = jax.Array
+DType = Any
+
+
+def segment_ids_from_tokens(tokens: Array, pad_id: int = 0) -> Array:
+  """int [B, T] tokens -> int32 [B, T] segment ids: 1 on real tokens, 0 on padding."""
+  return (tokens != pad_id).astype(jnp.int32)
+
+
+def positions_from_segments(segment_ids: Array) -> Array:
+  """Positions that restart at 0 at the start of every segment (packed rows).
+
+  Args:
+    segment_ids: int [B, T].
+
+  Returns:
+    int32 [B, T]; for an unpacked row this is simply arange(T).
+  """
+  t = segment_ids.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+  previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  starts = jnp.where(segment_ids != previous, idx, 0)
+  return idx - jax.lax.cummax(starts, axis=1)
+
+
+def _segment_mask(q_segments: Array, k_segments: Array) -> Array:
+  """[B, Q, K]: keys must be real and, for real queries, of the query's own segment.
+
+  Padding queries (segment 0) see every real key. Their outputs are never used, but this keeps
+  them finite and identical to the reference, whose padding masks only keys.
+  """
+  q = q_segments[:, :, None]
+  k = k_segments[:, None, :]
+  return (k > 0) & ((q == k) | (q == 0))
+
+
+def self_attention_mask(segment_ids: Array, *, causal: bool,
+                        sliding_window: Optional[int] = None) -> Array:
+  """Boolean [B, T, T] mask for self-attention.
+
+  Args:
+    segment_ids: int [B, T], 0 = padding.
+    causal: decoder (key index <= query index) or bidirectional encoder.
+    sliding_window: None for full layers. Encoder windows are symmetric, |i - j| <= window;
+      decoder windows keep i - window < j <= i (both as transformers 5.x).
+
+  Returns:
+    bool [B, T, T].
+  """
+  mask = _segment_mask(segment_ids, segment_ids)
+  t = segment_ids.shape[-1]
+  i = jnp.arange(t)[:, None]
+  j = jnp.arange(t)[None, :]
+  if causal:
+    mask &= (j <= i)[None]
+    if sliding_window is not None:
+      mask &= (j > i - sliding_window)[None]
+  elif sliding_window is not None:
+    mask &= (jnp.abs(i - j) <= sliding_window)[None]
+  return mask
+
+
+def cross_attention_mask(decoder_segment_ids: Array, encoder_segment_ids: Array) -> Array:
+  """Boolean [B, T, S]: decoder tokens see the real encoder tokens of their own segment."""
+  return _segment_mask(decoder_segment_ids, encoder_segment_ids)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float,
+                          softcap: Optional[float], dropout_rate: float = 0.0,
+                          deterministic: bool = True,
+                          dropout_rng: Optional[Array] = None) -> Array:
+  """Grouped-query attention with Gemma 2's score softcap.
+
+  Query head j reads kv head j // (H / K), the layout of HF's `repeat_kv`.
+
+  Args:
+    q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; mask: bool [B, T, S].
+    scale: multiplies q.k (query_pre_attn_scalar ** -0.5).
+    softcap: c in `c * tanh(s / c)`, applied before the mask; None disables it.
+
+  Returns:
+    [B, T, H, Dh] in q.dtype.
+  """
+  b, t, h, dh = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    scores = softcap * jnp.tanh(scores / softcap)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  if dropout_rate > 0.0 and not deterministic:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+  return out.reshape(b, t, h, dh)
+
+
+class Attention(nn.Module):
+  """Gemma 2 attention: self-attention with RoPE, or cross-attention (no RoPE) over `kv_input`.
+
+  Attributes:
+    num_heads, num_kv_heads, head_dim: head layout (GQA when num_kv_heads < num_heads).
+    query_pre_attn_scalar: scores are scaled by its inverse square root.
+    softcap: attention logit softcap, or None.
+    rope_theta: RoPE base for self-attention; None for cross-attention.
+    kv_features: width of `kv_input` (the encoder width for cross-attention); None = same as x.
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  query_pre_attn_scalar: float
+  softcap: Optional[float]
+  rope_theta: Optional[float]
+  kv_features: Optional[int] = None
+  attention_dropout: float = 0.0
+  deterministic: bool = True
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, positions: Optional[Array] = None,
+               kv_input: Optional[Array] = None) -> Array:
+    """Args: x [B, T, D]; mask bool [B, T, S]; positions int [B, T] (self-attention only);
+    kv_input [B, S, D_kv] for cross-attention. Returns [B, T, D]."""
+    d = x.shape[-1]
+    h, kh, dh = self.num_heads, self.num_kv_heads, self.head_dim
+    src = x if kv_input is None else kv_input
+    d_kv = self.kv_features or src.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q = Einsum((d, h, dh), ("embed", "heads", "head_dim"), out_axis=(1, 2), name="q",
+               **kw)("btd,dnh->btnh", x)
+    k = Einsum((d_kv, kh, dh), ("embed", "kv_heads", "head_dim"), out_axis=(1, 2), name="k",
+               **kw)("bsd,dkh->bskh", src)
+    v = Einsum((d_kv, kh, dh), ("embed", "kv_heads", "head_dim"), out_axis=(1, 2), name="v",
+               **kw)("bsd,dkh->bskh", src)
+    if self.rope_theta is not None:
+      if kv_input is not None:
+        raise ValueError("RoPE applies to self-attention only; got kv_input with rope_theta set")
+      q = apply_rope(q, positions, self.rope_theta)
+      k = apply_rope(k, positions, self.rope_theta)
+    q = checkpoint_name(q, "query_proj")
+    k = checkpoint_name(k, "key_proj")
+    v = checkpoint_name(v, "value_proj")
+
+    dropout_rng = None
+    if self.attention_dropout > 0.0 and not self.deterministic:
+      dropout_rng = self.make_rng("dropout")
+    out = dot_product_attention(q, k, v, mask, scale=self.query_pre_attn_scalar ** -0.5,
+                                softcap=self.softcap, dropout_rate=self.attention_dropout,
+                                deterministic=self.deterministic, dropout_rng=dropout_rng)
+    out = checkpoint_name(out, "attention_out")
+    return Einsum((h, dh, d), ("heads", "head_dim", "embed"), in_axis=(0, 1), out_axis=2,
+                  name="o", **kw)("btnh,nhd->btd", out)

@@ -1,0 +1,142 @@
+"""Small building blocks: projections, RMSNorm, the scaled embedding, RoPE and the GeGLU MLP.
+
+Every parameter carries logical axis names (see `AXES` below) so that `t5gemma_jax.sharding` can
+place it on any mesh without the model knowing about meshes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+Array = jax.Array
+DType = Any
+
+# Logical names for activations at block boundaries; parameters use embed, mlp, heads, kv_heads,
+# head_dim, vocab (and layers, added by scan).
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+def constrain(x: Array) -> Array:
+  """Pins a [batch, length, embed] activation to its logical sharding (a no-op without rules)."""
+  return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+class Einsum(nn.Module):
+  """A bias-free projection whose kernel has an arbitrary shape, applied with an einsum.
+
+  Attributes:
+    shape: kernel shape, e.g. (embed, heads, head_dim).
+    axes: logical axis name of each kernel dimension.
+    in_axis, out_axis: kernel dimensions that count as fan-in / fan-out for the initialiser.
+  """
+
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  in_axis: int | Sequence[int] = 0
+  out_axis: int | Sequence[int] = -1
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, eqn: str, x: Array) -> Array:
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                            in_axis=self.in_axis, out_axis=self.out_axis)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape,
+                        self.param_dtype)
+    return jnp.einsum(eqn, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class RMSNorm(nn.Module):
+  """Gemma RMSNorm: `x * rsqrt(mean(x^2) + eps) * (1 + scale)`, computed in float32.
+
+  The stored `scale` is the Hugging Face `weight` (initialised at 0), not `1 + weight`.
+  """
+
+  eps: float = 1e-6
+  axis_name: str = "embed"
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                             (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Embedder(nn.Module):
+  """Token embedding scaled by sqrt(hidden_size), and its transpose as the tied output layer."""
+
+  vocab_size: int
+  embed_dim: int
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def setup(self):
+    # Unit-variance embeddings after the sqrt(d) scale, as in Gemma.
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0)
+    self.embedding = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
+                                (self.vocab_size, self.embed_dim), self.param_dtype)
+
+  def encode(self, tokens: Array) -> Array:
+    """int [B, T] -> [B, T, D] in `dtype`, scaled by sqrt(D) cast to `dtype` first (as HF)."""
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+    return x * jnp.asarray(math.sqrt(self.embed_dim), self.dtype)
+
+  def decode(self, x: Array) -> Array:
+    """[B, T, D] -> float32 logits [B, T, V] through the (tied) embedding matrix."""
+    return jnp.einsum("btd,vd->btv", x.astype(self.dtype), self.embedding.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding in the split-halves layout (HF `rotate_half`).
+
+  Args:
+    x: [B, T, N, H] queries or keys.
+    positions: int [B, T], counting from 0 in each sequence (segment).
+    theta: RoPE base frequency.
+
+  Returns:
+    [B, T, N, H] in x.dtype; angles are computed in float32 and cast to x.dtype as HF does.
+  """
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  cos = jnp.cos(angles).astype(x.dtype)[:, :, None, :]
+  sin = jnp.sin(angles).astype(x.dtype)[:, :, None, :]
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class FeedForward(nn.Module):
+  """GeGLU MLP: `down(gelu_tanh(gate(x)) * up(x))`, dropout on the hidden activation."""
+
+  hidden_size: int
+  intermediate_size: int
+  dropout_rate: float = 0.0
+  deterministic: bool = True
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d, f = self.hidden_size, self.intermediate_size
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = Einsum((d, f), ("embed", "mlp"), name="gate", **kw)("btd,df->btf", x)
+    up = Einsum((d, f), ("embed", "mlp"), name="up", **kw)("btd,df->btf", x)
+    gate = checkpoint_name(gate, "mlp_gate")
+    up = checkpoint_name(up, "mlp_up")
+    h = jax.nn.gelu(gate, approximate=True) * up  # [B, T, F]
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=self.deterministic)
+    out = Einsum((f, d), ("mlp", "embed"), name="down", **kw)("btf,fd->btd", h)
+    return checkpoint_name(out, "mlp_out")

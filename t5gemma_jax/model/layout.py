@@ -1,0 +1,78 @@
+"""Converts parameter trees between the unrolled layout and the scanned one.
+
+Unrolled: `{encoder,decoder}/layers_{i}/...`. Scanned (`scan_layers=True`): the first
+`R * period` layers are stacked as `layers/block_{s}/...` with a leading [R] axis, layer
+`i = r * period + s` at index r of block s; any leftover layers keep their `layers_{i}` names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
+
+Params = dict[str, Any]
+
+
+def _stack_split(cfg: ModuleConfig) -> tuple[int, int]:
+  return cfg.num_layers // cfg.layer_period, cfg.layer_period
+
+
+def _stack_fn(leaves):
+  if all(isinstance(x, np.ndarray) for x in leaves):
+    return np.stack(leaves)
+  return jnp.stack(leaves)  # keeps device arrays on device
+
+
+def _scan_stack(stack: Params, cfg: ModuleConfig) -> Params:
+  repeats, period = _stack_split(cfg)
+  if "layers" in stack:
+    return dict(stack)
+  out = {k: v for k, v in stack.items() if not k.startswith("layers_")}
+  if repeats:
+    out["layers"] = {
+        f"block_{s}": jax.tree_util.tree_map(
+            lambda *xs: _stack_fn(xs),
+            *[stack[f"layers_{r * period + s}"] for r in range(repeats)])
+        for s in range(period)}
+  for i in range(repeats * period, cfg.num_layers):
+    out[f"layers_{i}"] = stack[f"layers_{i}"]
+  return out
+
+
+def _unscan_stack(stack: Params, cfg: ModuleConfig) -> Params:
+  if "layers" not in stack:
+    return dict(stack)
+  repeats, period = _stack_split(cfg)
+  out = {k: v for k, v in stack.items() if k != "layers"}
+  for s in range(period):
+    block = stack["layers"][f"block_{s}"]
+    for r in range(repeats):
+      out[f"layers_{r * period + s}"] = jax.tree_util.tree_map(lambda x, r=r: x[r], block)
+  return out
+
+
+def _both(params: Params, cfg: T5GemmaConfig, fn: Callable) -> Params:
+  out = dict(params)
+  out["encoder"] = fn(params["encoder"], cfg.encoder)
+  out["decoder"] = fn(params["decoder"], cfg.decoder)
+  return out
+
+
+def scan_params(params: Params, cfg: T5GemmaConfig) -> Params:
+  """Unrolled params -> scanned layout (a no-op on params that are already scanned)."""
+  return _both(params, cfg, _scan_stack)
+
+
+def unscan_params(params: Params, cfg: T5GemmaConfig) -> Params:
+  """Scanned params -> unrolled layout (a no-op on params that are already unrolled)."""
+  return _both(params, cfg, _unscan_stack)
+
+
+def to_layout(params: Params, cfg: T5GemmaConfig) -> Params:
+  """Params in whichever layout `cfg.scan_layers` asks for."""
+  return scan_params(params, cfg) if cfg.scan_layers else unscan_params(params, cfg)

@@ -1,0 +1,277 @@
+"""Encoder and decoder blocks, the layer stacks (plain or scanned, with remat), and `T5Gemma`.
+
+Parameter tree (unscanned):
+  encoder/{embedder/embedding, layers_{i}/..., final_norm/scale}
+  decoder/{embedder/embedding, layers_{i}/..., final_norm/scale}
+With `scan_layers=True` the leading `R = num_layers // period` repeats of the layer-type pattern
+live under `layers/block_{s}` with a leading [R] axis (logical name "layers"); leftover layers,
+if any, keep their `layers_{i}` names. `t5gemma_jax.model.layout` converts between the two.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5gemma_jax.config import SLIDING, ModuleConfig, T5GemmaConfig
+from t5gemma_jax.model import attention as attn_lib
+from t5gemma_jax.model.layers import Embedder, FeedForward, RMSNorm, constrain
+
+Array = jax.Array
+
+# The matmul outputs that remat_policy="minimal" keeps (see checkpoint_name calls).
+SAVED_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_gate", "mlp_up",
+               "mlp_out")
+
+
+def remat_policy(name: str) -> Optional[Callable]:
+  """Maps a config remat policy name to a jax.checkpoint policy (None = no remat)."""
+  if name == "none":
+    return None
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  if name == "minimal":
+    return jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)
+  raise ValueError(f"unknown remat_policy {name!r}")
+
+
+class _SubBlock(nn.Module):
+  """`x + dropout(post_norm(f(pre_norm(x))))`: the wrapper Gemma 2 puts around each sub-layer."""
+
+  cfg: ModuleConfig
+  deterministic: bool
+  param_dtype: Any
+
+  def residual(self, x: Array, f: Callable[[Array], Array], pre: str, post: str) -> Array:
+    norm = dict(eps=self.cfg.rms_norm_eps, param_dtype=self.param_dtype)
+    y = f(RMSNorm(name=pre, **norm)(x))
+    y = RMSNorm(name=post, **norm)(y)
+    y = nn.Dropout(self.cfg.dropout_rate)(y, deterministic=self.deterministic)
+    return x + y
+
+
+class EncoderBlock(_SubBlock):
+  """Bidirectional self-attention then the MLP."""
+
+  layer_type: str = SLIDING
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, masks: dict) -> Array:
+    """x [B, S, D]; positions int [B, S]; masks {layer_type: bool [B, S, S]} -> [B, S, D]."""
+    c = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
+    self_attn = attn_lib.Attention(c.num_heads, c.num_kv_heads, c.head_dim,
+                                   c.query_pre_attn_scalar, c.attn_logit_softcapping,
+                                   c.rope_theta, attention_dropout=c.attention_dropout,
+                                   name="self_attn", **kw)
+    x = self.residual(x, lambda h: self_attn(h, masks[self.layer_type], positions),
+                      "pre_self_attn_norm", "post_self_attn_norm")
+    mlp = FeedForward(c.hidden_size, c.intermediate_size, c.dropout_rate, name="mlp", **kw)
+    x = self.residual(x, mlp, "pre_ffw_norm", "post_ffw_norm")
+    return constrain(x)
+
+
+class DecoderBlock(_SubBlock):
+  """Causal self-attention, cross-attention over the encoder output, then the MLP."""
+
+  layer_type: str = SLIDING
+  encoder_hidden_size: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, masks: dict, encoded: Array,
+               cross_mask: Array) -> Array:
+    """x [B, T, D]; encoded [B, S, D_enc]; cross_mask bool [B, T, S] -> [B, T, D]."""
+    c = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
+    common = (c.num_heads, c.num_kv_heads, c.head_dim, c.query_pre_attn_scalar,
+              c.attn_logit_softcapping)
+    self_attn = attn_lib.Attention(*common, c.rope_theta, attention_dropout=c.attention_dropout,
+                                   name="self_attn", **kw)
+    x = self.residual(x, lambda h: self_attn(h, masks[self.layer_type], positions),
+                      "pre_self_attn_norm", "post_self_attn_norm")
+    cross_attn = attn_lib.Attention(*common, None, kv_features=self.encoder_hidden_size,
+                                    attention_dropout=c.attention_dropout, name="cross_attn", **kw)
+    x = self.residual(x, lambda h: cross_attn(h, cross_mask, kv_input=encoded),
+                      "pre_cross_attn_norm", "post_cross_attn_norm")
+    mlp = FeedForward(c.hidden_size, c.intermediate_size, c.dropout_rate, name="mlp", **kw)
+    x = self.residual(x, mlp, "pre_ffw_norm", "post_ffw_norm")
+    return constrain(x)
+
+
+class _Unit(nn.Module):
+  """One repeat of the layer-type pattern (e.g. a sliding + full pair): the scanned body."""
+
+  make_block: Callable[..., nn.Module]
+  layer_types: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self, x: Array, *args) -> tuple[Array, None]:
+    for s, layer_type in enumerate(self.layer_types):
+      x = self.make_block(layer_type=layer_type, name=f"block_{s}")(x, *args)
+    return x, None
+
+
+def _self_masks(cfg: ModuleConfig, segment_ids: Array, causal: bool) -> dict:
+  """One self-attention mask per layer type used by the stack."""
+  return {t: attn_lib.self_attention_mask(
+      segment_ids, causal=causal, sliding_window=cfg.sliding_window if t == SLIDING else None)
+          for t in sorted(set(cfg.layer_types))}
+
+
+def _segments_and_positions(tokens, segment_ids, positions, pad_id):
+  if segment_ids is None:
+    segment_ids = attn_lib.segment_ids_from_tokens(tokens, pad_id)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  elif positions is None:
+    positions = attn_lib.positions_from_segments(segment_ids)
+  return segment_ids, positions
+
+
+class _StackRunner(nn.Module):
+  """Shared embed -> blocks -> final norm plumbing of the encoder and the decoder."""
+
+  cfg: T5GemmaConfig
+
+  def run(self, module_cfg: ModuleConfig, block_cls: type, extra_block_kwargs: dict,
+          x: Array, deterministic: bool, *args) -> Array:
+    c = self.cfg
+    x = nn.Dropout(module_cfg.dropout_rate)(x, deterministic=deterministic)
+    x = constrain(x)
+    block_kwargs = dict(cfg=module_cfg, deterministic=deterministic, dtype=c.activation_dtype,
+                        param_dtype=c.parameter_dtype, **extra_block_kwargs)
+    x = self.run_layers(module_cfg, block_cls, block_kwargs, x, *args)
+    x = RMSNorm(module_cfg.rms_norm_eps, param_dtype=c.parameter_dtype, name="final_norm")(x)
+    return nn.Dropout(module_cfg.dropout_rate)(x, deterministic=deterministic)
+
+  def run_layers(self, module_cfg: ModuleConfig, block_cls: type, block_kwargs: dict, x: Array,
+                 *args) -> Array:
+    """Runs every layer, unrolled or scanned over the repeating unit of layer types."""
+    policy = remat_policy(self.cfg.remat_policy)
+    if policy is not None:
+      block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.cfg.scan_layers)
+
+    def make_block(**kw):
+      return block_cls(**block_kwargs, **kw)
+
+    types, period = module_cfg.layer_types, module_cfg.layer_period
+    repeats = len(types) // period if self.cfg.scan_layers else 0
+    if repeats:
+      scanned = nn.scan(_Unit, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast,) * len(args), length=repeats,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(make_block, types[:period], name="layers")(x, *args)
+    for i in range(repeats * period, len(types)):
+      x = make_block(layer_type=types[i], name=f"layers_{i}")(x, *args)
+    return x
+
+  def embedder(self, module_cfg: ModuleConfig) -> Embedder:
+    return Embedder(module_cfg.vocab_size, module_cfg.hidden_size, dtype=self.cfg.activation_dtype,
+                    param_dtype=self.cfg.parameter_dtype, name="embedder")
+
+
+class Encoder(_StackRunner):
+  """Bidirectional encoder with its own embedding table."""
+
+  @nn.compact
+  def __call__(self, tokens: Array, segment_ids: Optional[Array] = None,
+               positions: Optional[Array] = None, deterministic: bool = True) -> Array:
+    """tokens int [B, S] (0 = padding) -> encoded [B, S, D_enc] in the activation dtype."""
+    mc = self.cfg.encoder
+    segment_ids, positions = _segments_and_positions(tokens, segment_ids, positions,
+                                                     self.cfg.pad_id)
+    x = self.embedder(mc).encode(tokens)
+    masks = _self_masks(mc, segment_ids, causal=False)
+    return self.run(mc, EncoderBlock, {}, x, deterministic, positions, masks)
+
+
+class Decoder(_StackRunner):
+  """Causal decoder with cross-attention; its embedding is tied to the output layer."""
+
+  @nn.compact
+  def __call__(self, encoded: Array, encoder_segment_ids: Array, tokens: Array,
+               segment_ids: Optional[Array] = None, positions: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    """Returns float32 logits [B, T, V], softcapped by final_logit_softcapping."""
+    mc = self.cfg.decoder
+    segment_ids, positions = _segments_and_positions(tokens, segment_ids, positions,
+                                                     self.cfg.pad_id)
+    embedder = self.embedder(mc)
+    masks = _self_masks(mc, segment_ids, causal=True)
+    cross_mask = attn_lib.cross_attention_mask(segment_ids, encoder_segment_ids)
+    x = self.run(mc, DecoderBlock, {"encoder_hidden_size": self.cfg.encoder.hidden_size},
+                 embedder.encode(tokens), deterministic, positions, masks, encoded, cross_mask)
+    logits = embedder.decode(x)
+    cap = mc.final_logit_softcapping
+    if cap is not None:
+      logits = cap * jnp.tanh(logits / cap)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+class T5Gemma(nn.Module):
+  """The T5Gemma encoder-decoder.
+
+  `__call__` runs both stacks; `encode` and `decode` run one each (decode takes the encoder's
+  tokens or segment ids to mask cross-attention).
+  """
+
+  cfg: T5GemmaConfig
+
+  def setup(self):
+    self.encoder = Encoder(self.cfg)
+    self.decoder = Decoder(self.cfg)
+
+  def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
+             encoder_positions: Optional[Array] = None, deterministic: bool = True) -> Array:
+    """int32 [B, S] -> [B, S, D_enc]."""
+    return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                        deterministic)
+
+  def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
+             encoder_segment_ids: Optional[Array] = None,
+             decoder_segment_ids: Optional[Array] = None,
+             decoder_positions: Optional[Array] = None, deterministic: bool = True) -> Array:
+    """encoded [B, S, D_enc], tokens int32 [B, S] and [B, T] -> float32 logits [B, T, V]."""
+    _check_segments(encoder_segment_ids, decoder_segment_ids)
+    if encoder_segment_ids is None:
+      encoder_segment_ids = attn_lib.segment_ids_from_tokens(encoder_input_tokens,
+                                                             self.cfg.pad_id)
+    return self.decoder(encoded, encoder_segment_ids, decoder_input_tokens, decoder_segment_ids,
+                        decoder_positions, deterministic)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               encoder_segment_ids: Optional[Array] = None,
+               decoder_segment_ids: Optional[Array] = None,
+               encoder_positions: Optional[Array] = None,
+               decoder_positions: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    """Teacher-forced logits.
+
+    Args:
+      encoder_input_tokens: int32 [B, S], 0 = padding.
+      decoder_input_tokens: int32 [B, T], starting with BOS (2), 0 = padding.
+      encoder_segment_ids, decoder_segment_ids: int32 [B, S] / [B, T] for packed rows (0 =
+        padding); give both or neither.
+      encoder_positions, decoder_positions: int32 positions; default: restart per segment.
+      deterministic: False enables dropout (needs a "dropout" rng).
+
+    Returns:
+      float32 [B, T, V] logits.
+    """
+    _check_segments(encoder_segment_ids, decoder_segment_ids)
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                          deterministic)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
+                       decoder_segment_ids, decoder_positions, deterministic)
+
+
+def _check_segments(encoder_segment_ids, decoder_segment_ids):
+  if (encoder_segment_ids is None) != (decoder_segment_ids is None):
+    raise ValueError("packed inputs need both encoder_segment_ids and decoder_segment_ids "
+                     "(cross-attention matches segments across the two)")

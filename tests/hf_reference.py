@@ -1,0 +1,58 @@
+"""Builds Hugging Face T5Gemma reference models with every weight random (norms included)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import T5GemmaConfig, T5GemmaForConditionalGeneration, T5GemmaModuleConfig
+
+
+def module_config(**kw) -> T5GemmaModuleConfig:
+  base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=16,
+              sliding_window=5, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+  base.update(kw)
+  return T5GemmaModuleConfig(**base)
+
+
+def random_model(encoder: dict, decoder: dict, seed: int = 0) -> T5GemmaForConditionalGeneration:
+  """An eager-attention float32 T5Gemma whose weights are all drawn at random.
+
+  Linear weights get std 1.5 / sqrt(fan_in) so attention scores are large enough for the softcap
+  to matter; norm weights get std 0.5 around 0 (HF initialises them at exactly 0, which would
+  hide a wrong `1 + w`); embeddings get std 2 / sqrt(d) so logits are O(1) and softcaps bite.
+  """
+  cfg = T5GemmaConfig(encoder=module_config(**encoder), decoder=module_config(**decoder),
+                      vocab_size=encoder.get("vocab_size", 512), attn_implementation="eager")
+  torch.manual_seed(seed)
+  model = T5GemmaForConditionalGeneration(cfg).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.normal_(0.0, 0.5)
+      elif "embed_tokens" in name:
+        p.normal_(0.0, 2.0 / np.sqrt(p.shape[1]))
+      else:
+        p.normal_(0.0, 1.5 / np.sqrt(p.shape[1]))
+  return model
+
+
+def logits(model, enc: np.ndarray, dec: np.ndarray) -> np.ndarray:
+  """float32 [B, T, V] logits, always passing both attention masks (see DESIGN.md pitfalls)."""
+  with torch.no_grad():
+    out = model(input_ids=torch.from_numpy(enc).long(),
+                attention_mask=torch.from_numpy(enc != 0).long(),
+                decoder_input_ids=torch.from_numpy(dec).long(),
+                decoder_attention_mask=torch.from_numpy(dec != 0).long())
+  return out.logits.float().numpy()
+
+
+def padded_batch(rng: np.random.Generator, vocab: int, batch: int, enc_len: int, dec_len: int):
+  """Random token rows with differing right padding; decoder rows start with BOS (2)."""
+  enc = rng.integers(3, vocab, size=(batch, enc_len)).astype(np.int32)
+  dec = rng.integers(3, vocab, size=(batch, dec_len)).astype(np.int32)
+  dec[:, 0] = 2
+  for b in range(1, batch):
+    enc[b, enc_len - 3 * b:] = 0
+    dec[b, dec_len - 2 * b:] = 0
+  return enc, dec
