@@ -178,6 +178,11 @@ def preset(name: str, **options) -> T5GemmaConfig:
   """
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+  allowed = [f.name for f in dataclasses.fields(T5GemmaConfig) if f.name not in ("encoder",
+                                                                                 "decoder")]
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ValueError(f"preset: unknown option(s) {unknown}; options are {allowed}")
   enc_name, dec_name = ("tiny", "tiny") if name == "tiny" else name.split("-")
   return T5GemmaConfig(encoder=stack_preset(enc_name), decoder=stack_preset(dec_name), **options)
 

@@ -1,0 +1,119 @@
+"""The `t5gemma` command line: one entry point, gin at the edge.
+
+  t5gemma <command> --gin_file=models/tiny.gin --gin.preset.dtype='"bfloat16"'
+
+Gin files are looked up as given, then under the repository's `gin/` folder. Every command
+reads its model from the `model_config.cfg` binding; the library below never imports gin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+import gin
+
+from t5gemma_jax import config
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+# Configs stay plain dataclasses; gin learns about them here and nowhere else.
+gin.external_configurable(config.preset, "preset")
+gin.external_configurable(config.stack_preset, "stack_preset")
+gin.external_configurable(config.ModuleConfig, "ModuleConfig")
+gin.external_configurable(config.T5GemmaConfig, "T5GemmaConfig")
+
+
+@gin.configurable
+def model_config(cfg: config.T5GemmaConfig = gin.REQUIRED) -> config.T5GemmaConfig:
+  """The model every command works on; gin files bind `model_config.cfg = @preset()`."""
+  if not isinstance(cfg, config.T5GemmaConfig):
+    raise ValueError(f"gin binding model_config.cfg must be a T5GemmaConfig, got {type(cfg)}")
+  return cfg
+
+
+def count_params(cfg: config.T5GemmaConfig) -> dict[str, int]:
+  """Parameter counts per stack, from shapes alone (nothing is allocated)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from t5gemma_jax import model
+
+  tokens = jnp.ones((1, 1), jnp.int32)
+  shapes = jax.eval_shape(model.T5Gemma(cfg).init, jax.random.PRNGKey(0), tokens, tokens)
+  shapes = nn.meta.unbox(shapes)["params"]
+  return {side: sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes[side]))
+          for side in ("encoder", "decoder")}
+
+
+def show_config(args: argparse.Namespace) -> int:
+  """Prints the bound model config and its parameter counts as JSON."""
+  cfg = model_config()
+  counts = count_params(cfg)
+  counts["total"] = counts["encoder"] + counts["decoder"]
+  print(json.dumps({"config": dataclasses.asdict(cfg), "parameters": counts}, indent=2))
+  return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "show_config": show_config,
+}
+
+
+def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+  parser = argparse.ArgumentParser(prog="t5gemma", description=__doc__.split("\n\n")[0])
+  parser.add_argument("command", choices=sorted(COMMANDS))
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin file (repeatable); relative paths also resolve under gin/")
+  parser.add_argument("--gin_search_path", action="append", default=[],
+                      help="extra folder in which to look for gin files")
+  args, rest = parser.parse_known_args(argv)
+  bindings = []
+  for item in rest:
+    if not item.startswith("--gin."):
+      parser.error(f"unrecognised argument {item!r} (bindings look like --gin.NAME=VALUE)")
+    name, sep, value = item[len("--gin."):].partition("=")
+    if not sep:
+      parser.error(f"gin binding {item!r} has no '=VALUE'")
+    bindings.append(f"{name} = {value}")
+  return args, bindings
+
+
+def _load_gin(args: argparse.Namespace, bindings: list[str]) -> None:
+  search = [".", *args.gin_search_path, GIN_DIR]
+  for path in search[1:]:
+    if os.path.isdir(path):
+      gin.add_config_file_search_path(path)  # for include statements inside gin files
+  for f in args.gin_file:
+    found = next((os.path.join(d, f) for d in search if os.path.isfile(os.path.join(d, f))), None)
+    if found is None:
+      raise FileNotFoundError(f"gin file {f!r} not found (searched {', '.join(search)})")
+    try:
+      gin.parse_config_file(found)
+    except Exception as e:  # syntax errors, unknown configurables, ...
+      raise ValueError(f"gin file {found}: {e}") from e
+  for binding in bindings:
+    try:
+      gin.parse_config(binding)
+    except Exception as e:  # gin raises several types; all mean "this binding is wrong"
+      raise ValueError(f"gin binding --gin.{binding.replace(' = ', '=', 1)}: {e}") from e
+  gin.finalize()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args, bindings = _parse(sys.argv[1:] if argv is None else argv)
+  try:
+    _load_gin(args, bindings)
+    return COMMANDS[args.command](args)
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    print(f"t5gemma {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
