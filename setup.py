@@ -15,6 +15,9 @@ INSTALL_REQUIRES = [
     "gin-config==0.5.0",
     "sentencepiece==0.2.1",
     "safetensors==0.8.0",
+    "sacrebleu==2.6.0",
+    "rouge-score==0.1.2",
+    "babel==2.18.0",  # CLDR names: the built-in offline translation data
     "numpy>=1.26",
 ]
 
