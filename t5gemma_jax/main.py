@@ -60,18 +60,65 @@ def show_config(args: argparse.Namespace) -> int:
   return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "show_config": show_config,
+def show_task(args: argparse.Namespace) -> int:
+  """Prints decoded examples of a task and statistics over its first examples."""
+  from t5gemma_jax.data import task_report
+  if args.task == "list":
+    print("\n".join(task_report.list_tasks()))
+    return 0
+  lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
+  print(task_report.render(args.task, args.split, lengths, args.n, seed=args.seed,
+                           stats_examples=args.stats_examples))
+  return 0
+
+
+def _show_task_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--task", required=True, help="task or mixture name, or 'list'")
+  p.add_argument("--split", default="train")
+  p.add_argument("--n", type=int, default=3, help="examples to print")
+  p.add_argument("--inputs_length", type=int, default=512)
+  p.add_argument("--targets_length", type=int, default=128)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--stats_examples", type=int, default=200)
+
+
+# name: (function, adds the command's own flags)
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int],
+                          Callable[[argparse.ArgumentParser], None]]] = {
+    "show_config": (show_config, lambda p: None),
+    "show_task": (show_task, _show_task_args),
 }
+
+
+@gin.configurable
+def data_settings(gemma_tokenizer: Optional[str] = None, builtin_vocab_size: int = 2048,
+                  builtin_sentinels: int = 128, user_tasks: Sequence = ()) -> None:
+  """Data options that must be applied before any task is used.
+
+  Args:
+    gemma_tokenizer: path of Gemma's tokenizer.model (TFDS tasks); also $T5GEMMA_TOKENIZER.
+    builtin_vocab_size, builtin_sentinels: size of the vocabulary trained on the built-in
+      corpus (must equal the model's vocab_size) and how many of its ids are sentinels.
+    user_tasks: `@file_task()` references; evaluating them registers the tasks.
+  """
+  import tasks  # registers the built-in, TFDS and file-based tasks
+  from t5gemma_jax.data import vocab
+  if gemma_tokenizer:
+    vocab.set_gemma_tokenizer(gemma_tokenizer)
+  tasks.vocabularies.BUILTIN.configure(builtin_vocab_size, builtin_sentinels)
+  del user_tasks  # registered as a side effect of gin evaluating the references
 
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(prog="t5gemma", description=__doc__.split("\n\n")[0])
-  parser.add_argument("command", choices=sorted(COMMANDS))
-  parser.add_argument("--gin_file", action="append", default=[],
-                      help="gin file (repeatable); relative paths also resolve under gin/")
-  parser.add_argument("--gin_search_path", action="append", default=[],
-                      help="extra folder in which to look for gin files")
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, (_, add_args) in sorted(COMMANDS.items()):
+    p = sub.add_parser(name)
+    p.add_argument("--gin_file", action="append", default=[],
+                   help="gin file (repeatable); relative paths also resolve under gin/")
+    p.add_argument("--gin_search_path", action="append", default=[],
+                   help="extra folder in which to look for gin files")
+    add_args(p)
   args, rest = parser.parse_known_args(argv)
   bindings = []
   for item in rest:
@@ -109,7 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args, bindings = _parse(sys.argv[1:] if argv is None else argv)
   try:
     _load_gin(args, bindings)
-    return COMMANDS[args.command](args)
+    data_settings()
+    return COMMANDS[args.command][0](args)
   except (ValueError, TypeError, FileNotFoundError) as e:
     print(f"t5gemma {args.command}: error: {e}", file=sys.stderr)
     return 2

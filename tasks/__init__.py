@@ -1,5 +1,6 @@
-"""seqio task and mixture registrations; importing this package registers them.
+"""seqio task and mixture registrations; importing this package registers them (once)."""
 
-Tasks read data through `t5gemma_jax.data`; none are registered yet (the objectives issue adds
-span corruption, UL2, PrefixLM, translation and summarisation tasks here).
-"""
+from tasks import tfds_tasks
+
+if "wmt14_ende" not in __import__("seqio").TaskRegistry.names():
+  tfds_tasks.register()
