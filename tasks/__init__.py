@@ -1,6 +1,14 @@
-"""seqio task and mixture registrations; importing this package registers them (once)."""
+"""seqio task and mixture registrations; importing this package registers them (once).
 
-from tasks import tfds_tasks
+- `tasks.builtin`: offline tasks on text shipped with every install, and `builtin_mixture`.
+- `tasks.tfds_tasks`: C4, WMT, CNN/DailyMail and XSum from a prepared TFDS_DATA_DIR.
+- `tasks.files`: `file_task(...)` for the user's own files, called from gin.
+"""
 
-if "wmt14_ende" not in __import__("seqio").TaskRegistry.names():
+import seqio
+
+from tasks import builtin, files, tfds_tasks  # noqa: F401  (files is used from gin)
+
+if "builtin_mixture" not in seqio.MixtureRegistry.names():
+  builtin.register()
   tfds_tasks.register()

@@ -1,7 +1,8 @@
 """Tasks over TFDS datasets, read from a prepared TFDS_DATA_DIR with the Gemma tokenizer.
 
-Translation: wmt14_ende, wmt16_enro. Summarisation: cnn_dailymail, xsum. Pretraining on C4:
-c4_span_corruption, c4_ul2, c4_prefix_lm (registered in `tasks.pretraining`).
+Translation: wmt14_ende, wmt16_enro. Summarisation: cnn_dailymail, xsum. Pretraining on C4
+(c4/en): c4_span_corruption, c4_ul2 (the T5Gemma 2 denoisers), c4_prefix_lm, and the mixture
+c4_t5gemma_pretrain (UL2 + PrefixLM, the T5Gemma paper's two objectives).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import seqio
 
 from t5gemma_jax import metrics
 from t5gemma_jax.data import supervised
-from tasks import vocabularies
+from tasks import objectives, vocabularies
 from tasks.sources import PreparedTfdsSource
 
 GEMMA_FEATURES = vocabularies.features(vocabularies.GEMMA)
@@ -25,6 +26,9 @@ TRANSLATION = {
     "wmt14_ende": ("wmt14_translate/de-en:1.0.0", "en", "de", "English", "German"),
     "wmt16_enro": ("wmt16_translate/ro-en:1.0.0", "en", "ro", "English", "Romanian"),
 }
+C4 = "c4/en:3.1.0"
+PRETRAINING = {"c4_span_corruption": "span_corruption", "c4_ul2": "t5gemma2",
+               "c4_prefix_lm": "prefix_lm"}
 SUMMARIZATION = {
     # task: (tfds name, article key, summary key)
     "cnn_dailymail": ("cnn_dailymail:3.4.0", "article", "highlights"),
@@ -32,7 +36,19 @@ SUMMARIZATION = {
 }
 
 
+def register_pretraining_mixture(rates=(("c4_ul2", 1.0), ("c4_prefix_lm", 1.0))) -> None:
+  """(Re)registers c4_t5gemma_pretrain with the given (task, rate) pairs."""
+  if "c4_t5gemma_pretrain" in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove("c4_t5gemma_pretrain")
+  seqio.MixtureRegistry.add("c4_t5gemma_pretrain", [(t, float(r)) for t, r in rates])
+
+
 def register() -> None:
+  for task, objective in PRETRAINING.items():
+    seqio.TaskRegistry.add(task, source=PreparedTfdsSource(C4),
+                           preprocessors=objectives.preprocessors(objective, vocabularies.GEMMA),
+                           output_features=GEMMA_FEATURES)
+  register_pretraining_mixture()
   for task, (tfds_name, src, tgt, src_lang, tgt_lang) in TRANSLATION.items():
     seqio.TaskRegistry.add(
         task, source=PreparedTfdsSource(tfds_name),

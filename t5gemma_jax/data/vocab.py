@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import seqio
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
@@ -95,7 +96,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
           user_defined_symbols=list(user_symbols), byte_fallback=True,
           character_coverage=0.9995, shuffle_input_sentence=False, num_threads=1,
           max_sentence_length=8192, minloglevel=2)
-      _write_atomic(path, model.getvalue())
+      proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
+      del proto.trainer_spec.input[:]  # a temp path: would make identical models differ
+      _write_atomic(path, proto.SerializeToString(deterministic=True))
     return path
   finally:
     os.unlink(corpus_path)
