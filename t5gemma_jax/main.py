@@ -20,6 +20,7 @@ import gin
 
 from t5gemma_jax import config
 
+_registered: set[str] = set()
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
 # Configs stay plain dataclasses; gin learns about them here and nowhere else.
@@ -92,13 +93,16 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int],
 
 @gin.configurable
 def data_settings(gemma_tokenizer: Optional[str] = None, builtin_vocab_size: int = 2048,
-                  builtin_sentinels: int = 128, user_tasks: Sequence = ()) -> None:
+                  builtin_sentinels: int = 128, builtin_mixture_rates: Optional[dict] = None,
+                  c4_pretrain_rates: Optional[dict] = None, user_tasks: Sequence = ()) -> None:
   """Data options that must be applied before any task is used.
 
   Args:
     gemma_tokenizer: path of Gemma's tokenizer.model (TFDS tasks); also $T5GEMMA_TOKENIZER.
     builtin_vocab_size, builtin_sentinels: size of the vocabulary trained on the built-in
       corpus (must equal the model's vocab_size) and how many of its ids are sentinels.
+    builtin_mixture_rates, c4_pretrain_rates: {task: rate} for builtin_mixture and
+      c4_t5gemma_pretrain (None keeps the defaults).
     user_tasks: `@file_task()` references; evaluating them registers the tasks.
   """
   import tasks  # registers the built-in, TFDS and file-based tasks
@@ -106,6 +110,10 @@ def data_settings(gemma_tokenizer: Optional[str] = None, builtin_vocab_size: int
   if gemma_tokenizer:
     vocab.set_gemma_tokenizer(gemma_tokenizer)
   tasks.vocabularies.BUILTIN.configure(builtin_vocab_size, builtin_sentinels)
+  if builtin_mixture_rates is not None:
+    tasks.builtin.register_mixture(builtin_mixture_rates)
+  if c4_pretrain_rates is not None:
+    tasks.tfds_tasks.register_pretraining_mixture(tuple(c4_pretrain_rates.items()))
   del user_tasks  # registered as a side effect of gin evaluating the references
 
 
@@ -132,6 +140,10 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _load_gin(args: argparse.Namespace, bindings: list[str]) -> None:
+  import tasks.files  # its file_task is referenced from gin files
+  if "file_task" not in _registered:
+    gin.external_configurable(tasks.files.file_task, "file_task")
+    _registered.add("file_task")
   search = [".", *args.gin_search_path, GIN_DIR]
   for path in search[1:]:
     if os.path.isdir(path):

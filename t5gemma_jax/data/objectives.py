@@ -4,7 +4,8 @@ Each `make_*` factory binds the special token ids (the caller reads them from it
 returns a preprocessor with seqio's signature `(dataset, sequence_length, output_features)`: a
 Task lists it after tokenization and seqio fills those two arguments by name. The dataset holds
 1-D int "targets" of real text without EOS; the result holds int32 "inputs" and "targets" that fit
-the sequence length once seqio appends EOS (add_eos=True) to both.
+the sequence length once EOS is appended to both (features with add_eos=True, and
+seqio.preprocessors.append_eos_after_trim listed after this preprocessor).
 
 The token stream is concatenated across documents and cut into raw chunks (T5's
 reduce_concat_tokens + split_tokens). Each denoiser has its own chunk length, the largest whose
@@ -70,7 +71,8 @@ class Denoiser:
     if self.prefix_lm:
       return f"{mode}PrefixLM (r={self.noise_density:g})"
     spans = (f"n={self.num_spans}" if self.num_spans is not None
-             else f"mu={self.mean_span_length:g}")
+             else f"mu={self.mean_span_length:g}" if self.mean_span_length
+             else f"mu={self.mean_span_length}")
     return f"{mode}span corruption ({spans}, r={self.noise_density:g})"
 
 
@@ -263,7 +265,22 @@ def _make_mixture(denoisers: tuple[Denoiser, ...], rates: tuple[float, ...],
   def preprocess(dataset: tf.data.Dataset, sequence_length: Optional[Mapping[str, int]],
                  output_features: Optional[Mapping[str, seqio.Feature]] = None,
                  seed: Optional[int] = None) -> tf.data.Dataset:
-    """Denoises `dataset` ("targets": int [L]) into int32 "inputs" [I'] and "targets" [T']."""
+    """Denoises a token stream into examples (seqio fills the two length arguments by name).
+
+    Args:
+      dataset: examples with "targets": int [n], tokens of real text without EOS.
+      sequence_length: {"inputs": I, "targets": T}, the lengths after EOS is appended.
+      output_features: seqio features; a feature with add_eos=False frees the EOS position.
+      seed: an initial map seed; None keeps the one seqio's map_seed_manager set (Task seed).
+
+    Returns:
+      Examples {"inputs": int32 [<= I - 1], "targets": int32 [<= T - 1]} (<= I, <= T for
+      features with add_eos=False); full span-corruption chunks make inputs of exactly I - 1
+      unless the targets bind first.
+
+    Raises:
+      ValueError: a length too short for an objective, or too few sentinels for its spans.
+    """
     plans = _plans(name, denoisers, sentinels, sequence_length, output_features)
     with contextlib.nullcontext() if seed is None else seqio.utils.map_seed_manager(seed):
       shards = [dataset.shard(len(denoisers), i) if len(denoisers) > 1 else dataset
@@ -338,7 +355,7 @@ def _split_prefix(chunk: tf.Tensor, noise_density: float,
 
 def _mix(datasets: list[tf.data.Dataset], rates: Sequence[float]) -> tf.data.Dataset:
   """Samples the denoised shards at `rates`; a shard that runs out drops from the draw."""
-  logits = tf.math.log(tf.constant([1.0 / len(rates) for r in rates], tf.float32))[None]
+  logits = tf.math.log(tf.constant([r / sum(rates) for r in rates], tf.float32))[None]
 
   # Seeded through map_over_dataset like the corruption itself, so the task seed fixes it too.
   @seqio.map_over_dataset(num_seeds=1)

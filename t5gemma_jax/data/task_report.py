@@ -23,7 +23,7 @@ class TaskStats:
   inputs_length: tuple[float, int]  # (mean, max) tokens, EOS included
   targets_length: tuple[float, int]
   sentinels_per_example: float
-  noise_density: Optional[float]  # corrupted tokens / original tokens (span corruption tasks)
+  noise_density: Optional[float]  # corrupted / original tokens, over examples with sentinels
   packing_efficiency: Mapping[str, float]  # non-padding fraction of packed rows
   rows_per_example: float
 
@@ -67,7 +67,9 @@ def stats(task_name: str, split: str, lengths: Mapping[str, int], n: int = 200,
     # Targets hold one sentinel per span, the span's tokens and EOS; inputs hold the kept
     # tokens, one sentinel per span, EOS and possibly a mode token (not counted as text).
     corrupted = kept = 0
-    for e in exs:
+    for e, count in zip(exs, sentinels):
+      if not count:  # supervised examples of a mixture have no noise to measure
+        continue
       t = np.asarray(e["targets"])
       i = np.asarray(e["inputs"])
       corrupted += int((~_is_sentinel(t, vocab) & (t > 1)).sum())
