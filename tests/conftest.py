@@ -18,3 +18,15 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import gin  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def clean_gin():
+  """Tests that drive the CLI start and end with an empty gin config."""
+  gin.clear_config()
+  yield
+  gin.clear_config()

@@ -3,7 +3,6 @@
 import json
 import re
 
-import gin
 import numpy as np
 import pytest
 import seqio
@@ -88,13 +87,6 @@ def test_file_task_errors_name_the_cause(tmp_path):
     files.file_task("test_bad_objective", train=str(tmp_path / "a.tsv"), objective="mlm")
   with pytest.raises(ValueError, match="already registered"):
     files.file_task("wmt14_ende", train=str(tmp_path / "a.tsv"))
-
-
-@pytest.fixture
-def clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
 
 
 def test_show_task_prints_examples_and_statistics(clean_gin, capsys):

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import gin
 import pytest
 
 from t5gemma_jax import config, main
@@ -69,13 +68,6 @@ def test_layer_period_of_custom_patterns():
   assert dataclasses.replace(c, num_layers=12, layer_types=six * 2).layer_period == 6
   assert dataclasses.replace(c, num_layers=3,
                              layer_types=("full_attention",) * 3).layer_period == 1
-
-
-@pytest.fixture
-def clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
 
 
 def test_show_config_with_gin_overrides(clean_gin, capsys):
