@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test venv clean
+DEMO_DIR ?= /tmp/t5gemma_demo
+
+.PHONY: test demo venv clean
 
 venv: $(STAMP)
 
@@ -18,6 +20,11 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Pretrains a tiny T5Gemma on the built-in offline mixture (CPU, about five minutes).
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/t5gemma train --gin_file=runs/demo.gin --gin.MODEL_DIR='"$(DEMO_DIR)"'
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

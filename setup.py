@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     "sacrebleu==2.6.0",
     "rouge-score==0.1.2",
     "babel==2.18.0",  # CLDR names: the built-in offline translation data
+    "tensorboard==2.21.0",
+    "tqdm==4.70.1",
     "numpy>=1.26",
 ]
 

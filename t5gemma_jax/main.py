@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import logging
 import math
 import os
+import re
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -73,6 +76,62 @@ def show_task(args: argparse.Namespace) -> int:
   return 0
 
 
+def _register_train_configurables() -> None:
+  """Training configs become gin configurables only when a command needs them."""
+  if "train" in _registered:
+    return
+  from t5gemma_jax import sharding
+  from t5gemma_jax.train import loop, losses, optim
+  gin.external_configurable(loop.TrainConfig, "TrainConfig")
+  gin.external_configurable(optim.OptimizerConfig, "OptimizerConfig")
+  gin.external_configurable(optim.ScheduleConfig, "ScheduleConfig")
+  gin.external_configurable(losses.LossConfig, "LossConfig")
+  gin.external_configurable(sharding.MeshConfig, "MeshConfig")
+  _registered.add("train")
+
+
+@gin.configurable
+def train_config(cfg=gin.REQUIRED):
+  """The run `t5gemma train` executes; gin files bind `train_config.cfg = @TrainConfig()`."""
+  return cfg
+
+
+def _write_atomic(path: str, text: str) -> None:
+  import tempfile
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def train(args: argparse.Namespace) -> int:
+  """Trains (or resumes) the run described by gin; prints a summary at the end."""
+  from t5gemma_jax.train import loop
+  cfg = train_config()
+  if not isinstance(cfg, loop.TrainConfig):
+    raise ValueError("gin binding train_config.cfg must be @TrainConfig()")
+  _write_atomic(os.path.join(cfg.model_dir, "config.gin"), gin.config_str())
+  summary = loop.run(cfg)
+  print(_summary_text(summary))
+  return 0
+
+
+def _summary_text(s: dict) -> str:
+  def num(key, fmt):
+    return format(s[key], fmt) if s.get(key) is not None else "n/a"
+  lines = [
+      f"run {s['start']}: steps {s['first_step']} -> {s['last_step']}"
+      + (" (stopped by SIGTERM, checkpoint saved)" if s.get("preempted") else ""),
+      f"final train loss {num('train_loss', '.4f')}, validation loss "
+      f"{num('validation_loss', '.4f')}, {num('tokens_per_s', ',.0f')} non-padding tokens/s",
+      f"checkpoints: {s['checkpoints']}",
+      f"metrics:     {s['metrics']}",
+      f"tensorboard: tensorboard --logdir {s['tensorboard']}",
+  ]
+  return "\n".join(lines)
+
+
 def _show_task_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--task", required=True, help="task or mixture name, or 'list'")
   p.add_argument("--split", default="train")
@@ -88,6 +147,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int],
                           Callable[[argparse.ArgumentParser], None]]] = {
     "show_config": (show_config, lambda p: None),
     "show_task": (show_task, _show_task_args),
+    "train": (train, lambda p: None),
 }
 
 
@@ -139,11 +199,21 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   return args, bindings
 
 
+class _QuietGinSearch(logging.Filter):
+  """gin logs an ERROR for every search-path miss while resolving includes; they are noise."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Path not found:")
+
+
 def _load_gin(args: argparse.Namespace, bindings: list[str]) -> None:
+  logging.getLogger().addFilter(_QuietGinSearch())
   import tasks.files  # its file_task is referenced from gin files
   if "file_task" not in _registered:
     gin.external_configurable(tasks.files.file_task, "file_task")
     _registered.add("file_task")
+  if args.command == "train":
+    _register_train_configurables()
   search = [".", *args.gin_search_path, GIN_DIR]
   for path in search[1:]:
     if os.path.isdir(path):
@@ -156,7 +226,13 @@ def _load_gin(args: argparse.Namespace, bindings: list[str]) -> None:
       gin.parse_config_file(found)
     except Exception as e:  # syntax errors, unknown configurables, ...
       raise ValueError(f"gin file {found}: {e}") from e
+  defined = set(re.findall(r"^([A-Z][A-Z0-9_]*)\s*=", gin.config_str(), re.M))
   for binding in bindings:
+    name = binding.split(" = ", 1)[0]
+    if re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and name not in defined:
+      close = difflib.get_close_matches(name, sorted(defined), n=3)
+      hint = f"; did you mean {', '.join(close)}?" if close else ""
+      raise ValueError(f"gin binding --gin.{name}: no gin file defines the macro {name}{hint}")
     try:
       gin.parse_config(binding)
     except Exception as e:  # gin raises several types; all mean "this binding is wrong"

@@ -132,7 +132,7 @@ class GlobalBatches:
 
   def save(self, path: str) -> None:
     """Writes the iterator position to `path` (a prefix); one file set per process."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tf.io.gfile.makedirs(os.path.dirname(path) or ".")  # gs:// paths too
     self._checkpoint.write(path)
 
   def restore(self, path: str) -> None:

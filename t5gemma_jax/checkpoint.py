@@ -1,0 +1,260 @@
+"""The one checkpoint path: the train state and the data-iterator position, on orbax.
+
+Each checkpoint step is one orbax step directory with two items: `state` (the whole TrainState,
+written asynchronously by orbax's StandardCheckpointHandler) and, when given, `data_iterator`
+(every process's tf.data position, written by `DataIteratorHandler`). Orbax writes a step to a
+temporary directory and finalizes it (rename, plus commit_success.txt) only after every item of
+every process is complete, so params and data position always belong to the same step, and a
+step cut short by a crash is never listed or loaded: the previous complete step is used.
+
+Restoring takes an abstract state (`jax.ShapeDtypeStruct`s with shardings): each process reads
+only its own shards, so nothing is materialised whole on one host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as policies
+
+STATE = "state"
+DATA_ITERATOR = "data_iterator"
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves an iterator with `save(prefix)` / `restore(prefix)` (e.g. `GlobalBatches`).
+
+  Every process writes its own position under `process_<index>`. The save is synchronous on
+  purpose: orbax runs it inside the blocking part of `CheckpointManager.save`, so the position
+  is captured before training advances the iterator, while the arrays are still written in the
+  background.
+  """
+
+  def save(self, directory: epath.Path, args: "DataIteratorArgs") -> None:
+    args.iterator.save(str(directory / f"process_{jax.process_index()}"))
+
+  def restore(self, directory: epath.Path, args: "DataIteratorArgs") -> Any:
+    args.iterator.restore(str(directory / f"process_{jax.process_index()}"))
+    return args.iterator
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorArgs(ocp.args.CheckpointArgs):
+  """The iterator to save, or to move to the saved position on restore."""
+
+  iterator: Any
+
+
+class Checkpointer:
+  """Saves and restores (TrainState, data position) steps under one directory.
+
+  Args:
+    directory: where the step directories go (local or any path orbax supports).
+    save_every: save when `step % save_every == 0` (and on a preemption notice from JAX's
+      distributed runtime); other steps only with `force=True`.
+    keep: keep the last `keep` steps (None keeps all).
+    keep_best: a metric name; also keep the step with the best value of it. Steps saved without
+      that metric count as the worst, so they are kept only as one of the last `keep`.
+      Orbax's own `best_fn` + `max_to_keep` would keep only the `max_to_keep` best steps, which
+      can delete the newest step right after saving it (a resume would then go back in time),
+      and with its default `keep_checkpoints_without_metrics=True` forced saves without metrics
+      would never be deleted; hence the policy here: last `keep` OR best one.
+    best_mode: "min" (a loss) or "max" (an accuracy).
+    async_save: write the arrays in a background thread; training continues meanwhile.
+  """
+
+  def __init__(self, directory: str, save_every: int, keep: Optional[int] = 3,
+               keep_best: Optional[str] = None, best_mode: str = "min", async_save: bool = True):
+    if save_every < 1:
+      raise ValueError(f"save_every must be >= 1, got {save_every}")
+    if keep is not None and keep < 1:
+      raise ValueError(f"keep must be >= 1 or None (keep all), got {keep}")
+    if best_mode not in ("min", "max"):
+      raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    self.directory = epath.Path(directory)
+    preserve = [policies.LatestN(n=keep)]
+    metric_fn = None
+    if keep_best is not None:
+      worst = math.inf if best_mode == "min" else -math.inf
+      metric_fn = lambda metrics: float(metrics.get(keep_best, worst))  # noqa: E731
+      # BestN keeps the tail of the sorted list; reverse puts the smallest last for "min".
+      preserve.append(policies.BestN(get_metric_fn=metric_fn, reverse=best_mode == "min", n=1,
+                                     keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        # Orbax writes metrics to the step only when best_fn is set; retention itself is decided
+        # by preservation_policy alone.
+        best_fn=metric_fn, best_mode=best_mode,
+        preservation_policy=policies.AnyPreservationPolicy(preserve),
+        # Not orbax's default policy: its InitialSavePolicy would save any first step.
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]),
+        enable_async_checkpointing=async_save,
+        # Temporary directories left by a crash are removed when a run (re)starts.
+        cleanup_tmp_directories=True)
+    handlers = {STATE: ocp.StandardCheckpointHandler(), DATA_ITERATOR: DataIteratorHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def save(self, step: int, state: Any, data_iterator: Any = None,
+           metrics: Optional[Mapping[str, Any]] = None, force: bool = False) -> bool:
+    """Starts saving `state` (and the iterator position) as checkpoint `step`.
+
+    Args:
+      step: the training step.
+      state: the TrainState (sharded `jax.Array`s).
+      data_iterator: an object with `save(prefix)` / `restore(prefix)`, e.g. `GlobalBatches`.
+      metrics: {name: number}; stored with the step (for `keep_best`) only when keep_best is set.
+      force: save even if `step` is not a multiple of `save_every` (SIGTERM, end of training).
+
+    Returns:
+      Whether a save was started; False also when `step` is already saved (e.g. a forced save
+      at the end, on a step the schedule just saved).
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      return False
+    items = {STATE: ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items[DATA_ITERATOR] = DataIteratorArgs(data_iterator)
+    if metrics is not None:
+      metrics = {k: float(v) for k, v in metrics.items()}  # written as JSON
+    return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
+                              force=force)
+
+  def latest_step(self) -> Optional[int]:
+    """The newest step, or None.
+
+    Orbax lists a step of this Checkpointer as soon as its save starts; call `wait()` first to
+    count only committed steps. Steps on disk that were never committed are never listed.
+    """
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """All steps, oldest first (with the same in-flight caveat as `latest_step`)."""
+    return sorted(self._manager.all_steps())
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are complete (and re-raises their errors)."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases orbax's resources."""
+    self._manager.close()
+
+  def restore(self, step: Optional[int], abstract_state: Any, data_iterator: Any = None) -> Any:
+    """Loads checkpoint `step` (None: the latest) onto the shardings of `abstract_state`.
+
+    Args:
+      step: the step, or None for the latest.
+      abstract_state: the TrainState of `jax.ShapeDtypeStruct`s, each with a `.sharding`
+        (e.g. `jax.eval_shape` of the init function, with the state's shardings).
+      data_iterator: if given, moved to the position saved with this step.
+
+    Returns:
+      The TrainState, with the structure and shardings of `abstract_state`.
+    """
+    self.wait()  # a save still in flight is not yet listed
+    step = _resolve_step(self._manager, step, self.directory)
+    _check_shapes(self._manager, step, abstract_state, self.directory)
+    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      if not (self._step_dir(step) / DATA_ITERATOR).exists():
+        raise FileNotFoundError(f"{self._step_dir(step)} has no data-iterator position (it was "
+                                "saved without data_iterator)")
+      items[DATA_ITERATOR] = DataIteratorArgs(data_iterator)
+    return self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+
+  def _step_dir(self, step: int) -> epath.Path:
+    return self.directory / str(step)
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None) -> Any:
+  """Loads only the params of another run's checkpoint (fine-tuning): no optimizer state.
+
+  Args:
+    directory: that run's checkpoint directory (the one given to `Checkpointer`).
+    abstract_params: the params tree of `jax.ShapeDtypeStruct`s with shardings.
+    step: the step; None for the latest.
+
+  Returns:
+    The params, with the structure and shardings of `abstract_params`.
+  """
+  path = epath.Path(directory)
+  if not path.is_dir():
+    raise FileNotFoundError(f"no checkpoint directory {path}")
+  # A PyTree handler can read a subtree of the item the StandardCheckpointHandler wrote.
+  manager = ocp.CheckpointManager(
+      path, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
+  try:
+    step = _resolve_step(manager, step, path)
+    target = {"params": abstract_params}
+    _check_shapes(manager, step, target, path)
+    _require_shardings(abstract_params)
+    args = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)
+    return manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]["params"]
+  finally:
+    manager.close()
+
+
+def _resolve_step(manager: ocp.CheckpointManager, step: Optional[int], directory) -> int:
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f"no complete checkpoint in {directory}")
+  if step is None:
+    return steps[-1]
+  if int(step) not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {directory} (have {steps})")
+  return int(step)
+
+
+def _name(path) -> str:
+  """'params/encoder/kernel' for a jax key path (dict keys, attributes, sequence indices)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return "/".join(parts)
+
+
+def _require_shardings(abstract: Any) -> None:
+  # Without a sharding orbax would restore a whole numpy array on every host.
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    if getattr(leaf, "sharding", None) is None:
+      raise ValueError(f"{_name(path) or 'the value'}: the abstract state needs a sharding "
+                       "(jax.ShapeDtypeStruct(shape, dtype, sharding=...)) on every leaf")
+
+
+def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract: Any, directory) -> None:
+  """Names the parameters whose shapes differ, or that are missing, before orbax reads any."""
+  _require_shardings(abstract)
+  saved = manager.item_metadata(step)[STATE]
+  saved = getattr(saved, "tree", saved)
+  saved = {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  problems = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    name = _name(path)
+    if name not in saved:
+      problems.append(f"{name}: not in the checkpoint")
+    elif saved[name] != tuple(leaf.shape):
+      problems.append(f"{name}: checkpoint shape {saved[name]}, expected {tuple(leaf.shape)}")
+  if problems:
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
+                                       else "")
+    raise ValueError(f"checkpoint {directory} step {step} does not match the abstract state: "
+                     f"{shown}")

@@ -1,0 +1,1 @@
+"""Training: losses, optimizers and schedules, FLOPs, the jitted step and the loop."""

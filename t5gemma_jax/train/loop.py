@@ -1,0 +1,215 @@
+"""The training loop: sharded state, data, steps, evaluation, metrics and checkpoints.
+
+`run(TrainConfig)` resumes from the latest checkpoint in `model_dir` when there is one (params,
+optimizer state, step and data position), so a preempted job is simply started again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Mapping, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from t5gemma_jax import checkpoint, sharding
+from t5gemma_jax.config import T5GemmaConfig
+from t5gemma_jax.data import pipeline
+from t5gemma_jax.train import flops, optim, step as step_lib
+from t5gemma_jax.train.losses import LossConfig
+from t5gemma_jax.train.metrics_writer import MetricsWriter
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a training run needs (gin binds it from macros such as TRAIN_STEPS).
+
+  Attributes:
+    model: the model config.
+    mixture_or_task, task_feature_lengths, batch_size: data (global batch in rows).
+    train_steps: the step to stop at (a resumed run continues up to it).
+    model_dir: checkpoints, metrics.jsonl, tensorboard/ and config.gin go here.
+    checkpoint_period, keep_checkpoints: save every N steps, keep the last K.
+    eval_period, eval_steps, eval_split: validation loss every N steps over M batches.
+    seed: parameters, dropout and data order.
+    num_microbatches: gradient accumulation steps per batch.
+    optimizer, loss, mesh: their configs.
+    log_period: steps between metric records.
+    init_from: fine-tune: take params (only) from this run directory's latest checkpoint.
+    peak_flops: per-device peak FLOP/s for MFU when the device is not in the table.
+    pack: pack examples into rows.
+    progress: show a progress bar.
+  """
+
+  model: T5GemmaConfig
+  mixture_or_task: str
+  task_feature_lengths: Mapping[str, int]
+  batch_size: int
+  train_steps: int
+  model_dir: str
+  optimizer: optim.OptimizerConfig
+  checkpoint_period: int = 1000
+  keep_checkpoints: int = 3
+  eval_period: int = 1000
+  eval_steps: int = 20
+  eval_split: str = "validation"
+  seed: int = 0
+  num_microbatches: int = 1
+  loss: LossConfig = LossConfig()
+  mesh: sharding.MeshConfig = sharding.MeshConfig()
+  log_period: int = 10
+  init_from: Optional[str] = None
+  peak_flops: Optional[float] = None
+  pack: bool = True
+  progress: bool = True
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(step: int, loss: float) -> None:
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"loss is {loss} at step {step}: stopping without saving this "
+                             "state (lower the learning rate, check the data, or resume from "
+                             "the last checkpoint)")
+
+
+def _data(cfg: TrainConfig, split: str, train: bool) -> pipeline.DataConfig:
+  return pipeline.DataConfig(cfg.mixture_or_task, cfg.task_feature_lengths, cfg.batch_size,
+                             split=split, shuffle=train, seed=cfg.seed, pack=cfg.pack,
+                             num_epochs=None if train else 1)
+
+
+def evaluate(eval_step, params, cfg: TrainConfig, batch_sharding) -> Optional[float]:
+  """Mean validation loss per target token over up to `eval_steps` batches."""
+  try:
+    batches = pipeline.GlobalBatches(pipeline.host_dataset(_data(cfg, cfg.eval_split, False)),
+                                     batch_sharding)
+  except ValueError:
+    return None  # the task has no such split
+  total = weight = 0.0
+  for _, batch in zip(range(cfg.eval_steps), batches):
+    sums = jax.device_get(eval_step(params, batch))
+    total += float(sums["loss"])
+    weight += float(sums["weight"])
+  return total / weight if weight else None
+
+
+def run(cfg: TrainConfig) -> dict:
+  """Trains until `cfg.train_steps` (or SIGTERM) and returns a summary dict."""
+  sharding.maybe_initialize_distributed()
+  pipeline.hide_gpus_from_tensorflow()
+  mesh = sharding.make_mesh(cfg.mesh)
+  if cfg.batch_size % sharding.data_parallel_size(mesh):
+    raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the data-parallel size "
+                     f"{sharding.data_parallel_size(mesh)} of mesh {dict(mesh.shape)}")
+  schedule = optim.make_schedule(cfg.optimizer.schedule)
+  optimizer = optim.make_optimizer(cfg.optimizer,
+                                   nn.meta.unbox(step_lib.abstract_params(cfg.model)))
+  abstract, shardings = step_lib.state_shardings(cfg.model, optimizer, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  data = pipeline.GlobalBatches(pipeline.host_dataset(_data(cfg, "train", True)), batch_sh)
+  ckpt = checkpoint.Checkpointer(os.path.join(cfg.model_dir, "checkpoints"),
+                                 save_every=cfg.checkpoint_period, keep=cfg.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(None, abstract, data_iterator=data)
+    start = "resumed"
+  else:
+    state, _ = step_lib.init_state(cfg.model, optimizer, mesh, cfg.seed)
+    start = "initialised"
+    if cfg.init_from:
+      params = checkpoint.restore_params(os.path.join(cfg.init_from, "checkpoints"),
+                                         abstract.params)
+      state = state.replace(params=params)
+      start = f"fine-tuning from {cfg.init_from}"
+
+  train_step, eval_step = step_lib.jit_steps(
+      step_lib.make_train_step(cfg.model, optimizer, cfg.loss, cfg.num_microbatches, schedule),
+      step_lib.make_eval_step(cfg.model, cfg.loss), shardings, mesh)
+  lengths = cfg.task_feature_lengths
+  step_flops = flops.training_flops_per_step(cfg.model, cfg.batch_size, lengths["inputs"],
+                                             lengths["targets"])
+  peak = flops.peak_flops(override=cfg.peak_flops)
+  writer = MetricsWriter(cfg.model_dir)
+  preemption = _Preemption()
+  rng = jax.random.PRNGKey(cfg.seed + 1)
+  first = int(jax.device_get(state.step))
+  bar = _progress(cfg, first)
+  summary = {"start": start, "first_step": first, "model_dir": cfg.model_dir}
+  last_log, last_log_step, tokens_since = time.perf_counter(), first, 0.0
+  history = {}
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+      step = first
+      while step < cfg.train_steps:
+        batch = next(data)
+        state, metrics = train_step(state, batch, rng)
+        step += 1
+        host = jax.device_get(metrics)
+        _check_finite(step, float(host["loss"]))
+        tokens_since += float(host["real_tokens"])
+        if bar is not None:
+          bar.update(1)
+          bar.set_postfix(loss=f"{float(host['loss']):.3f}")
+        if step % cfg.log_period == 0 or step == cfg.train_steps:
+          now = time.perf_counter()
+          seconds = (now - last_log) / max(step - last_log_step, 1)
+          record = {k: float(v) for k, v in host.items()}
+          record["tokens_per_s"] = tokens_since / max(now - last_log, 1e-9)
+          record["step_seconds"] = seconds
+          record["tflops_per_device"] = flops.tflops_per_device(step_flops, seconds,
+                                                                jax.device_count())
+          record["mfu"] = (flops.model_flops_utilization(step_flops, seconds,
+                                                         jax.device_count(), peak)
+                           if peak else None)
+          writer.write(step, record)
+          history["train_loss"], history["tokens_per_s"] = record["loss"], record["tokens_per_s"]
+          last_log, last_log_step, tokens_since = now, step, 0.0
+          if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if cfg.eval_period and (step % cfg.eval_period == 0 or step == cfg.train_steps):
+          val = evaluate(eval_step, state.params, cfg, batch_sh)
+          if val is not None:
+            writer.write(step, {"validation_loss": val})
+            history["validation_loss"] = val
+        ckpt.save(step, state, data_iterator=data,
+                  force=step == cfg.train_steps or preemption.requested)
+        if preemption.requested:
+          summary["preempted"] = True
+          break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    preemption.restore()
+    if bar is not None:
+      bar.close()
+  summary.update(history, last_step=int(jax.device_get(state.step)),
+                 checkpoints=os.path.join(cfg.model_dir, "checkpoints"),
+                 metrics=os.path.join(cfg.model_dir, "metrics.jsonl"),
+                 tensorboard=os.path.join(cfg.model_dir, "tensorboard"))
+  return summary
+
+
+def _progress(cfg: TrainConfig, first: int):
+  if not cfg.progress or jax.process_index() != 0:
+    return None
+  from tqdm import tqdm
+  return tqdm(total=cfg.train_steps, initial=first, desc="train", unit="step",
+              dynamic_ncols=True)

@@ -1,0 +1,45 @@
+"""Writes training metrics to MODEL_DIR/metrics.jsonl and TensorBoard (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+import jax
+
+
+class MetricsWriter:
+  """One JSON object per logged step in metrics.jsonl, and scalars under tensorboard/."""
+
+  def __init__(self, model_dir: str):
+    self._enabled = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if self._enabled:
+      os.makedirs(model_dir, exist_ok=True)
+      # Append: a resumed run continues the same file.
+      self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a", encoding="utf-8")
+      import tensorflow as tf
+      self._tf = tf
+      self._tb = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self._enabled:
+      return
+    clean = {k: (float(v) if v is not None else None) for k, v in metrics.items()}
+    record = {"step": int(step), **{k: (v if v is None or math.isfinite(v) else str(v))
+                                   for k, v in clean.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    with self._tb.as_default(step=int(step)):
+      for k, v in clean.items():
+        if v is not None:
+          self._tf.summary.scalar(k, v)
+    self._tb.flush()
+
+  def close(self) -> None:
+    if self._enabled:
+      self._jsonl.close()
+      self._tb.close()

@@ -1,0 +1,149 @@
+"""The sharded train state, the jitted train step (with gradient accumulation) and eval step."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from t5gemma_jax import sharding
+from t5gemma_jax.config import T5GemmaConfig
+from t5gemma_jax.model import T5Gemma
+from t5gemma_jax.train import optim
+from t5gemma_jax.train.losses import LossConfig, cross_entropy_sums
+from t5gemma_jax.train.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+_OPTIONAL = ("encoder_segment_ids", "decoder_segment_ids", "encoder_positions",
+             "decoder_positions")
+
+
+def model_inputs(batch: Batch) -> dict:
+  """The model's keyword arguments from a pipeline batch (packing features when present)."""
+  out = {"encoder_input_tokens": batch["encoder_input_tokens"],
+         "decoder_input_tokens": batch["decoder_input_tokens"]}
+  out.update({k: batch[k] for k in _OPTIONAL if k in batch})
+  return out
+
+
+def abstract_params(cfg: T5GemmaConfig) -> Any:
+  """Boxed (logically named) parameter shapes, without allocating anything."""
+  tokens = jnp.ones((1, 1), jnp.int32)
+  return jax.eval_shape(T5Gemma(cfg).init, jax.random.PRNGKey(0), tokens, tokens)["params"]
+
+
+def state_shardings(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
+                    mesh) -> tuple[TrainState, TrainState]:
+  """(abstract state with shardings, shardings) for the whole TrainState on `mesh`."""
+  boxed = abstract_params(cfg)
+  param_sh = sharding.logical_to_shardings(boxed, mesh)
+  params = nn.meta.unbox(boxed)
+  abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p,
+                                                 optimizer.init(p)), params)
+  shardings = TrainState(step=sharding.replicated(mesh), params=param_sh,
+                         opt_state=sharding.like_params(abstract.opt_state, param_sh, mesh))
+  with_sh = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return with_sh, shardings
+
+
+def init_state(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation, mesh,
+               seed: int) -> tuple[TrainState, TrainState]:
+  """A fresh TrainState created directly in its sharded layout (never whole on one host).
+
+  Returns:
+    (state, shardings).
+  """
+  _, shardings = state_shardings(cfg, optimizer, mesh)
+  tokens = jnp.ones((1, 1), jnp.int32)
+
+  def init(rng):
+    params = nn.meta.unbox(T5Gemma(cfg).init(rng, tokens, tokens))["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+  return state, shardings
+
+
+def make_train_step(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
+                    loss_cfg: LossConfig, num_microbatches: int = 1,
+                    learning_rate: Callable[[jax.Array], jax.Array] | None = None):
+  """Builds `train_step(state, batch, rng) -> (state, metrics)` (not yet jitted).
+
+  The batch is split into `num_microbatches` along rows and gradients are accumulated with
+  `lax.scan` as sums; loss and gradients are divided by the real target tokens of the whole
+  batch once, so any split gives the same update as the full batch.
+  """
+  net = T5Gemma(cfg)
+
+  def sums_and_grads(params, batch, rng):
+    def loss_fn(p):
+      logits = net.apply({"params": p}, **model_inputs(batch), deterministic=False,
+                         rngs={"dropout": rng})
+      sums = cross_entropy_sums(logits, batch["decoder_target_tokens"],
+                                batch["decoder_loss_weights"], loss_cfg)
+      return sums["loss"], sums
+    (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return sums, grads
+
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+    step_rng = jax.random.fold_in(rng, state.step)
+    if num_microbatches == 1:
+      sums, grads = sums_and_grads(state.params, batch, step_rng)
+    else:
+      rows = batch["encoder_input_tokens"].shape[0]
+      if rows % num_microbatches:
+        raise ValueError(f"batch of {rows} rows does not split into {num_microbatches} "
+                         "microbatches")
+      micro = jax.tree_util.tree_map(
+          lambda x: x.reshape(num_microbatches, rows // num_microbatches, *x.shape[1:]), batch)
+      zeros = jax.eval_shape(sums_and_grads, state.params,
+                             jax.tree_util.tree_map(lambda x: x[0], micro), step_rng)
+      zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), zeros)
+
+      def body(acc, inputs):
+        index, mb = inputs
+        out = sums_and_grads(state.params, mb, jax.random.fold_in(step_rng, index))
+        return jax.tree_util.tree_map(jnp.add, acc, out), None
+
+      (sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(num_microbatches), micro))
+    tokens = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / tokens, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": sums["loss"] / tokens, "z_loss": sums["z_loss"] / tokens,
+               "cross_entropy": sums["cross_entropy"] / tokens,
+               "accuracy": sums["correct"] / tokens, "target_tokens": sums["weight"],
+               "real_tokens": sums["weight"] + jnp.sum(batch["encoder_input_tokens"] > 0),
+               **optim.grad_norms(grads)}
+    if learning_rate is not None:
+      metrics["learning_rate"] = learning_rate(state.step)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(cfg: T5GemmaConfig, loss_cfg: LossConfig):
+  """Builds `eval_step(params, batch) -> loss sums` (deterministic, no dropout)."""
+  net = T5Gemma(cfg)
+
+  def eval_step(params, batch):
+    logits = net.apply({"params": params}, **model_inputs(batch))
+    return cross_entropy_sums(logits, batch["decoder_target_tokens"],
+                              batch["decoder_loss_weights"], loss_cfg)
+
+  return eval_step
+
+
+def jit_steps(train_step, eval_step, shardings: TrainState, mesh):
+  """jit with explicit in/out shardings; the train state is donated (updated in place)."""
+  batch = sharding.batch_sharding(mesh)
+  rep = sharding.replicated(mesh)
+  train = jax.jit(train_step, in_shardings=(shardings, batch, rep),
+                  out_shardings=(shardings, rep), donate_argnums=(0,))
+  evaluate = jax.jit(eval_step, in_shardings=(shardings.params, batch), out_shardings=rep)
+  return train, evaluate

@@ -1,0 +1,89 @@
+"""The train step on 8 forced CPU devices: every mesh gives the single-device losses, and every
+parameter (and its optimizer moments) is sharded as the rules say."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import dataclasses, math
+    import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+    from jax.sharding import PartitionSpec as P
+    from t5gemma_jax import config, sharding
+    from t5gemma_jax.train import optim, step as step_lib
+    from t5gemma_jax.train.losses import LossConfig
+
+    # Every sharded dimension divisible by 8: heads, kv heads, mlp, vocab and embed.
+    stack = dataclasses.replace(config.stack_preset("tiny"), num_heads=8, num_kv_heads=8,
+                                head_dim=8, sliding_window=6)
+    cfg = config.T5GemmaConfig(encoder=stack, decoder=stack)
+    opt_cfg = optim.OptimizerConfig(name="adamw", schedule=optim.ScheduleConfig(
+        name="constant", learning_rate=3e-3, warmup_steps=0), clip_grad_norm=1.0)
+    rng = np.random.default_rng(0)
+    def batch():
+      enc = rng.integers(3, 2048, (8, 24)).astype(np.int32)
+      tgt = rng.integers(3, 2048, (8, 12)).astype(np.int32)
+      enc[:, -5:] = 0; tgt[:, -3:] = 0
+      dec = np.concatenate([np.full((8, 1), 2, np.int32), tgt[:, :-1]], axis=1)
+      dec[tgt == 0] = 0
+      return {"encoder_input_tokens": enc, "decoder_input_tokens": dec,
+              "decoder_target_tokens": tgt, "decoder_loss_weights": (tgt > 0).astype(np.int32)}
+    batches = [batch() for _ in range(3)]
+
+    def losses(ici, devices):
+      mesh = sharding.make_mesh(sharding.MeshConfig(ici=ici), devices)
+      params_shape = nn.meta.unbox(step_lib.abstract_params(cfg))
+      optimizer = optim.make_optimizer(opt_cfg, params_shape)
+      state, shardings = step_lib.init_state(cfg, optimizer, mesh, seed=0)
+      train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, LossConfig()),
+                                    step_lib.make_eval_step(cfg, LossConfig()), shardings, mesh)
+      out = []
+      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        for b in batches:
+          b = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
+          state, m = train(state, b, jax.random.PRNGKey(1))
+          out.append(float(m["loss"]))
+      return out, state, mesh
+
+    reference, _, _ = losses((1, 1, 1), jax.devices()[:1])
+    for ici in ((8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)):
+      got, state, mesh = losses(ici, jax.devices())
+      np.testing.assert_allclose(got, reference, rtol=1e-5, err_msg=str(ici))
+      print("MESH", ici, got)
+      layer = state.params["encoder"]["layers_0"]
+      expect = {
+          ("mlp", "up"): P("fsdp", "tensor"), ("mlp", "down"): P("tensor", "fsdp"),
+          ("self_attn", "q"): P("fsdp", "tensor", None),
+          ("self_attn", "o"): P("tensor", None, "fsdp"),
+      }
+      for (a, b), spec in expect.items():
+        kernel = layer[a][b]["kernel"]
+        assert kernel.sharding.spec == spec, (ici, a, b, kernel.sharding.spec)
+        shard = kernel.addressable_shards[0].data.shape
+        want = tuple(d // math.prod(mesh.shape[x] for x in ([s] if isinstance(s, str) else s))
+                     if s else d for d, s in zip(kernel.shape, tuple(spec) + (None,) * 3))
+        assert shard == want, (ici, a, b, shard, want)
+      emb = state.params["decoder"]["embedder"]["embedding"]
+      assert emb.sharding.spec == P("tensor", "fsdp"), emb.sharding.spec
+      mu = state.opt_state  # AdamW first moment mirrors each parameter's sharding
+      leaves = [x for x in jax.tree_util.tree_leaves(mu) if getattr(x, "shape", ()) ==
+                layer["mlp"]["up"]["kernel"].shape]
+      assert leaves and all(x.sharding.spec == P("fsdp", "tensor") for x in leaves)
+      if ici != (8, 1, 1):
+        assert len({s.device for s in emb.addressable_shards}) == 8
+        assert emb.addressable_shards[0].data.size < emb.size  # not silently replicated
+    print("MESH_OK")
+""")
+
+
+def test_every_mesh_matches_one_device():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                        timeout=900, env=env, cwd=REPO)
+  assert proc.returncode == 0 and "MESH_OK" in proc.stdout, (proc.stdout[-2000:],
+                                                             proc.stderr[-4000:])
