@@ -42,6 +42,7 @@ class TrainConfig:
     init_from: fine-tune: take params (only) from this run directory's latest checkpoint.
     peak_flops: per-device peak FLOP/s for MFU when the device is not in the table.
     pack: pack examples into rows.
+    shuffle: shuffle training examples (seeded).
     progress: show a progress bar.
   """
 
@@ -65,6 +66,7 @@ class TrainConfig:
   init_from: Optional[str] = None
   peak_flops: Optional[float] = None
   pack: bool = True
+  shuffle: bool = True
   progress: bool = True
 
 
@@ -92,7 +94,8 @@ def _check_finite(step: int, loss: float) -> None:
 
 def _data(cfg: TrainConfig, split: str, train: bool) -> pipeline.DataConfig:
   return pipeline.DataConfig(cfg.mixture_or_task, cfg.task_feature_lengths, cfg.batch_size,
-                             split=split, shuffle=train, seed=cfg.seed, pack=cfg.pack,
+                             split=split, shuffle=train and cfg.shuffle, seed=cfg.seed,
+                             pack=cfg.pack,
                              num_epochs=None if train else 1)
 
 

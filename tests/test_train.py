@@ -1,0 +1,195 @@
+"""Training: accumulation, frozen groups, NaN stop, kill-and-resume, SIGTERM, two processes,
+and the demo's falling loss."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from t5gemma_jax import checkpoint, config, main, sharding
+from t5gemma_jax.train import optim, step as step_lib
+from t5gemma_jax.train.losses import LossConfig
+from tests.random_params import random_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A short run of the demo recipe on a small built-in task: fast steps, real data.
+QUICK = ["--gin_file=runs/demo.gin", '--gin.MIXTURE_OR_TASK_NAME="cldr_translate_en_de"',
+         '--gin.TASK_FEATURE_LENGTHS={"inputs": 32, "targets": 16}', "--gin.BATCH_SIZE=4",
+         "--gin.TRAIN_STEPS=12", "--gin.CHECKPOINT_PERIOD=2", "--gin.EVAL_PERIOD=0",
+         "--gin.WARMUP_STEPS=2", "--gin.TrainConfig.log_period=1",
+         "--gin.TrainConfig.progress=False"]
+
+
+def _batch(seed, rows=8, s=20, t=10):
+  rng = np.random.default_rng(seed)
+  enc = rng.integers(3, 2048, (rows, s)).astype(np.int32)
+  tgt = rng.integers(3, 2048, (rows, t)).astype(np.int32)
+  enc[::2, -6:] = 0
+  tgt[1::2, -4:] = 0
+  dec = np.concatenate([np.full((rows, 1), 2, np.int32), tgt[:, :-1]], axis=1) * (tgt > 0)
+  return {"encoder_input_tokens": enc, "decoder_input_tokens": dec.astype(np.int32),
+          "decoder_target_tokens": tgt, "decoder_loss_weights": (tgt > 0).astype(np.int32)}
+
+
+def _optimizer(cfg, **kw):
+  opt = optim.OptimizerConfig(name="adamw", schedule=optim.ScheduleConfig(
+      name="constant", learning_rate=1e-3, warmup_steps=0), **kw)
+  return optim.make_optimizer(opt, random_params(cfg))
+
+
+def _one_step(cfg, optimizer, microbatches, batch, params):
+  from t5gemma_jax.train.state import TrainState
+  state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  step = jax.jit(step_lib.make_train_step(cfg, optimizer, LossConfig(), microbatches))
+  return step(state, batch, jax.random.PRNGKey(0))
+
+
+def test_microbatch_accumulation_equals_the_full_batch():
+  cfg = config.preset("tiny")
+  params = random_params(cfg, seed=1)
+  # Plain SGD with rate 1: the parameter change is the gradient itself, so this compares the
+  # accumulated gradients (Adam's first step, ~lr * sign(g), would amplify rounding noise).
+  optimizer = optax.sgd(1.0)
+  batch = _batch(0)
+  full, m_full = _one_step(cfg, optimizer, 1, batch, params)
+  micro, m_micro = _one_step(cfg, optimizer, 4, batch, params)
+  np.testing.assert_allclose(m_micro["loss"], m_full["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m_micro["grad_norm"], m_full["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(micro.params), jax.tree_util.tree_leaves(full.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_groups_do_not_change():
+  cfg = config.preset("tiny")
+  params = random_params(cfg, seed=2)
+  optimizer = _optimizer(cfg, frozen_groups=("encoder", "decoder", "embeddings"))
+  state, _ = _one_step(cfg, optimizer, 1, _batch(1), params)
+  groups = optim.param_groups(params)
+  changed = {g: False for g in optim.GROUPS}
+  for g, a, b in zip(jax.tree_util.tree_leaves(groups), jax.tree_util.tree_leaves(state.params),
+                     jax.tree_util.tree_leaves(params)):
+    changed[g] |= not np.array_equal(np.asarray(a), np.asarray(b))
+  assert changed == {"cross_attention": True, "encoder": False, "decoder": False,
+                     "embeddings": False}
+
+
+def test_nan_loss_stops_the_run_without_saving_it(clean_gin, tmp_path, capsys):
+  argv = ["train", *QUICK, f'--gin.MODEL_DIR="{tmp_path}"', "--gin.LEARNING_RATE=1e30",
+          "--gin.TRAIN_STEPS=6"]
+  with pytest.raises(FloatingPointError, match="loss is .* at step"):
+    main.main(argv)
+  steps = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_every=2).all_steps()
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  finite = [r["step"] for r in records if isinstance(r.get("loss"), float)]
+  assert all(s <= max(finite, default=0) for s in steps), (steps, finite)
+
+
+def test_demo_recipe_loss_falls(clean_gin, tmp_path, capsys):
+  argv = ["train", "--gin_file=runs/demo.gin", f'--gin.MODEL_DIR="{tmp_path}"',
+          "--gin.TRAIN_STEPS=40", "--gin.WARMUP_STEPS=5", "--gin.EVAL_PERIOD=40",
+          "--gin.CHECKPOINT_PERIOD=40", "--gin.TrainConfig.progress=False"]
+  assert main.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "validation loss" in out and str(tmp_path) in out
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  losses = [r["loss"] for r in records if "loss" in r]
+  assert losses[-1] < losses[0] - 1.0, losses  # from ~7.6 (uniform over 2048) downwards
+  assert {"step", "loss", "tokens_per_s", "mfu", "grad_norm", "learning_rate"} <= set(records[0])
+  assert os.path.isfile(tmp_path / "config.gin") and os.listdir(tmp_path / "tensorboard")
+
+
+def _cli(model_dir, *extra):
+  return [sys.executable, "-m", "t5gemma_jax.main", "train", *QUICK,
+          f'--gin.MODEL_DIR="{model_dir}"', *extra]
+
+
+def _final_params(model_dir):
+  cfg = config.preset("tiny")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      nn.meta.unbox(step_lib.abstract_params(cfg)))
+  return checkpoint.restore_params(os.path.join(model_dir, "checkpoints"), abstract)
+
+
+def _wait_for_checkpoint(model_dir, step, proc, timeout=300):
+  marker = os.path.join(model_dir, "checkpoints", str(step), "commit_success.txt")
+  deadline = time.time() + timeout
+  while not os.path.exists(marker):
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.02)
+
+
+def test_kill_and_resume_is_bitwise_identical(tmp_path):
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  subprocess.run(_cli(whole), cwd=REPO, check=True, capture_output=True, timeout=600)
+  proc = subprocess.Popen(_cli(killed), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  _wait_for_checkpoint(killed, 4, proc)
+  proc.kill()  # SIGKILL: no chance to save anything more
+  proc.communicate()
+  resumed = subprocess.run(_cli(killed), cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "run resumed: steps" in resumed.stdout and "-> 12" in resumed.stdout
+  first = int(resumed.stdout.split("run resumed: steps ")[1].split()[0])
+  assert 4 <= first < 12, resumed.stdout
+  a, b = _final_params(whole), _final_params(killed)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  proc = subprocess.Popen(_cli(tmp_path, "--gin.TRAIN_STEPS=100000"), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  _wait_for_checkpoint(tmp_path, 2, proc)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert "stopped by SIGTERM" in out
+  last = int(out.split("run initialised: steps 0 -> ")[1].split()[0])
+  steps = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_every=2).all_steps()
+  assert max(steps) == last >= 2
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_give_the_losses_of_one(tmp_path):
+  common = ["--gin.TRAIN_STEPS=3", "--gin.TrainConfig.pack=False",
+            "--gin.TrainConfig.shuffle=False", "--gin.BATCH_SIZE=8"]
+  base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  one = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  single = subprocess.run(_cli(tmp_path / "one", *common), cwd=REPO, env=one,
+                          capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(i), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    procs.append(subprocess.Popen(_cli(tmp_path / "two", *common), cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+
+  def losses(d):
+    return [r["loss"] for r in map(json.loads, open(d / "metrics.jsonl")) if "loss" in r]
+  assert len(losses(tmp_path / "one")) == 3
+  np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
