@@ -240,7 +240,15 @@ def _load_gin(args: argparse.Namespace, bindings: list[str]) -> None:
   gin.finalize()
 
 
+def _quiet_backends() -> None:
+  """Keeps the terminal for our own output: TF's C++ banners and seqio's advice go."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  _quiet_backends()
   args, bindings = _parse(sys.argv[1:] if argv is None else argv)
   try:
     _load_gin(args, bindings)
