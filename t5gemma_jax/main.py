@@ -207,6 +207,7 @@ class _QuietGinSearch(logging.Filter):
 
 
 def _load_gin(args: argparse.Namespace, bindings: list[str]) -> None:
+  gin.clear_config()  # each command starts from its own files (main() may run twice in-process)
   logging.getLogger().addFilter(_QuietGinSearch())
   import tasks.files  # its file_task is referenced from gin files
   if "file_task" not in _registered:

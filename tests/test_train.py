@@ -193,3 +193,26 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
     return [r["loss"] for r in map(json.loads, open(d / "metrics.jsonl")) if "loss" in r]
   assert len(losses(tmp_path / "one")) == 3
   np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+
+
+def test_fine_tuning_starts_from_another_runs_params(clean_gin, tmp_path, capsys):
+  pre, ft = tmp_path / "pre", tmp_path / "ft"
+  assert main.main(["train", *QUICK, f'--gin.MODEL_DIR="{pre}"', "--gin.TRAIN_STEPS=4"]) == 0
+  assert main.main(["train", *QUICK, f'--gin.MODEL_DIR="{ft}"', "--gin.TRAIN_STEPS=3",
+                    f'--gin.TrainConfig.init_from="{pre}"', "--gin.LEARNING_RATE=0.0"]) == 0
+  out = capsys.readouterr().out
+  assert f"run fine-tuning from {pre}: steps 0 -> 3" in out
+  # With a zero learning rate the fine-tuned params are exactly the pretrained ones.
+  for a, b in zip(jax.tree_util.tree_leaves(_final_params(pre)),
+                  jax.tree_util.tree_leaves(_final_params(ft))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_misspelt_macro_fails_before_compiling(clean_gin, tmp_path, capsys):
+  rc = main.main(["train", "--gin_file=runs/demo.gin", "--gin.TRAIN_STEP=5",
+                  f'--gin.MODEL_DIR="{tmp_path}"'])
+  err = capsys.readouterr().err
+  assert rc == 2 and "TRAIN_STEP" in err and "did you mean TRAIN_STEPS" in err
+  assert not os.path.exists(tmp_path / "checkpoints")
+  rc = main.main(["train", "--gin_file=runs/demo.gin", "--gin.TrainConfig.batchsize=5"])
+  assert rc == 2 and "batchsize" in capsys.readouterr().err

@@ -34,6 +34,7 @@ class TrainConfig:
     train_steps: the step to stop at (a resumed run continues up to it).
     model_dir: checkpoints, metrics.jsonl, tensorboard/ and config.gin go here.
     checkpoint_period, keep_checkpoints: save every N steps, keep the last K.
+    keep_best: also keep the checkpoint with the lowest validation loss.
     eval_period, eval_steps, eval_split: validation loss every N steps over M batches.
     seed: parameters, dropout and data order.
     num_microbatches: gradient accumulation steps per batch.
@@ -55,6 +56,7 @@ class TrainConfig:
   optimizer: optim.OptimizerConfig
   checkpoint_period: int = 1000
   keep_checkpoints: int = 3
+  keep_best: bool = False
   eval_period: int = 1000
   eval_steps: int = 20
   eval_split: str = "validation"
@@ -114,6 +116,44 @@ def evaluate(eval_step, params, cfg: TrainConfig, batch_sharding) -> Optional[fl
   return total / weight if weight else None
 
 
+class _StepLog:
+  """Per-step metrics -> NaN check, progress bar and, every `log_period` steps, a record."""
+
+  def __init__(self, cfg: TrainConfig, writer: MetricsWriter, bar, step_flops: float,
+               peak: Optional[float], first: int):
+    self._cfg, self._writer, self._bar = cfg, writer, bar
+    self._flops, self._peak = step_flops, peak
+    self._since, self._since_step, self._tokens = time.perf_counter(), first, 0.0
+    self.history: dict = {}
+
+  def consume(self, step: int, device_metrics) -> None:
+    host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    _check_finite(step, host["loss"])
+    self._tokens += host["real_tokens"]
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix(loss=f"{host['loss']:.3f}")
+    if step % self._cfg.log_period and step != self._cfg.train_steps:
+      return
+    now = time.perf_counter()
+    elapsed = max(now - self._since, 1e-9)
+    seconds = elapsed / max(step - self._since_step, 1)
+    devices = jax.device_count()
+    record = dict(host, tokens_per_s=self._tokens / elapsed, step_seconds=seconds,
+                  tflops_per_device=flops.tflops_per_device(self._flops, seconds, devices),
+                  mfu=(flops.model_flops_utilization(self._flops, seconds, devices, self._peak)
+                       if self._peak else None))
+    self._writer.write(step, record)
+    self.history.update(train_loss=record["loss"], tokens_per_s=record["tokens_per_s"])
+    self._since, self._since_step, self._tokens = now, step, 0.0
+    if self._bar is not None:
+      self._bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
 def run(cfg: TrainConfig) -> dict:
   """Trains until `cfg.train_steps` (or SIGTERM) and returns a summary dict."""
   sharding.maybe_initialize_distributed()
@@ -129,7 +169,8 @@ def run(cfg: TrainConfig) -> dict:
   batch_sh = sharding.batch_sharding(mesh)
   data = pipeline.GlobalBatches(pipeline.host_dataset(_data(cfg, "train", True)), batch_sh)
   ckpt = checkpoint.Checkpointer(os.path.join(cfg.model_dir, "checkpoints"),
-                                 save_every=cfg.checkpoint_period, keep=cfg.keep_checkpoints)
+                                 save_every=cfg.checkpoint_period, keep=cfg.keep_checkpoints,
+                                 keep_best="validation_loss" if cfg.keep_best else None)
   if ckpt.latest_step() is not None:
     state = ckpt.restore(None, abstract, data_iterator=data)
     start = "resumed"
@@ -153,46 +194,34 @@ def run(cfg: TrainConfig) -> dict:
   preemption = _Preemption()
   rng = jax.random.PRNGKey(cfg.seed + 1)
   first = int(jax.device_get(state.step))
-  bar = _progress(cfg, first)
+  log = _StepLog(cfg, writer, _progress(cfg, first), step_flops, peak, first)
   summary = {"start": start, "first_step": first, "model_dir": cfg.model_dir}
-  last_log, last_log_step, tokens_since = time.perf_counter(), first, 0.0
-  history = {}
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-      step = first
+      step, pending = first, None
       while step < cfg.train_steps:
-        batch = next(data)
-        state, metrics = train_step(state, batch, rng)
+        state, metrics = train_step(state, next(data), rng)
         step += 1
-        host = jax.device_get(metrics)
-        _check_finite(step, float(host["loss"]))
-        tokens_since += float(host["real_tokens"])
-        if bar is not None:
-          bar.update(1)
-          bar.set_postfix(loss=f"{float(host['loss']):.3f}")
-        if step % cfg.log_period == 0 or step == cfg.train_steps:
-          now = time.perf_counter()
-          seconds = (now - last_log) / max(step - last_log_step, 1)
-          record = {k: float(v) for k, v in host.items()}
-          record["tokens_per_s"] = tokens_since / max(now - last_log, 1e-9)
-          record["step_seconds"] = seconds
-          record["tflops_per_device"] = flops.tflops_per_device(step_flops, seconds,
-                                                                jax.device_count())
-          record["mfu"] = (flops.model_flops_utilization(step_flops, seconds,
-                                                         jax.device_count(), peak)
-                           if peak else None)
-          writer.write(step, record)
-          history["train_loss"], history["tokens_per_s"] = record["loss"], record["tokens_per_s"]
-          last_log, last_log_step, tokens_since = now, step, 0.0
-          if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if cfg.eval_period and (step % cfg.eval_period == 0 or step == cfg.train_steps):
+        # Read the previous step's metrics while this one runs: the device never waits for the
+        # host, except at the points below where the current loss must be known.
+        if pending is not None:
+          log.consume(*pending)
+        pending = (step, metrics)
+        evaluating = cfg.eval_period and (step % cfg.eval_period == 0
+                                          or step == cfg.train_steps)
+        saving = (step % cfg.checkpoint_period == 0 or step == cfg.train_steps
+                  or preemption.requested)
+        if evaluating or saving:
+          log.consume(*pending)  # a NaN raises here, before anything is saved
+          pending = None
+        val = None
+        if evaluating:
           val = evaluate(eval_step, state.params, cfg, batch_sh)
           if val is not None:
             writer.write(step, {"validation_loss": val})
-            history["validation_loss"] = val
-        ckpt.save(step, state, data_iterator=data,
-                  force=step == cfg.train_steps or preemption.requested)
+            log.history["validation_loss"] = val
+        ckpt.save(step, state, data_iterator=data, force=saving,
+                  metrics=None if val is None else {"validation_loss": val})
         if preemption.requested:
           summary["preempted"] = True
           break
@@ -201,9 +230,8 @@ def run(cfg: TrainConfig) -> dict:
     ckpt.close()
     writer.close()
     preemption.restore()
-    if bar is not None:
-      bar.close()
-  summary.update(history, last_step=int(jax.device_get(state.step)),
+    log.close()
+  summary.update(log.history, last_step=int(jax.device_get(state.step)),
                  checkpoints=os.path.join(cfg.model_dir, "checkpoints"),
                  metrics=os.path.join(cfg.model_dir, "metrics.jsonl"),
                  tensorboard=os.path.join(cfg.model_dir, "tensorboard"))
