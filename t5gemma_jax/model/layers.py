@@ -67,9 +67,14 @@ class RMSNorm(nn.Module):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                              (self.axis_name,)),
                        (x.shape[-1],), self.param_dtype)
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
-    return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    return rms_norm(x, scale, self.eps)
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+  """The RMSNorm math on explicit parameters (shared by the module and the decoder cache path)."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+  return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
 class Embedder(nn.Module):
@@ -135,8 +140,13 @@ class FeedForward(nn.Module):
     up = Einsum((d, f), ("embed", "mlp"), name="up", **kw)("btd,df->btf", x)
     gate = checkpoint_name(gate, "mlp_gate")
     up = checkpoint_name(up, "mlp_up")
-    h = jax.nn.gelu(gate, approximate=True) * up  # [B, T, F]
+    h = geglu(gate, up)  # [B, T, F]
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=self.deterministic)
     out = Einsum((f, d), ("mlp", "embed"), name="down", **kw)("btf,fd->btd", h)
     return checkpoint_name(out, "mlp_out")
+
+
+def geglu(gate: Array, up: Array) -> Array:
+  """GeGLU activation: gelu_tanh(gate) * up."""
+  return jax.nn.gelu(gate, approximate=True) * up

@@ -1,0 +1,207 @@
+"""Autoregressive decoding with caches: encode once, cross-attention K/V projected once, and a
+self-attention KV cache per decoder layer (a ring of `sliding_window` slots for sliding layers).
+
+    tokens = decoding.generate(params, cfg, encoder_input_tokens, max_new_tokens=32)
+
+The whole loop is one jitted `lax.while_loop` that stops as soon as every row has emitted EOS.
+The per-token math uses the same functions as the model (`rms_norm`, `geglu`, `apply_rope`,
+`dot_product_attention`), and tests pin it to the teacher-forced forward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from t5gemma_jax.config import SLIDING, T5GemmaConfig
+from t5gemma_jax.model import T5Gemma, layout
+from t5gemma_jax.model.attention import dot_product_attention
+from t5gemma_jax.model.layers import apply_rope, geglu, rms_norm
+
+Array = jax.Array
+STRATEGIES = ("greedy", "sample")
+
+
+def _dense(eqn: str, x: Array, kernel: Array, dtype) -> Array:
+  return jnp.einsum(eqn, x.astype(dtype), kernel.astype(dtype))
+
+
+def _cache_sizes(cfg: T5GemmaConfig, max_len: int) -> list[int]:
+  m = cfg.decoder
+  return [min(m.sliding_window, max_len) if t == SLIDING else max_len for t in m.layer_types]
+
+
+def init_cache(params: dict, cfg: T5GemmaConfig, encoded: Array, max_len: int) -> list[dict]:
+  """Per decoder layer: empty self-attention K/V slots and the cross-attention K/V.
+
+  Args:
+    params: unscanned model params.
+    encoded: [B, S, D_enc] encoder output.
+    max_len: decoder positions to hold (BOS + generated tokens).
+
+  Returns:
+    A list of {"k", "v": [B, slots, K, Dh], "pos": int32 [slots] (-1 = empty),
+    "cross_k", "cross_v": [B, S, K, Dh]}.
+  """
+  m, dt = cfg.decoder, cfg.activation_dtype
+  b = encoded.shape[0]
+  cache = []
+  for i, slots in enumerate(_cache_sizes(cfg, max_len)):
+    cross = params["decoder"][f"layers_{i}"]["cross_attn"]
+    cache.append({
+        "k": jnp.zeros((b, slots, m.num_kv_heads, m.head_dim), dt),
+        "v": jnp.zeros((b, slots, m.num_kv_heads, m.head_dim), dt),
+        "pos": jnp.full((slots,), -1, jnp.int32),
+        "cross_k": _dense("bsd,dkh->bskh", encoded, cross["k"]["kernel"], dt),
+        "cross_v": _dense("bsd,dkh->bskh", encoded, cross["v"]["kernel"], dt),
+    })
+  return cache
+
+
+def decode_step(params: dict, cfg: T5GemmaConfig, cache: list[dict], tokens: Array, t: Array,
+                encoder_mask: Array) -> tuple[Array, list[dict]]:
+  """One decoder position for every row.
+
+  Args:
+    params: unscanned params; cache: from `init_cache`; tokens: int32 [B] at position t;
+    t: int32 scalar position; encoder_mask: bool [B, S] (real encoder tokens).
+
+  Returns:
+    (float32 logits [B, V] softcapped as the model's, updated cache).
+  """
+  m, dt = cfg.decoder, cfg.activation_dtype
+  dec = params["decoder"]
+  scale = m.query_pre_attn_scalar ** -0.5
+  emb = dec["embedder"]["embedding"]
+  x = jnp.take(emb, tokens, axis=0).astype(dt)[:, None, :]
+  x = x * jnp.asarray(m.hidden_size ** 0.5, dt)  # [B, 1, D]
+  positions = jnp.full((tokens.shape[0], 1), t, jnp.int32)
+  cross_mask = encoder_mask[:, None, :]
+  new_cache = []
+  for i, (layer_type, c) in enumerate(zip(m.layer_types, cache)):
+    p = dec[f"layers_{i}"]
+    norm = lambda name, h, p=p: rms_norm(h, p[name]["scale"], m.rms_norm_eps)
+    sa = p["self_attn"]
+    h = norm("pre_self_attn_norm", x)
+    q = apply_rope(_dense("btd,dnh->btnh", h, sa["q"]["kernel"], dt), positions, m.rope_theta)
+    k = apply_rope(_dense("btd,dkh->btkh", h, sa["k"]["kernel"], dt), positions, m.rope_theta)
+    v = _dense("btd,dkh->btkh", h, sa["v"]["kernel"], dt)
+    slots = c["pos"].shape[0]
+    slot = t % slots  # full layers never wrap; sliding layers keep their last `window` keys
+    c = dict(c, k=jax.lax.dynamic_update_slice_in_dim(c["k"], k, slot, axis=1),
+             v=jax.lax.dynamic_update_slice_in_dim(c["v"], v, slot, axis=1),
+             pos=c["pos"].at[slot].set(t))
+    valid = (c["pos"] >= 0) & (c["pos"] <= t)
+    if layer_type == SLIDING:
+      valid &= c["pos"] > t - m.sliding_window
+    mask = jnp.broadcast_to(valid[None, None, :], (tokens.shape[0], 1, slots))
+    out = dot_product_attention(q, c["k"], c["v"], mask, scale=scale,
+                                softcap=m.attn_logit_softcapping)
+    x = x + norm("post_self_attn_norm", _dense("btnh,nhd->btd", out, sa["o"]["kernel"], dt))
+    ca = p["cross_attn"]
+    h = norm("pre_cross_attn_norm", x)
+    q = _dense("btd,dnh->btnh", h, ca["q"]["kernel"], dt)
+    out = dot_product_attention(q, c["cross_k"], c["cross_v"], cross_mask, scale=scale,
+                                softcap=m.attn_logit_softcapping)
+    x = x + norm("post_cross_attn_norm", _dense("btnh,nhd->btd", out, ca["o"]["kernel"], dt))
+    mlp = p["mlp"]
+    h = norm("pre_ffw_norm", x)
+    h = geglu(_dense("btd,df->btf", h, mlp["gate"]["kernel"], dt),
+              _dense("btd,df->btf", h, mlp["up"]["kernel"], dt))
+    x = x + norm("post_ffw_norm", _dense("btf,fd->btd", h, mlp["down"]["kernel"], dt))
+    new_cache.append(c)
+  x = rms_norm(x, dec["final_norm"]["scale"], m.rms_norm_eps)
+  logits = jnp.einsum("btd,vd->btv", x, emb.astype(dt), preferred_element_type=jnp.float32)
+  if m.final_logit_softcapping is not None:
+    cap = m.final_logit_softcapping
+    logits = cap * jnp.tanh(logits / cap)
+  return logits[:, 0], new_cache
+
+
+def _choose(logits: Array, rng: Array, strategy: str, temperature: float, top_k: int,
+            top_p: float) -> Array:
+  """Next token per row: argmax, or a sample from the temperature / top-k / top-p filtered
+  distribution (the filters of HF's logits warpers)."""
+  if strategy == "greedy":
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  neg = jnp.finfo(logits.dtype).min
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep a token while the mass before it is below top_p (the first token always stays).
+    keep_sorted = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+    keep = jnp.zeros_like(keep_sorted).at[
+        jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    logits = jnp.where(keep, logits, neg)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(cfg: T5GemmaConfig, strategy: str, max_new_tokens: int, temperature: float,
+              top_k: int, top_p: float):
+  net = T5Gemma(cfg)
+
+  def run(params, encoder_input_tokens, rng):
+    b = encoder_input_tokens.shape[0]
+    encoded = net.apply({"params": params}, encoder_input_tokens, method=net.encode)
+    encoder_mask = encoder_input_tokens != cfg.pad_id
+    cache = init_cache(params, cfg, encoded, max_new_tokens)
+    out = jnp.full((b, max_new_tokens), cfg.pad_id, jnp.int32)
+    start = (jnp.int32(0), jnp.full((b,), cfg.bos_id, jnp.int32), out,
+             jnp.zeros((b,), bool), cache, rng)
+
+    def cond(state):
+      t, _, _, done, _, _ = state
+      return (t < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+      t, tokens, out, done, cache, rng = state
+      logits, cache = decode_step(params, cfg, cache, tokens, t, encoder_mask)
+      rng, sub = jax.random.split(rng)
+      nxt = _choose(logits, sub, strategy, temperature, top_k, top_p)
+      nxt = jnp.where(done, cfg.pad_id, nxt)  # finished rows only emit padding
+      out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], t, axis=1)
+      return t + 1, nxt, out, done | (nxt == cfg.eos_id), cache, rng
+
+    return jax.lax.while_loop(cond, body, start)[2]
+
+  return jax.jit(run)
+
+
+def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
+             max_new_tokens: int, strategy: str = "greedy", temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Array:
+  """Decodes every row of a batch.
+
+  Args:
+    params: model params (scanned or not).
+    cfg: the model config.
+    encoder_input_tokens: int32 [B, S], 0 = padding (rows may have different lengths).
+    max_new_tokens: decoder steps at most.
+    strategy: "greedy" or "sample".
+    temperature, top_k, top_p: sampling filters (top_k=0 and top_p=1 disable them).
+    seed: sampling seed.
+
+  Returns:
+    int32 [B, max_new_tokens]: generated tokens (BOS excluded), EOS then padding.
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(f"unknown decoding strategy {strategy!r}; known: {STRATEGIES}")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if strategy == "sample" and temperature <= 0:
+    raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+  params = layout.unscan_params(params, cfg)
+  # Decoding runs the layers one by one; remat only matters for gradients.
+  cfg = cfg.replace(scan_layers=False, remat_policy="none")
+  fn = _compiled(cfg, strategy, int(max_new_tokens), float(temperature), int(top_k),
+                 float(top_p))
+  return fn(params, jnp.asarray(encoder_input_tokens, jnp.int32), jax.random.PRNGKey(seed))

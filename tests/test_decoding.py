@@ -1,0 +1,120 @@
+"""Cached decoding against the teacher-forced model and transformers' generate."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from t5gemma_jax import config, decoding, model
+from t5gemma_jax.convert import hf
+from tests import hf_reference as ref
+from tests.random_params import random_params
+
+
+def _cfg(**options):
+  # Windows (3 and 4) much shorter than the 24 generated tokens: the ring caches wrap.
+  enc = dataclasses.replace(config.stack_preset("tiny"), num_layers=2, sliding_window=3)
+  dec = dataclasses.replace(config.stack_preset("tiny"), num_layers=3, sliding_window=4,
+                            num_kv_heads=1, layer_types=None)
+  return config.T5GemmaConfig(encoder=enc, decoder=dec, **options)
+
+
+def _inputs(b=3, s=12, seed=0):
+  rng = np.random.default_rng(seed)
+  enc = rng.integers(3, 2048, (b, s)).astype(np.int32)
+  for row in range(1, b):
+    enc[row, s - 3 * row:] = 0  # rows of different lengths
+  return enc
+
+
+def _teacher_forced_argmax(cfg, params, enc, tokens):
+  b, n = tokens.shape
+  dec = np.concatenate([np.full((b, 1), cfg.bos_id, np.int32), tokens[:, :-1]], axis=1)
+  logits = jax.jit(model.T5Gemma(cfg).apply)(
+      {"params": params}, enc, dec, encoder_segment_ids=(enc > 0).astype(np.int32),
+      decoder_segment_ids=np.ones_like(dec))
+  return np.asarray(logits.argmax(-1))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_greedy_equals_teacher_forced_argmax(scan):
+  cfg = _cfg(scan_layers=scan)
+  params = random_params(cfg, seed=1)
+  enc = _inputs()
+  out = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=24))
+  assert out.shape == (3, 24)
+  expected = _teacher_forced_argmax(cfg, params, enc, out)
+  for row in range(3):
+    eos = np.flatnonzero(out[row] == cfg.eos_id)
+    end = eos[0] + 1 if len(eos) else 24
+    np.testing.assert_array_equal(out[row, :end], expected[row, :end])
+
+
+def test_finished_rows_emit_only_padding():
+  cfg = _cfg()
+  params = random_params(cfg, seed=2)
+  enc = _inputs()
+  free = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=12))
+  # Declare the token row 0 produced at step 3 to be EOS: row 0 must stop there and pad, the
+  # other rows stop at their own first occurrence of it (or run on unchanged).
+  eos = int(free[0, 3])
+  stopped = np.asarray(decoding.generate(params, cfg.replace(eos_id=eos), enc,
+                                         max_new_tokens=12))
+  for row in range(3):
+    hits = np.flatnonzero(free[row] == eos)
+    if len(hits):
+      k = hits[0]
+      np.testing.assert_array_equal(stopped[row, :k + 1], free[row, :k + 1])
+      assert (stopped[row, k + 1:] == cfg.pad_id).all()
+    else:
+      np.testing.assert_array_equal(stopped[row], free[row])
+  assert np.flatnonzero(free[0] == eos)[0] <= 3
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy():
+  cfg = _cfg()
+  params = random_params(cfg, seed=3)
+  enc = _inputs()
+  kw = dict(max_new_tokens=10, strategy="sample", temperature=1.5)
+  a = decoding.generate(params, cfg, enc, seed=1, **kw)
+  b = decoding.generate(params, cfg, enc, seed=1, **kw)
+  c = decoding.generate(params, cfg, enc, seed=2, **kw)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  greedy = decoding.generate(params, cfg, enc, max_new_tokens=10)
+  top1 = decoding.generate(params, cfg, enc, max_new_tokens=10, strategy="sample", top_k=1,
+                           seed=5)
+  np.testing.assert_array_equal(top1, greedy)
+  tiny_p = decoding.generate(params, cfg, enc, max_new_tokens=10, strategy="sample",
+                             top_p=1e-6, seed=6)
+  np.testing.assert_array_equal(tiny_p, greedy)
+
+
+def test_bad_arguments_are_named():
+  cfg = _cfg()
+  with pytest.raises(ValueError, match="strategy 'topk'"):
+    decoding.generate({}, cfg, _inputs(), max_new_tokens=4, strategy="topk")
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    decoding.generate({}, cfg, _inputs(), max_new_tokens=0)
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+  enc_kw = dict(num_hidden_layers=2, sliding_window=4, num_key_value_heads=2)
+  dec_kw = dict(num_hidden_layers=3, sliding_window=3, num_key_value_heads=2)
+  hf_model = ref.random_model(enc_kw, dec_kw, seed=11)
+  hf_model.save_pretrained(tmp_path)
+  params, cfg = hf.load(str(tmp_path))
+  enc = _inputs(b=3, s=10, seed=4)
+  enc = np.where(enc >= 512, enc % 509 + 3, enc).astype(np.int32) * (enc > 0)
+  ours = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=16))
+  with torch.no_grad():
+    theirs = hf_model.generate(input_ids=torch.from_numpy(enc).long(),
+                               attention_mask=torch.from_numpy(enc != 0).long(),
+                               do_sample=False, num_beams=1, max_new_tokens=16,
+                               min_new_tokens=0, decoder_start_token_id=2, eos_token_id=1,
+                               pad_token_id=0).numpy()
+  theirs = theirs[:, 1:]  # drop the decoder start token
+  theirs = np.pad(theirs, ((0, 0), (0, 16 - theirs.shape[1])))
+  np.testing.assert_array_equal(ours, theirs)
