@@ -22,7 +22,8 @@ from t5gemma_jax.model.attention import dot_product_attention
 from t5gemma_jax.model.layers import apply_rope, geglu, rms_norm
 
 Array = jax.Array
-STRATEGIES = ("greedy", "sample")
+STRATEGIES = ("greedy", "sample", "beam")
+_NEG = -1.0e9  # the "impossible" score of transformers' beam search, kept for parity
 
 
 def _dense(eqn: str, x: Array, kernel: Array, dtype) -> Array:
@@ -144,15 +145,84 @@ def _choose(logits: Array, rng: Array, strategy: str, temperature: float, top_k:
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _beam_search(params, cfg: T5GemmaConfig, encoded: Array, encoder_mask: Array,
+                 max_new_tokens: int, num_beams: int, length_penalty: float) -> Array:
+  """Beam search with transformers' semantics (early_stopping=False): 2K candidates per step,
+  finished hypotheses scored by sum log-prob / generated_length ** length_penalty, and a row
+  stops once its best running beam cannot beat its worst finished one at the current length.
+
+  Returns:
+    int32 [B, max_new_tokens]: each row's best hypothesis, padded.
+  """
+  b, k, n = encoded.shape[0], num_beams, max_new_tokens
+  encoded = jnp.repeat(encoded, k, axis=0)  # [B*K, S, D]: rows then beams
+  encoder_mask = jnp.repeat(encoder_mask, k, axis=0)
+  cache = init_cache(params, cfg, encoded, n)
+  seqs = jnp.full((b, k, n), cfg.pad_id, jnp.int32)
+  running_scores = jnp.tile(jnp.array([0.0] + [_NEG] * (k - 1), jnp.float32), (b, 1))
+  start = dict(t=jnp.int32(0), tokens=jnp.full((b * k,), cfg.bos_id, jnp.int32), cache=cache,
+               running=seqs, running_scores=running_scores, finished=seqs,
+               finished_scores=jnp.full((b, k), _NEG, jnp.float32),
+               is_finished=jnp.zeros((b, k), bool), open=jnp.ones((b,), bool),
+               all_hit=jnp.array(False))
+  rows = jnp.arange(b)[:, None]
+
+  def cond(st):
+    return (st["t"] < n) & jnp.any(st["open"]) & ~st["all_hit"]
+
+  def body(st):
+    t = st["t"]
+    logits, cache = decode_step(params, cfg, st["cache"], st["tokens"], t, encoder_mask)
+    vocab = logits.shape[-1]
+    log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(b, k, vocab)
+    total = (log_probs + st["running_scores"][:, :, None]).reshape(b, k * vocab)
+    top_scores, top_index = jax.lax.top_k(total, 2 * k)
+    top_beam, top_token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+    top_seqs = st["running"][rows, top_beam].at[:, :, t].set(top_token)  # [B, 2K, N]
+    hits = (top_token == cfg.eos_id) | (t + 1 >= n)
+
+    # The best K candidates that did not stop keep running.
+    keep_scores, keep = jax.lax.top_k(top_scores + hits * _NEG, k)
+    running = top_seqs[rows, keep]
+    parent = jnp.take_along_axis(top_beam, keep, axis=1)  # [B, K] beam each came from
+    flat_parent = (rows * k + parent).reshape(-1)
+    cache = [dict(c, k=c["k"][flat_parent], v=c["v"][flat_parent]) for c in cache]
+
+    # Stopped candidates among the top K join the finished set if they score better.
+    first_k = jnp.arange(2 * k) < k
+    just_done = hits & first_k[None, :]
+    scored = top_scores / ((t + 1).astype(jnp.float32) ** length_penalty)
+    scored = scored + (~st["open"])[:, None] * _NEG + (~just_done) * _NEG
+    merged_scores = jnp.concatenate([st["finished_scores"], scored], axis=1)
+    best_scores, best = jax.lax.top_k(merged_scores, k)
+    finished = jnp.concatenate([st["finished"], top_seqs], axis=1)[rows, best]
+    is_finished = jnp.concatenate([st["is_finished"], just_done], axis=1)[rows, best]
+
+    # transformers' early-stop heuristic at the new length.
+    length = (t + 1).astype(jnp.float32)
+    best_possible = keep_scores[:, :1] / (length ** length_penalty)
+    worst = jnp.where(is_finished, jnp.min(best_scores, axis=1, keepdims=True), _NEG)
+    still_open = st["open"] & jnp.any(best_possible > worst, axis=1)
+    return dict(t=t + 1, tokens=running[:, :, t].reshape(-1), cache=cache, running=running,
+                running_scores=keep_scores, finished=finished, finished_scores=best_scores,
+                is_finished=is_finished, open=still_open, all_hit=jnp.all(hits))
+
+  final = jax.lax.while_loop(cond, body, start)
+  return final["finished"][:, 0]
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled(cfg: T5GemmaConfig, strategy: str, max_new_tokens: int, temperature: float,
-              top_k: int, top_p: float):
+              top_k: int, top_p: float, num_beams: int, length_penalty: float):
   net = T5Gemma(cfg)
 
   def run(params, encoder_input_tokens, rng):
     b = encoder_input_tokens.shape[0]
     encoded = net.apply({"params": params}, encoder_input_tokens, method=net.encode)
     encoder_mask = encoder_input_tokens != cfg.pad_id
+    if strategy == "beam":
+      return _beam_search(params, cfg, encoded, encoder_mask, max_new_tokens, num_beams,
+                          length_penalty)
     cache = init_cache(params, cfg, encoded, max_new_tokens)
     out = jnp.full((b, max_new_tokens), cfg.pad_id, jnp.int32)
     start = (jnp.int32(0), jnp.full((b,), cfg.bos_id, jnp.int32), out,
@@ -177,8 +247,9 @@ def _compiled(cfg: T5GemmaConfig, strategy: str, max_new_tokens: int, temperatur
 
 
 def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
-             max_new_tokens: int, strategy: str = "greedy", temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Array:
+             max_new_tokens: int, strategy: str = "greedy", num_beams: int = 4,
+             length_penalty: float = 0.6, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0) -> Array:
   """Decodes every row of a batch.
 
   Args:
@@ -186,7 +257,8 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
     cfg: the model config.
     encoder_input_tokens: int32 [B, S], 0 = padding (rows may have different lengths).
     max_new_tokens: decoder steps at most.
-    strategy: "greedy" or "sample".
+    strategy: "greedy", "sample" or "beam".
+    num_beams, length_penalty: beam search width and alpha (score / length ** alpha).
     temperature, top_k, top_p: sampling filters (top_k=0 and top_p=1 disable them).
     seed: sampling seed.
 
@@ -197,11 +269,13 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
     raise ValueError(f"unknown decoding strategy {strategy!r}; known: {STRATEGIES}")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if strategy == "beam" and num_beams < 1:
+    raise ValueError(f"num_beams must be >= 1, got {num_beams}")
   if strategy == "sample" and temperature <= 0:
     raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
   params = layout.unscan_params(params, cfg)
   # Decoding runs the layers one by one; remat only matters for gradients.
   cfg = cfg.replace(scan_layers=False, remat_policy="none")
   fn = _compiled(cfg, strategy, int(max_new_tokens), float(temperature), int(top_k),
-                 float(top_p))
+                 float(top_p), int(num_beams), float(length_penalty))
   return fn(params, jnp.asarray(encoder_input_tokens, jnp.int32), jax.random.PRNGKey(seed))

@@ -118,3 +118,49 @@ def test_greedy_matches_transformers_generate(tmp_path):
   theirs = theirs[:, 1:]  # drop the decoder start token
   theirs = np.pad(theirs, ((0, 0), (0, 16 - theirs.shape[1])))
   np.testing.assert_array_equal(ours, theirs)
+
+
+def test_beam_search_with_one_beam_is_greedy():
+  cfg = _cfg()
+  params = random_params(cfg, seed=7)
+  enc = _inputs()
+  greedy = decoding.generate(params, cfg, enc, max_new_tokens=12)
+  beam = decoding.generate(params, cfg, enc, max_new_tokens=12, strategy="beam", num_beams=1)
+  np.testing.assert_array_equal(beam, greedy)
+
+
+@pytest.mark.parametrize("length_penalty", [0.6, 1.0])
+def test_beam_search_matches_transformers(tmp_path, length_penalty):
+  enc_kw = dict(num_hidden_layers=2, sliding_window=4, num_key_value_heads=2)
+  dec_kw = dict(num_hidden_layers=2, sliding_window=3, num_key_value_heads=2)
+  hf_model = ref.random_model(enc_kw, dec_kw, seed=12)
+  # Flatter output distributions (many beams compete) and a likelier EOS, so hypotheses finish
+  # at different lengths and beam search differs from greedy (both checked below).
+  with torch.no_grad():
+    hf_model.model.decoder.embed_tokens.weight.mul_(0.2)
+    hf_model.model.decoder.embed_tokens.weight[1] *= 3.0
+  hf_model.save_pretrained(tmp_path)
+  params, cfg = hf.load(str(tmp_path))
+  enc = _inputs(b=4, s=10, seed=5)
+  enc = np.where(enc >= 512, enc % 509 + 3, enc).astype(np.int32) * (enc > 0)
+  ours = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=12, strategy="beam",
+                                      num_beams=4, length_penalty=length_penalty))
+  with torch.no_grad():
+    theirs = hf_model.generate(input_ids=torch.from_numpy(enc).long(),
+                               attention_mask=torch.from_numpy(enc != 0).long(),
+                               do_sample=False, num_beams=4, length_penalty=length_penalty,
+                               max_new_tokens=12, early_stopping=False,
+                               decoder_start_token_id=2, eos_token_id=1,
+                               pad_token_id=0).numpy()[:, 1:]
+  theirs = np.pad(theirs, ((0, 0), (0, 12 - theirs.shape[1])))
+  # transformers fills finished beams with `pad_token_id or eos` (EOS when pad is 0): compare
+  # up to each row's first EOS and require our padding after it.
+  for row_ours, row_theirs in zip(ours, theirs):
+    hits = np.flatnonzero(row_theirs == 1)
+    end = hits[0] + 1 if len(hits) else len(row_theirs)
+    np.testing.assert_array_equal(row_ours[:end], row_theirs[:end])
+    assert (row_ours[end:] == 0).all()
+  lengths = {int((r != 0).sum()) for r in ours}
+  assert len(lengths) > 1, lengths
+  greedy = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=12))
+  assert (greedy != ours).any()
