@@ -87,6 +87,10 @@ def _register_train_configurables() -> None:
   gin.external_configurable(optim.ScheduleConfig, "ScheduleConfig")
   gin.external_configurable(losses.LossConfig, "LossConfig")
   gin.external_configurable(sharding.MeshConfig, "MeshConfig")
+  from t5gemma_jax import evaluation
+  gin.external_configurable(evaluation.DecodeConfig, "DecodeConfig")
+  gin.external_configurable(evaluation.InferConfig, "InferConfig")
+  gin.external_configurable(evaluation.EvalConfig, "EvalConfig")
   _registered.add("train")
 
 
@@ -132,6 +136,38 @@ def _summary_text(s: dict) -> str:
   return "\n".join(lines)
 
 
+@gin.configurable
+def infer_config(cfg=gin.REQUIRED):
+  """`t5gemma infer` runs this; gin binds `infer_config.cfg = @InferConfig()`."""
+  return cfg
+
+
+@gin.configurable
+def eval_config(cfg=gin.REQUIRED):
+  """`t5gemma eval` runs this; gin binds `eval_config.cfg = @EvalConfig()`."""
+  return cfg
+
+
+def infer(args: argparse.Namespace) -> int:
+  """Decodes a task split or a text file with a run's checkpoint into JSONL."""
+  from t5gemma_jax import evaluation
+  cfg = infer_config()
+  n = evaluation.infer(cfg)
+  print(f"wrote {n} predictions to {cfg.output}")
+  return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+  """Metrics (BLEU, ROUGE, ...) of a run's checkpoint on a task split."""
+  from t5gemma_jax import evaluation
+  cfg = eval_config()
+  results = evaluation.run_eval(cfg)
+  for task, values in results.items():
+    print(task + ": " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(values.items())))
+  print(f"appended to {os.path.join(cfg.model_dir, 'eval_results.jsonl')}")
+  return 0
+
+
 def _show_task_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--task", required=True, help="task or mixture name, or 'list'")
   p.add_argument("--split", default="train")
@@ -148,6 +184,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int],
     "show_config": (show_config, lambda p: None),
     "show_task": (show_task, _show_task_args),
     "train": (train, lambda p: None),
+    "infer": (infer, lambda p: None),
+    "eval": (evaluate, lambda p: None),
 }
 
 
@@ -213,7 +251,7 @@ def _load_gin(args: argparse.Namespace, bindings: list[str]) -> None:
   if "file_task" not in _registered:
     gin.external_configurable(tasks.files.file_task, "file_task")
     _registered.add("file_task")
-  if args.command == "train":
+  if args.command in ("train", "infer", "eval"):
     _register_train_configurables()
   search = [".", *args.gin_search_path, GIN_DIR]
   for path in search[1:]:

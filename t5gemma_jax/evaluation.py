@@ -1,0 +1,242 @@
+"""Decode a task's split and score it with the task's metric fns through seqio's Evaluator.
+
+Results go to `MODEL_DIR/eval_results.jsonl` (one object per task and step) and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+import seqio
+
+from t5gemma_jax import decoding
+from t5gemma_jax.config import T5GemmaConfig
+from t5gemma_jax.data import pipeline
+
+
+def strip(tokens: Sequence[int], eos_id: int, pad_id: int = 0) -> list[int]:
+  """Generated ids up to (not including) EOS, without padding."""
+  out = []
+  for t in tokens:
+    if t == eos_id:
+      break
+    if t != pad_id:
+      out.append(int(t))
+  return out
+
+
+def predictions(params: Any, cfg: T5GemmaConfig, encoder_batches, max_new_tokens: int,
+                batch_size: int, **decode) -> np.ndarray:
+  """Decodes [n, S] encoder rows in fixed-size batches (the last one padded: no recompiles).
+
+  Returns:
+    int32 [n, max_new_tokens]: EOS then padding, as `decoding.generate`.
+  """
+  out = []
+  for batch in encoder_batches:
+    rows = batch.shape[0]
+    if rows < batch_size:
+      batch = np.concatenate([batch, np.zeros((batch_size - rows, batch.shape[1]), batch.dtype)])
+    tokens = np.asarray(decoding.generate(params, cfg, batch, max_new_tokens=max_new_tokens,
+                                          **decode))
+    out.append(tokens[:rows])
+  return np.concatenate(out) if out else np.zeros((0, max_new_tokens), np.int32)
+
+
+def make_predict_fn(params: Any, cfg: T5GemmaConfig, max_new_tokens: int, batch_size: int,
+                    **decode):
+  """A seqio `predict_fn`: (index, features) dataset -> [(index, token ids)]."""
+
+  def predict_fn(dataset, model_feature_shapes=None):
+    del model_feature_shapes
+    indices, encoder = [], []
+    for index, features in dataset.as_numpy_iterator():
+      indices.append(int(index))
+      encoder.append(features["encoder_input_tokens"])
+    encoder = np.stack(encoder)
+    batches = (encoder[i:i + batch_size] for i in range(0, len(encoder), batch_size))
+    tokens = predictions(params, cfg, batches, max_new_tokens, batch_size, **decode)
+    # Fixed-length rows: seqio stacks them and its vocabulary decode stops at EOS.
+    return [(i, list(map(int, row))) for i, row in zip(indices, tokens)]
+
+  return predict_fn
+
+
+def evaluate(params: Any, cfg: T5GemmaConfig, task: str, split: str,
+             lengths: Mapping[str, int], *, max_new_tokens: int, batch_size: int = 16,
+             num_examples: Optional[int] = None, model_dir: Optional[str] = None,
+             step: Optional[int] = None, **decode) -> dict[str, dict[str, float]]:
+  """Decodes `task`'s `split` and computes its metrics.
+
+  Args:
+    params, cfg: the model.
+    task: task or mixture name (mixtures evaluate each sub-task that has metrics).
+    split: e.g. "validation".
+    lengths: {"inputs": S, "targets": T} for the eval dataset.
+    max_new_tokens, batch_size, **decode: decoding options (`decoding.generate`).
+    num_examples: evaluate only the first n examples of each task.
+    model_dir, step: where and under which step to log (eval_results.jsonl, TensorBoard).
+
+  Returns:
+    {task name: {metric: value}}.
+  """
+  pipeline.get_mixture_or_task(task)
+  loggers = (seqio.TensorBoardLogger,) if model_dir else ()
+  evaluator = seqio.Evaluator(
+      task, feature_converter=pipeline.feature_converter(pack=False), eval_split=split,
+      sequence_length=dict(lengths), num_examples=num_examples, logger_cls=loggers,
+      log_dir=os.path.join(model_dir, "eval") if model_dir else None,
+      async_compute_metrics=False)
+  if not evaluator.eval_tasks:
+    raise ValueError(f"task {task!r} has no split {split!r} with metric fns to evaluate")
+  metrics, _ = evaluator.evaluate(
+      compute_metrics=True, step=step,
+      predict_fn=make_predict_fn(params, cfg, max_new_tokens, batch_size, **decode))
+  results = {name: {k: float(v.value if hasattr(v, "value") else v) for k, v in m.items()}
+             for name, m in metrics.result().items()}
+  if model_dir and jax.process_index() == 0:
+    with open(os.path.join(model_dir, "eval_results.jsonl"), "a", encoding="utf-8") as f:
+      for name, m in results.items():
+        f.write(json.dumps({"step": step, "task": name, "split": split, **m}) + "\n")
+  return results
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """How `infer`, `eval` and in-training evaluation decode (see `decoding.generate`)."""
+
+  max_new_tokens: int = 64
+  batch_size: int = 16
+  strategy: str = "greedy"
+  num_beams: int = 4
+  length_penalty: float = 0.6
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+
+  def options(self) -> dict:
+    return {k: v for k, v in dataclasses.asdict(self).items()
+            if k not in ("max_new_tokens", "batch_size")}
+
+
+@dataclasses.dataclass(frozen=True)
+class InferConfig:
+  """`t5gemma infer`: decode a task split or a text file with a run's latest checkpoint.
+
+  Attributes:
+    model: the model config.
+    model_dir: the run whose latest checkpoint is used.
+    output: JSONL path (written atomically): {"input", "prediction", "target"?} per line.
+    task, split: what to decode; or `input_file` (one input per line) with `vocabulary`.
+    inputs_length: encoder length (longer inputs are truncated).
+    max_examples: stop after this many (None = all).
+  """
+
+  model: T5GemmaConfig
+  model_dir: str
+  output: str
+  task: Optional[str] = None
+  split: str = "validation"
+  input_file: Optional[str] = None
+  vocabulary: str = "builtin"
+  inputs_length: int = 256
+  max_examples: Optional[int] = None
+  decode: DecodeConfig = DecodeConfig()
+
+
+def load_params(cfg: T5GemmaConfig, model_dir: str) -> Any:
+  """The latest checkpoint's params of a run, on the first device."""
+  import flax.linen as nn
+  from t5gemma_jax import checkpoint
+  from t5gemma_jax.train import step as step_lib
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+      nn.meta.unbox(step_lib.abstract_params(cfg)))
+  return checkpoint.restore_params(os.path.join(model_dir, "checkpoints"), abstract)
+
+
+def _examples(cfg: InferConfig):
+  """(encoder rows [n, S], input texts, target texts or None, vocabulary)."""
+  if (cfg.task is None) == (cfg.input_file is None):
+    raise ValueError("InferConfig needs exactly one of task or input_file")
+  if cfg.input_file is not None:
+    import tasks  # noqa: F401  (the vocabularies)
+    from tasks import vocabularies
+    if not os.path.isfile(cfg.input_file):
+      raise FileNotFoundError(f"input file not found: {cfg.input_file}")
+    vocab = vocabularies.get(cfg.vocabulary)
+    with open(cfg.input_file, encoding="utf-8") as f:
+      texts = [line.rstrip("\n") for line in f if line.strip()][:cfg.max_examples]
+    rows = np.zeros((len(texts), cfg.inputs_length), np.int32)
+    for i, text in enumerate(texts):
+      ids = vocab.encode(text)[:cfg.inputs_length - 1] + [vocab.eos_id]
+      rows[i, :len(ids)] = ids
+    return rows, texts, None, vocab
+  task = pipeline.get_mixture_or_task(cfg.task)
+  ds = task.get_dataset({"inputs": cfg.inputs_length, "targets": cfg.decode.max_new_tokens},
+                        split=cfg.split, shuffle=False, num_epochs=1)
+  if cfg.max_examples:
+    ds = ds.take(cfg.max_examples)
+  rows, texts, targets = [], [], []
+  for ex in ds.as_numpy_iterator():
+    row = np.zeros((cfg.inputs_length,), np.int32)
+    row[:len(ex["inputs"])] = ex["inputs"]
+    rows.append(row)
+    texts.append(ex["inputs_pretokenized"].decode("utf-8"))
+    targets.append(ex["targets_pretokenized"].decode("utf-8"))
+  vocab = task.output_features["targets"].vocabulary
+  return np.stack(rows), texts, targets, vocab
+
+
+def infer(cfg: InferConfig) -> int:
+  """Decodes and writes `cfg.output`; returns the number of examples written."""
+  params = load_params(cfg.model, cfg.model_dir)
+  rows, texts, targets, vocab = _examples(cfg)
+  d = cfg.decode
+  batches = (rows[i:i + d.batch_size] for i in range(0, len(rows), d.batch_size))
+  tokens = predictions(params, cfg.model, batches, d.max_new_tokens, d.batch_size,
+                       **d.options())
+  directory = os.path.dirname(os.path.abspath(cfg.output))
+  os.makedirs(directory, exist_ok=True)
+  tmp = cfg.output + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for i, (text, row) in enumerate(zip(texts, tokens)):
+      record = {"input": text, "prediction": vocab.decode(strip(row, cfg.model.eos_id))}
+      if targets is not None:
+        record["target"] = targets[i]
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+  os.replace(tmp, cfg.output)
+  return len(texts)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """`t5gemma eval`: metrics of a run's latest checkpoint on a task (or mixture) split."""
+
+  model: T5GemmaConfig
+  model_dir: str
+  task: str
+  split: str = "validation"
+  task_feature_lengths: Mapping[str, int] = dataclasses.field(
+      default_factory=lambda: {"inputs": 256, "targets": 128})
+  num_examples: Optional[int] = None
+  decode: DecodeConfig = DecodeConfig()
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, dict[str, float]]:
+  from t5gemma_jax import checkpoint
+  params = load_params(cfg.model, cfg.model_dir)
+  step = checkpoint.Checkpointer(os.path.join(cfg.model_dir, "checkpoints"),
+                                 save_every=1).latest_step()
+  d = cfg.decode
+  return evaluate(params, cfg.model, cfg.task, cfg.split, cfg.task_feature_lengths,
+                  max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
+                  num_examples=cfg.num_examples, model_dir=cfg.model_dir, step=step,
+                  **d.options())
