@@ -195,25 +195,32 @@ def _examples(cfg: InferConfig):
   return np.stack(rows), texts, targets, vocab
 
 
-def infer(cfg: InferConfig) -> int:
-  """Decodes and writes `cfg.output`; returns the number of examples written."""
-  params = load_params(cfg.model, cfg.model_dir)
+def decode_records(params: Any, cfg: InferConfig) -> list[dict]:
+  """[{"input", "prediction", "target"?}] for the examples `cfg` names."""
   rows, texts, targets, vocab = _examples(cfg)
   d = cfg.decode
   batches = (rows[i:i + d.batch_size] for i in range(0, len(rows), d.batch_size))
   tokens = predictions(params, cfg.model, batches, d.max_new_tokens, d.batch_size,
                        **d.options())
-  directory = os.path.dirname(os.path.abspath(cfg.output))
-  os.makedirs(directory, exist_ok=True)
+  records = []
+  for i, (text, row) in enumerate(zip(texts, tokens)):
+    record = {"input": text, "prediction": vocab.decode(strip(row, cfg.model.eos_id))}
+    if targets is not None:
+      record["target"] = targets[i]
+    records.append(record)
+  return records
+
+
+def infer(cfg: InferConfig) -> int:
+  """Decodes and writes `cfg.output` atomically; returns the number of examples written."""
+  records = decode_records(load_params(cfg.model, cfg.model_dir), cfg)
+  os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
   tmp = cfg.output + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    for i, (text, row) in enumerate(zip(texts, tokens)):
-      record = {"input": text, "prediction": vocab.decode(strip(row, cfg.model.eos_id))}
-      if targets is not None:
-        record["target"] = targets[i]
+    for record in records:
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
   os.replace(tmp, cfg.output)
-  return len(texts)
+  return len(records)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -133,6 +133,13 @@ def _summary_text(s: dict) -> str:
       f"metrics:     {s['metrics']}",
       f"tensorboard: tensorboard --logdir {s['tensorboard']}",
   ]
+  for task, values in sorted(s.get("metrics_by_task", {}).items()):
+    lines.append(f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(values.items())))
+  for task, records in sorted(s.get("examples", {}).items()):
+    lines.append(f"examples from {task} (validation):")
+    for r in records:
+      lines += [f"  input:      {r['input'][:100]}", f"  prediction: {r['prediction'][:100]}",
+                f"  reference:  {r.get('target', '')[:100]}"]
   return "\n".join(lines)
 
 

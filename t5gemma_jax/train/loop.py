@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from t5gemma_jax import checkpoint, sharding
+from t5gemma_jax import checkpoint, evaluation, sharding
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.train import flops, optim, step as step_lib
@@ -45,6 +45,9 @@ class TrainConfig:
     pack: pack examples into rows.
     shuffle: shuffle training examples (seeded).
     progress: show a progress bar.
+    eval_tasks: tasks to decode and score (BLEU, ROUGE, ...) every `eval_tasks_period` steps
+      (0: at the end only) on `eval_examples` validation examples each, with `decode`.
+    show_examples: decoded validation examples per eval task to put in the summary.
   """
 
   model: T5GemmaConfig
@@ -70,6 +73,11 @@ class TrainConfig:
   pack: bool = True
   shuffle: bool = True
   progress: bool = True
+  eval_tasks: tuple[str, ...] = ()
+  eval_tasks_period: int = 0
+  eval_examples: Optional[int] = 64
+  show_examples: int = 0
+  decode: evaluation.DecodeConfig = evaluation.DecodeConfig()
 
 
 class _Preemption:
@@ -222,6 +230,9 @@ def run(cfg: TrainConfig) -> dict:
             log.history["validation_loss"] = val
         ckpt.save(step, state, data_iterator=data, force=saving,
                   metrics=None if val is None else {"validation_loss": val})
+        period = cfg.eval_tasks_period
+        if cfg.eval_tasks and ((period and step % period == 0) or step == cfg.train_steps):
+          summary["metrics_by_task"] = _score_tasks(cfg, state.params, step)
         if preemption.requested:
           summary["preempted"] = True
           break
@@ -231,11 +242,29 @@ def run(cfg: TrainConfig) -> dict:
     writer.close()
     preemption.restore()
     log.close()
+  if cfg.show_examples and cfg.eval_tasks and not summary.get("preempted"):
+    summary["examples"] = {
+        task: evaluation.decode_records(state.params, evaluation.InferConfig(
+            model=cfg.model, model_dir=cfg.model_dir, output="", task=task,
+            inputs_length=cfg.task_feature_lengths["inputs"], max_examples=cfg.show_examples,
+            decode=cfg.decode)) for task in cfg.eval_tasks}
   summary.update(log.history, last_step=int(jax.device_get(state.step)),
                  checkpoints=os.path.join(cfg.model_dir, "checkpoints"),
                  metrics=os.path.join(cfg.model_dir, "metrics.jsonl"),
                  tensorboard=os.path.join(cfg.model_dir, "tensorboard"))
   return summary
+
+
+def _score_tasks(cfg: TrainConfig, params, step: int) -> dict:
+  """Decodes each eval task's validation examples and computes its metrics."""
+  results = {}
+  d = cfg.decode
+  for task in cfg.eval_tasks:
+    results.update(evaluation.evaluate(
+        params, cfg.model, task, cfg.eval_split, cfg.task_feature_lengths,
+        max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
+        num_examples=cfg.eval_examples, model_dir=cfg.model_dir, step=step, **d.options()))
+  return results
 
 
 def _progress(cfg: TrainConfig, first: int):
