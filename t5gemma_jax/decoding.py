@@ -249,7 +249,7 @@ def _compiled(cfg: T5GemmaConfig, strategy: str, max_new_tokens: int, temperatur
 def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
              max_new_tokens: int, strategy: str = "greedy", num_beams: int = 4,
              length_penalty: float = 0.6, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0) -> Array:
+             top_p: float = 1.0, seed: int = 0, mesh=None) -> Array:
   """Decodes every row of a batch.
 
   Args:
@@ -261,6 +261,8 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
     num_beams, length_penalty: beam search width and alpha (score / length ** alpha).
     temperature, top_k, top_p: sampling filters (top_k=0 and top_p=1 disable them).
     seed: sampling seed.
+    mesh: decode with the batch sharded over this mesh's (data, fsdp) axes, as in training
+      (params should already be placed on it, e.g. a training state's params).
 
   Returns:
     int32 [B, max_new_tokens]: generated tokens (BOS excluded), EOS then padding.
@@ -278,4 +280,14 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
   cfg = cfg.replace(scan_layers=False, remat_policy="none")
   fn = _compiled(cfg, strategy, int(max_new_tokens), float(temperature), int(top_k),
                  float(top_p), int(num_beams), float(length_penalty))
-  return fn(params, jnp.asarray(encoder_input_tokens, jnp.int32), jax.random.PRNGKey(seed))
+  tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
+  if mesh is None:
+    return fn(params, tokens, jax.random.PRNGKey(seed))
+  from t5gemma_jax import sharding
+  rows, parallel = tokens.shape[0], sharding.data_parallel_size(mesh)
+  if rows % parallel:
+    raise ValueError(f"a batch of {rows} rows does not split over the mesh's {parallel} "
+                     "data-parallel devices")
+  tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
+  with jax.set_mesh(mesh):
+    return fn(params, tokens, jax.random.PRNGKey(seed))

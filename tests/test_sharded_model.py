@@ -55,3 +55,38 @@ def test_sharded_forward_matches_single_device():
                         timeout=600, env=env,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert proc.returncode == 0 and "SHARDED_OK" in proc.stdout, proc.stderr[-4000:]
+
+
+DECODE_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import flax.linen as nn
+    import jax, numpy as np
+    from t5gemma_jax import config, decoding, sharding
+    from t5gemma_jax.train import step as step_lib
+    from tests.random_params import random_params
+
+    cfg = config.preset("tiny")
+    params = random_params(cfg, seed=3)
+    rng = np.random.default_rng(0)
+    enc = rng.integers(3, 2048, (8, 12)).astype(np.int32)
+    enc[::3, -4:] = 0
+    mesh = sharding.make_mesh(sharding.MeshConfig(ici=(2, 2, 2)))
+    placed = jax.device_put(params, sharding.logical_to_shardings(
+        step_lib.abstract_params(cfg), mesh))
+    for kw in (dict(), dict(strategy="beam", num_beams=3)):
+      one = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=10, **kw))
+      out = decoding.generate(placed, cfg, enc, max_new_tokens=10, mesh=mesh, **kw)
+      np.testing.assert_array_equal(np.asarray(out), one)
+      assert len(out.sharding.device_set) == 8, out.sharding
+    print("DECODE_OK")
+""")
+
+
+def test_decoding_sharded_over_the_mesh_matches_one_device():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-c", DECODE_SCRIPT], capture_output=True, text=True,
+                        timeout=600, env=env,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode == 0 and "DECODE_OK" in proc.stdout, proc.stderr[-4000:]
