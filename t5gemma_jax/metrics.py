@@ -40,3 +40,11 @@ def rouge(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float
       totals[name] += scores[name].fmeasure
   # A plain mean: rouge_score's bootstrap aggregator is random and would make evals unrepeatable.
   return {name: 100.0 * totals[name] / max(len(targets), 1) for name in names}
+
+
+def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+  """Percentage of predictions equal to their target after stripping outer whitespace."""
+  if len(targets) != len(predictions):
+    raise ValueError(f"exact_match: {len(targets)} targets but {len(predictions)} predictions")
+  hits = sum(t.strip() == p.strip() for t, p in zip(targets, predictions))
+  return {"exact_match": 100.0 * hits / max(len(targets), 1)}

@@ -80,5 +80,6 @@ def register() -> None:
         preprocessors=_text_to_text(functools.partial(
             supervised.translate, source_key="source", target_key="target",
             source_language="English", target_language=language)),
-        output_features=FEATURES, metric_fns=[metrics.bleu])
+        # Names are short: whether the whole name is right says more than n-gram overlap.
+        output_features=FEATURES, metric_fns=[metrics.bleu, metrics.exact_match])
   register_mixture()

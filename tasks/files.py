@@ -26,7 +26,8 @@ from tasks import objectives, vocabularies
 from tasks.sources import existing_files
 
 FORMATS = ("tsv", "jsonl", "text", "tfrecord")
-METRICS = {"bleu": metrics_lib.bleu, "rouge": metrics_lib.rouge}
+METRICS = {"bleu": metrics_lib.bleu, "rouge": metrics_lib.rouge,
+           "exact_match": metrics_lib.exact_match}
 
 
 def _parse_tsv(dataset, keys):

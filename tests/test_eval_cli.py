@@ -65,3 +65,4 @@ def test_metric_fns():
   assert 40 < half["rouge1"] < 60
   with pytest.raises(ValueError, match="2 targets but 1 predictions"):
     metrics.bleu(["a", "b"], ["a"])
+  assert metrics.exact_match(["Berlin", "Rom"], [" Berlin", "Roma"]) == {"exact_match": 50.0}
