@@ -48,13 +48,18 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_forward_matches_single_device():
+def _run(script: str, marker: str) -> None:
+  """Runs `script` in a fresh interpreter (it sets its own device count) and checks `marker`."""
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                         timeout=600, env=env,
                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert proc.returncode == 0 and "SHARDED_OK" in proc.stdout, proc.stderr[-4000:]
+  assert proc.returncode == 0 and marker in proc.stdout, proc.stderr[-4000:]
+
+
+def test_sharded_forward_matches_single_device():
+  _run(SCRIPT, "SHARDED_OK")
 
 
 DECODE_SCRIPT = textwrap.dedent("""
@@ -84,9 +89,4 @@ DECODE_SCRIPT = textwrap.dedent("""
 
 
 def test_decoding_sharded_over_the_mesh_matches_one_device():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", DECODE_SCRIPT], capture_output=True, text=True,
-                        timeout=600, env=env,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  assert proc.returncode == 0 and "DECODE_OK" in proc.stdout, proc.stderr[-4000:]
+  _run(DECODE_SCRIPT, "DECODE_OK")
