@@ -17,12 +17,12 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import tasks  # noqa: E402,F401  (registers the tasks)
 from t5gemma_jax import config, sharding  # noqa: E402
 from t5gemma_jax.data import pipeline  # noqa: E402
+from t5gemma_jax.model import abstract_params  # noqa: E402
 from t5gemma_jax.train import optim, step as step_lib  # noqa: E402
 from t5gemma_jax.train.losses import LossConfig  # noqa: E402
 
@@ -47,7 +47,7 @@ def step_rate(lengths: dict, batch: int, steps: int) -> float:
   cfg = config.preset("tiny")
   opt_cfg = optim.OptimizerConfig(name="adamw", schedule=optim.ScheduleConfig(
       name="constant", learning_rate=1e-3, warmup_steps=0))
-  optimizer = optim.make_optimizer(opt_cfg, nn.meta.unbox(step_lib.abstract_params(cfg)))
+  optimizer = optim.make_optimizer(opt_cfg, abstract_params(cfg, boxed=False))
   mesh = sharding.make_mesh(sharding.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1])
   state, shardings = step_lib.init_state(cfg, optimizer, mesh, seed=0)
   train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, LossConfig()),

@@ -200,8 +200,7 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
   try:
     step = _resolve_step(manager, step, path)
     target = {"params": abstract_params}
-    _check_shapes(manager, step, target, path)
-    _require_shardings(abstract_params)
+    _check_shapes(manager, step, target, path)  # also requires shardings on every leaf
     args = ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)

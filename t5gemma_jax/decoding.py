@@ -136,9 +136,9 @@ def _choose(logits: Array, rng: Array, strategy: str, temperature: float, top_k:
   if top_p < 1.0:
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
     # Keep a token while the mass before it is below top_p (the first token always stays).
-    keep_sorted = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+    keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
     keep = jnp.zeros_like(keep_sorted).at[
         jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
     logits = jnp.where(keep, logits, neg)

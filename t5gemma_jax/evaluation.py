@@ -14,9 +14,10 @@ import jax
 import numpy as np
 import seqio
 
-from t5gemma_jax import decoding
+from t5gemma_jax import atomic, decoding
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.data import pipeline
+from t5gemma_jax.model import abstract_params
 
 
 def strip(tokens: Sequence[int], eos_id: int, pad_id: int = 0) -> list[int]:
@@ -152,74 +153,81 @@ class InferConfig:
 
 def load_params(cfg: T5GemmaConfig, model_dir: str) -> Any:
   """The latest checkpoint's params of a run, on the first device."""
-  import flax.linen as nn
   from t5gemma_jax import checkpoint
-  from t5gemma_jax.train import step as step_lib
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      nn.meta.unbox(step_lib.abstract_params(cfg)))
+      abstract_params(cfg, boxed=False))
   return checkpoint.restore_params(os.path.join(model_dir, "checkpoints"), abstract)
 
 
-def _examples(cfg: InferConfig):
-  """(encoder rows [n, S], input texts, target texts or None, vocabulary)."""
-  if (cfg.task is None) == (cfg.input_file is None):
-    raise ValueError("InferConfig needs exactly one of task or input_file")
-  if cfg.input_file is not None:
-    import tasks  # noqa: F401  (the vocabularies)
-    from tasks import vocabularies
-    if not os.path.isfile(cfg.input_file):
-      raise FileNotFoundError(f"input file not found: {cfg.input_file}")
-    vocab = vocabularies.get(cfg.vocabulary)
-    with open(cfg.input_file, encoding="utf-8") as f:
-      texts = [line.rstrip("\n") for line in f if line.strip()][:cfg.max_examples]
-    rows = np.zeros((len(texts), cfg.inputs_length), np.int32)
-    for i, text in enumerate(texts):
-      ids = vocab.encode(text)[:cfg.inputs_length - 1] + [vocab.eos_id]
-      rows[i, :len(ids)] = ids
-    return rows, texts, None, vocab
-  task = pipeline.get_mixture_or_task(cfg.task)
-  ds = task.get_dataset({"inputs": cfg.inputs_length, "targets": cfg.decode.max_new_tokens},
-                        split=cfg.split, shuffle=False, num_epochs=1)
-  if cfg.max_examples:
-    ds = ds.take(cfg.max_examples)
+def _file_rows(path: str, vocabulary: str, inputs_length: int, max_examples: Optional[int]):
+  """(encoder rows [n, S], input texts, None, vocabulary) for one input per line of `path`."""
+  import tasks  # noqa: F401  (the vocabularies)
+  from tasks import vocabularies
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"input file not found: {path}")
+  vocab = vocabularies.get(vocabulary)
+  with open(path, encoding="utf-8") as f:
+    texts = [line.rstrip("\n") for line in f if line.strip()][:max_examples]
+  rows = np.zeros((len(texts), inputs_length), np.int32)
+  for i, text in enumerate(texts):
+    ids = vocab.encode(text)[:inputs_length - 1] + [vocab.eos_id]
+    rows[i, :len(ids)] = ids
+  return rows, texts, None, vocab
+
+
+def _task_rows(task_name: str, split: str, inputs_length: int, targets_length: int,
+               max_examples: Optional[int]):
+  """(encoder rows [n, S], input texts, target texts, vocabulary) of a task split, in order."""
+  task = pipeline.get_mixture_or_task(task_name)
+  ds = task.get_dataset({"inputs": inputs_length, "targets": targets_length}, split=split,
+                        shuffle=False, num_epochs=1)
+  if max_examples:
+    ds = ds.take(max_examples)
   rows, texts, targets = [], [], []
   for ex in ds.as_numpy_iterator():
-    row = np.zeros((cfg.inputs_length,), np.int32)
+    row = np.zeros((inputs_length,), np.int32)
     row[:len(ex["inputs"])] = ex["inputs"]
     rows.append(row)
     texts.append(ex["inputs_pretokenized"].decode("utf-8"))
     targets.append(ex["targets_pretokenized"].decode("utf-8"))
-  vocab = task.output_features["targets"].vocabulary
-  return np.stack(rows), texts, targets, vocab
+  return np.stack(rows), texts, targets, task.output_features["targets"].vocabulary
 
 
-def decode_records(params: Any, cfg: InferConfig) -> list[dict]:
-  """[{"input", "prediction", "target"?}] for the examples `cfg` names."""
-  rows, texts, targets, vocab = _examples(cfg)
-  d = cfg.decode
-  batches = (rows[i:i + d.batch_size] for i in range(0, len(rows), d.batch_size))
-  tokens = predictions(params, cfg.model, batches, d.max_new_tokens, d.batch_size,
-                       **d.options())
+def _decode_rows(params: Any, model: T5GemmaConfig, source, decode: DecodeConfig) -> list[dict]:
+  rows, texts, targets, vocab = source
+  batches = (rows[i:i + decode.batch_size] for i in range(0, len(rows), decode.batch_size))
+  tokens = predictions(params, model, batches, decode.max_new_tokens, decode.batch_size,
+                       **decode.options())
   records = []
   for i, (text, row) in enumerate(zip(texts, tokens)):
-    record = {"input": text, "prediction": vocab.decode(strip(row, cfg.model.eos_id))}
+    record = {"input": text, "prediction": vocab.decode(strip(row, model.eos_id))}
     if targets is not None:
       record["target"] = targets[i]
     records.append(record)
   return records
 
 
+def task_records(params: Any, model: T5GemmaConfig, task: str, split: str, inputs_length: int,
+                 max_examples: Optional[int], decode: DecodeConfig) -> list[dict]:
+  """[{"input", "prediction", "target"}] for the first examples of a task split."""
+  return _decode_rows(params, model, _task_rows(task, split, inputs_length,
+                                                decode.max_new_tokens, max_examples), decode)
+
+
 def infer(cfg: InferConfig) -> int:
   """Decodes and writes `cfg.output` atomically; returns the number of examples written."""
-  records = decode_records(load_params(cfg.model, cfg.model_dir), cfg)
-  os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-  tmp = cfg.output + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=False) + "\n")
-  os.replace(tmp, cfg.output)
+  if (cfg.task is None) == (cfg.input_file is None):
+    raise ValueError("InferConfig needs exactly one of task or input_file")
+  if cfg.input_file is not None:
+    source = _file_rows(cfg.input_file, cfg.vocabulary, cfg.inputs_length, cfg.max_examples)
+  else:
+    source = _task_rows(cfg.task, cfg.split, cfg.inputs_length, cfg.decode.max_new_tokens,
+                        cfg.max_examples)
+  records = _decode_rows(load_params(cfg.model, cfg.model_dir), cfg.model, source, cfg.decode)
+  atomic.write_text(cfg.output, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                        for r in records))
   return len(records)
 
 

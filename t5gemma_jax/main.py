@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import gin
 
-from t5gemma_jax import config
+from t5gemma_jax import atomic, config
 
 _registered: set[str] = set()
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -43,14 +43,10 @@ def model_config(cfg: config.T5GemmaConfig = gin.REQUIRED) -> config.T5GemmaConf
 
 def count_params(cfg: config.T5GemmaConfig) -> dict[str, int]:
   """Parameter counts per stack, from shapes alone (nothing is allocated)."""
-  import flax.linen as nn
   import jax
-  import jax.numpy as jnp
   from t5gemma_jax import model
 
-  tokens = jnp.ones((1, 1), jnp.int32)
-  shapes = jax.eval_shape(model.T5Gemma(cfg).init, jax.random.PRNGKey(0), tokens, tokens)
-  shapes = nn.meta.unbox(shapes)["params"]
+  shapes = model.abstract_params(cfg, boxed=False)
   return {side: sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes[side]))
           for side in ("encoder", "decoder")}
 
@@ -100,22 +96,13 @@ def train_config(cfg=gin.REQUIRED):
   return cfg
 
 
-def _write_atomic(path: str, text: str) -> None:
-  import tempfile
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def train(args: argparse.Namespace) -> int:
   """Trains (or resumes) the run described by gin; prints a summary at the end."""
   from t5gemma_jax.train import loop
   cfg = train_config()
   if not isinstance(cfg, loop.TrainConfig):
     raise ValueError("gin binding train_config.cfg must be @TrainConfig()")
-  _write_atomic(os.path.join(cfg.model_dir, "config.gin"), gin.config_str())
+  atomic.write_text(os.path.join(cfg.model_dir, "config.gin"), gin.config_str())
   summary = loop.run(cfg)
   print(_summary_text(summary))
   return 0
@@ -251,9 +238,11 @@ class _QuietGinSearch(logging.Filter):
     return not str(record.msg).startswith("Path not found:")
 
 
+logging.getLogger().addFilter(_QuietGinSearch())
+
+
 def _load_gin(args: argparse.Namespace, bindings: list[str]) -> None:
   gin.clear_config()  # each command starts from its own files (main() may run twice in-process)
-  logging.getLogger().addFilter(_QuietGinSearch())
   import tasks.files  # its file_task is referenced from gin files
   if "file_task" not in _registered:
     gin.external_configurable(tasks.files.file_task, "file_task")

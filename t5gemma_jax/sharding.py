@@ -116,7 +116,7 @@ def _divisible(spec: P, shape: Sequence[int], mesh: Mesh, name: str) -> P:
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
     size = math.prod(mesh.shape[a] for a in names)
-    if names and dim % size:
+    if dim % size:
       logging.warning("sharding: %s dimension %d is not divisible by mesh axes %s (%d); "
                       "replicating it", name, dim, names, size)
       out.append(None)
@@ -148,16 +148,21 @@ def logical_to_shardings(abstract: Any, mesh: Mesh, rules=RULES) -> Any:
                                           is_leaf=lambda x: isinstance(x, P) or x is None)
 
 
-def like_params(tree: Any, param_shardings: Any, mesh: Mesh) -> Any:
+def like_params(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
   """Shardings for a tree that embeds copies of the params (optimizer moments, gradients).
 
   A leaf whose trailing dict keys name a parameter of the same shape takes that parameter's
   sharding; everything else (step counts, Adafactor's factored row/column statistics) is small
   and replicated.
+
+  Args:
+    tree: e.g. the abstract optimizer state.
+    params: the (abstract) params, for their shapes; param_shardings: their shardings.
   """
   by_path = {}
-  for path, sharding in jax.tree_util.tree_leaves_with_path(param_shardings):
-    by_path[tuple(k.key for k in path)] = sharding
+  for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(params),
+                                    jax.tree_util.tree_leaves(param_shardings)):
+    by_path[tuple(k.key for k in path)] = (tuple(leaf.shape), sharding)
 
   def one(path, leaf):
     keys = []
@@ -166,23 +171,13 @@ def like_params(tree: Any, param_shardings: Any, mesh: Mesh) -> Any:
         break
       keys.insert(0, k.key)
     for start in range(len(keys)):
-      sharding = by_path.get(tuple(keys[start:]))
-      if sharding is not None:
-        if len(sharding.spec) <= len(leaf.shape) and _fits(sharding, leaf.shape):
-          return sharding
-        break
+      found = by_path.get(tuple(keys[start:]))
+      if found is not None:
+        shape, sharding = found
+        return sharding if shape == tuple(leaf.shape) else NamedSharding(mesh, P())
     return NamedSharding(mesh, P())
 
   return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def _fits(sharding: NamedSharding, shape: Sequence[int]) -> bool:
-  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-  for dim, axes in zip(shape, spec):
-    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-    if dim % math.prod(sharding.mesh.shape[a] for a in names):
-      return False
-  return True
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -68,7 +68,7 @@ DECODE_SCRIPT = textwrap.dedent("""
     import flax.linen as nn
     import jax, numpy as np
     from t5gemma_jax import config, decoding, sharding
-    from t5gemma_jax.train import step as step_lib
+    from t5gemma_jax.model import abstract_params
     from tests.random_params import random_params
 
     cfg = config.preset("tiny")
@@ -78,7 +78,7 @@ DECODE_SCRIPT = textwrap.dedent("""
     enc[::3, -4:] = 0
     mesh = sharding.make_mesh(sharding.MeshConfig(ici=(2, 2, 2)))
     placed = jax.device_put(params, sharding.logical_to_shardings(
-        step_lib.abstract_params(cfg), mesh))
+        abstract_params(cfg), mesh))
     for kw in (dict(), dict(strategy="beam", num_beams=3)):
       one = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=10, **kw))
       out = decoding.generate(placed, cfg, enc, max_new_tokens=10, mesh=mesh, **kw)

@@ -9,14 +9,13 @@ import subprocess
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from t5gemma_jax import checkpoint, config, main, sharding
+from t5gemma_jax import checkpoint, config, evaluation, main
 from t5gemma_jax.train import optim, step as step_lib
 from t5gemma_jax.train.losses import LossConfig
 from tests.random_params import random_params
@@ -114,12 +113,7 @@ def _cli(model_dir, *extra):
 
 
 def _final_params(model_dir):
-  cfg = config.preset("tiny")
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      nn.meta.unbox(step_lib.abstract_params(cfg)))
-  return checkpoint.restore_params(os.path.join(model_dir, "checkpoints"), abstract)
+  return evaluation.load_params(config.preset("tiny"), str(model_dir))
 
 
 def _wait_for_checkpoint(model_dir, step, proc, timeout=300):

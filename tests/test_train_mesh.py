@@ -15,6 +15,7 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
     from jax.sharding import PartitionSpec as P
     from t5gemma_jax import config, sharding
+    from t5gemma_jax.model import abstract_params
     from t5gemma_jax.train import optim, step as step_lib
     from t5gemma_jax.train.losses import LossConfig
 
@@ -37,7 +38,7 @@ SCRIPT = textwrap.dedent("""
 
     def losses(ici, devices):
       mesh = sharding.make_mesh(sharding.MeshConfig(ici=ici), devices)
-      params_shape = nn.meta.unbox(step_lib.abstract_params(cfg))
+      params_shape = abstract_params(cfg, boxed=False)
       optimizer = optim.make_optimizer(opt_cfg, params_shape)
       state, shardings = step_lib.init_state(cfg, optimizer, mesh, seed=0)
       train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, LossConfig()),

@@ -21,6 +21,8 @@ import seqio
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from t5gemma_jax import atomic
+
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
 # Bump when training options change, so cached models are rebuilt.
@@ -98,22 +100,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int,
           max_sentence_length=8192, minloglevel=2)
       proto = sentencepiece_model_pb2.ModelProto.FromString(model.getvalue())
       del proto.trainer_spec.input[:]  # a temp path: would make identical models differ
-      _write_atomic(path, proto.SerializeToString(deterministic=True))
+      atomic.write_bytes(path, proto.SerializeToString(deterministic=True))
     return path
   finally:
     os.unlink(corpus_path)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 class TrainedVocabulary(seqio.SentencePieceVocabulary):

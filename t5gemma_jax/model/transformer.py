@@ -271,6 +271,18 @@ class T5Gemma(nn.Module):
                        decoder_segment_ids, decoder_positions, deterministic)
 
 
+def abstract_params(cfg: T5GemmaConfig, boxed: bool = True) -> Any:
+  """Parameter shapes (`jax.ShapeDtypeStruct`s) without allocating anything.
+
+  Args:
+    cfg: the model config.
+    boxed: keep flax's `nn.Partitioned` boxes (logical axis names, for sharding rules).
+  """
+  tokens = jnp.ones((1, 1), jnp.int32)
+  shapes = jax.eval_shape(T5Gemma(cfg).init, jax.random.PRNGKey(0), tokens, tokens)["params"]
+  return shapes if boxed else nn.meta.unbox(shapes)
+
+
 def _check_segments(encoder_segment_ids, decoder_segment_ids):
   if (encoder_segment_ids is None) != (decoder_segment_ids is None):
     raise ValueError("packed inputs need both encoder_segment_ids and decoder_segment_ids "

@@ -19,6 +19,7 @@ import numpy as np
 from t5gemma_jax import checkpoint, evaluation, sharding
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.data import pipeline
+from t5gemma_jax.model import abstract_params
 from t5gemma_jax.train import flops, optim, step as step_lib
 from t5gemma_jax.train.losses import LossConfig
 from t5gemma_jax.train.metrics_writer import MetricsWriter
@@ -110,12 +111,12 @@ def _data(cfg: TrainConfig, split: str, train: bool) -> pipeline.DataConfig:
 
 
 def evaluate(eval_step, params, cfg: TrainConfig, batch_sharding) -> Optional[float]:
-  """Mean validation loss per target token over up to `eval_steps` batches."""
-  try:
-    batches = pipeline.GlobalBatches(pipeline.host_dataset(_data(cfg, cfg.eval_split, False)),
-                                     batch_sharding)
-  except ValueError:
-    return None  # the task has no such split
+  """Mean validation loss per target token over up to `eval_steps` batches (None when the
+  task has no such split)."""
+  if cfg.eval_split not in pipeline.get_mixture_or_task(cfg.mixture_or_task).splits:
+    return None
+  batches = pipeline.GlobalBatches(pipeline.host_dataset(_data(cfg, cfg.eval_split, False)),
+                                   batch_sharding)
   total = weight = 0.0
   for _, batch in zip(range(cfg.eval_steps), batches):
     sums = jax.device_get(eval_step(params, batch))
@@ -171,8 +172,7 @@ def run(cfg: TrainConfig) -> dict:
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the data-parallel size "
                      f"{sharding.data_parallel_size(mesh)} of mesh {dict(mesh.shape)}")
   schedule = optim.make_schedule(cfg.optimizer.schedule)
-  optimizer = optim.make_optimizer(cfg.optimizer,
-                                   nn.meta.unbox(step_lib.abstract_params(cfg.model)))
+  optimizer = optim.make_optimizer(cfg.optimizer, abstract_params(cfg.model, boxed=False))
   abstract, shardings = step_lib.state_shardings(cfg.model, optimizer, mesh)
   batch_sh = sharding.batch_sharding(mesh)
   data = pipeline.GlobalBatches(pipeline.host_dataset(_data(cfg, "train", True)), batch_sh)
@@ -183,7 +183,7 @@ def run(cfg: TrainConfig) -> dict:
     state = ckpt.restore(None, abstract, data_iterator=data)
     start = "resumed"
   else:
-    state, _ = step_lib.init_state(cfg.model, optimizer, mesh, cfg.seed)
+    state, _ = step_lib.init_state(cfg.model, optimizer, mesh, cfg.seed, shardings)
     start = "initialised"
     if cfg.init_from:
       params = checkpoint.restore_params(os.path.join(cfg.init_from, "checkpoints"),
@@ -244,10 +244,9 @@ def run(cfg: TrainConfig) -> dict:
     log.close()
   if cfg.show_examples and cfg.eval_tasks and not summary.get("preempted"):
     summary["examples"] = {
-        task: evaluation.decode_records(state.params, evaluation.InferConfig(
-            model=cfg.model, model_dir=cfg.model_dir, output="", task=task,
-            inputs_length=cfg.task_feature_lengths["inputs"], max_examples=cfg.show_examples,
-            decode=cfg.decode)) for task in cfg.eval_tasks}
+        task: evaluation.task_records(state.params, cfg.model, task, cfg.eval_split,
+                                      cfg.task_feature_lengths["inputs"], cfg.show_examples,
+                                      cfg.decode) for task in cfg.eval_tasks}
   summary.update(log.history, last_step=int(jax.device_get(state.step)),
                  checkpoints=os.path.join(cfg.model_dir, "checkpoints"),
                  metrics=os.path.join(cfg.model_dir, "metrics.jsonl"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -11,7 +11,7 @@ import optax
 
 from t5gemma_jax import sharding
 from t5gemma_jax.config import T5GemmaConfig
-from t5gemma_jax.model import T5Gemma
+from t5gemma_jax.model import T5Gemma, abstract_params
 from t5gemma_jax.train import optim
 from t5gemma_jax.train.losses import LossConfig, cross_entropy_sums
 from t5gemma_jax.train.state import TrainState
@@ -29,12 +29,6 @@ def model_inputs(batch: Batch) -> dict:
   return out
 
 
-def abstract_params(cfg: T5GemmaConfig) -> Any:
-  """Boxed (logically named) parameter shapes, without allocating anything."""
-  tokens = jnp.ones((1, 1), jnp.int32)
-  return jax.eval_shape(T5Gemma(cfg).init, jax.random.PRNGKey(0), tokens, tokens)["params"]
-
-
 def state_shardings(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
                     mesh) -> tuple[TrainState, TrainState]:
   """(abstract state with shardings, shardings) for the whole TrainState on `mesh`."""
@@ -44,20 +38,25 @@ def state_shardings(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
   abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p,
                                                  optimizer.init(p)), params)
   shardings = TrainState(step=sharding.replicated(mesh), params=param_sh,
-                         opt_state=sharding.like_params(abstract.opt_state, param_sh, mesh))
+                         opt_state=sharding.like_params(abstract.opt_state, params, param_sh,
+                                                        mesh))
   with_sh = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return with_sh, shardings
 
 
 def init_state(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation, mesh,
-               seed: int) -> tuple[TrainState, TrainState]:
+               seed: int, shardings: TrainState | None = None) -> tuple[TrainState, TrainState]:
   """A fresh TrainState created directly in its sharded layout (never whole on one host).
+
+  Args:
+    shardings: from `state_shardings`, when the caller already has them.
 
   Returns:
     (state, shardings).
   """
-  _, shardings = state_shardings(cfg, optimizer, mesh)
+  if shardings is None:
+    _, shardings = state_shardings(cfg, optimizer, mesh)
   tokens = jnp.ones((1, 1), jnp.int32)
 
   def init(rng):
