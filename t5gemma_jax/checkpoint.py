@@ -14,7 +14,9 @@ only its own shards, so nothing is materialised whole on one host.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Any, Mapping, Optional
 
 import jax
@@ -22,7 +24,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from t5gemma_jax import atomic, config
+
 STATE = "state"
+MODEL_CONFIG = "model_config.json"
+MODEL_GIN = "model.gin"
+VOCABULARY = "vocabulary.model"
+VOCABULARY_INFO = "vocabulary.json"
 DATA_ITERATOR = "data_iterator"
 
 
@@ -179,13 +187,66 @@ class Checkpointer:
     self.close()
 
 
-def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None) -> Any:
+# ------------------------------------------------------------------------- run files
+
+
+def read_model_config(run_dir: str) -> config.T5GemmaConfig:
+  """The model config a run recorded in `model_config.json`."""
+  path = os.path.join(run_dir, MODEL_CONFIG)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: give the model config (e.g. --gin_file of the "
+                            "run's model) or export a run made by this version of t5gemma")
+  with open(path) as f:
+    try:
+      return config.from_dict(json.load(f), path)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_model_files(cfg: config.T5GemmaConfig, run_dir: str) -> None:
+  """model_config.json (for tools) and model.gin (for the CLI) describing `cfg`."""
+  atomic.write_text(os.path.join(run_dir, MODEL_CONFIG),
+                    json.dumps(config.to_dict(cfg), indent=2, sort_keys=True) + "\n")
+  atomic.write_text(os.path.join(run_dir, MODEL_GIN), config.to_gin(cfg))
+
+
+def write_vocabulary(vocab: Any, run_dir: str) -> bool:
+  """Keeps a copy of a SentencePiece vocabulary (and its sentinel count) in the run directory,
+  so that an export can include tokenizer files; returns False for other vocabularies."""
+  import seqio
+  if not isinstance(vocab, seqio.SentencePieceVocabulary):
+    return False
+  with open(vocab.sentencepiece_model_file, "rb") as f:
+    atomic.write_bytes(os.path.join(run_dir, VOCABULARY), f.read())
+  atomic.write_text(os.path.join(run_dir, VOCABULARY_INFO),
+                    json.dumps({"extra_ids": int(vocab.extra_ids)}) + "\n")
+  return True
+
+
+def read_vocabulary(run_dir: str) -> Optional[Any]:
+  """The vocabulary `write_vocabulary` kept, or None when the run kept none."""
+  import seqio
+  model = os.path.join(run_dir, VOCABULARY)
+  if not os.path.isfile(model):
+    return None
+  with open(os.path.join(run_dir, VOCABULARY_INFO)) as f:
+    info = json.load(f)
+  return seqio.SentencePieceVocabulary(model, extra_ids=int(info["extra_ids"]))
+
+
+# ---------------------------------------------------------------------- params only
+
+
+def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None,
+                   cfg: Any = None) -> Any:
   """Loads only the params of another run's checkpoint (fine-tuning): no optimizer state.
 
   Args:
     directory: that run's checkpoint directory (the one given to `Checkpointer`).
     abstract_params: the params tree of `jax.ShapeDtypeStruct`s with shardings.
     step: the step; None for the latest.
+    cfg: the model's `T5GemmaConfig`; with it, a checkpoint saved in the other layout
+      (scanned vs unrolled) is read in its own layout and converted on the devices.
 
   Returns:
     The params, with the structure and shardings of `abstract_params`.
@@ -199,14 +260,49 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
       item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
   try:
     step = _resolve_step(manager, step, path)
-    target = {"params": abstract_params}
-    _check_shapes(manager, step, target, path)  # also requires shardings on every leaf
+    target = abstract_params
+    saved_scanned = _scanned(_saved_tree(manager, step)["params"])
+    converting = cfg is not None and saved_scanned != _scanned(abstract_params)
+    if converting:
+      target = _in_layout(abstract_params, cfg, saved_scanned)
+    _check_shapes(manager, step, {"params": target}, path)  # requires shardings on every leaf
+    target = {"params": target}
     args = ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)
-    return manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]["params"]
+    params = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]["params"]
   finally:
     manager.close()
+  if converting:
+    from t5gemma_jax.model import layout
+    want = cfg.replace(scan_layers=not saved_scanned)
+    params = jax.jit(lambda p: layout.to_layout(p, want),
+                     out_shardings=jax.tree_util.tree_map(lambda a: a.sharding,
+                                                          abstract_params))(params)
+  return params
+
+
+def _scanned(params: Any) -> bool:
+  return isinstance(params, dict) and "layers" in params.get("encoder", {})
+
+
+def _in_layout(abstract_params: Any, cfg: Any, scanned: bool) -> Any:
+  """`abstract_params` in the scanned (or unrolled) layout, sharded by the same rules."""
+  from t5gemma_jax import model, sharding
+  other = cfg.replace(scan_layers=scanned)
+  first = jax.tree_util.tree_leaves(abstract_params)[0].sharding
+  shapes = model.abstract_params(other, boxed=False)
+  if isinstance(first, jax.sharding.NamedSharding):
+    shardings = sharding.logical_to_shardings(model.abstract_params(other), first.mesh)
+  else:
+    shardings = jax.tree_util.tree_map(lambda _: first, shapes)
+  return jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
+def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
+  saved = manager.item_metadata(step)[STATE]
+  return getattr(saved, "tree", saved)
 
 
 def _resolve_step(manager: ocp.CheckpointManager, step: Optional[int], directory) -> int:
@@ -242,8 +338,12 @@ def _require_shardings(abstract: Any) -> None:
 def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract: Any, directory) -> None:
   """Names the parameters whose shapes differ, or that are missing, before orbax reads any."""
   _require_shardings(abstract)
-  saved = manager.item_metadata(step)[STATE]
-  saved = getattr(saved, "tree", saved)
+  saved = _saved_tree(manager, step)
+  # A whole TrainState is asked for, but the step holds params alone.
+  if not isinstance(abstract, dict) and isinstance(saved, dict) and "opt_state" not in saved:
+    raise ValueError(f"checkpoint {directory} step {step} holds parameters only (written by "
+                     "import_hf or adapt): start a new run from it with TrainConfig.init_from "
+                     "(--gin.INIT_FROM), or decode it with infer/eval")
   saved = {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
   problems = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:

@@ -186,3 +186,43 @@ def preset(name: str, **options) -> T5GemmaConfig:
   enc_name, dec_name = ("tiny", "tiny") if name == "tiny" else name.split("-")
   return T5GemmaConfig(encoder=stack_preset(enc_name), decoder=stack_preset(dec_name), **options)
 
+
+
+# ------------------------------------------------------------------------ serialisation
+
+
+def to_dict(cfg: T5GemmaConfig) -> dict:
+  """A JSON-ready dict of every field (`from_dict` reads it back into an equal config)."""
+  return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict, source: str = "config") -> T5GemmaConfig:
+  """The inverse of `to_dict`; unknown or missing fields are errors naming `source`."""
+  try:
+    stacks = {side: ModuleConfig(**d[side]) for side in ("encoder", "decoder")}
+    rest = {k: v for k, v in d.items() if k not in ("encoder", "decoder")}
+    return T5GemmaConfig(**stacks, **rest)
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{source}: not a T5GemmaConfig ({e})") from None
+
+
+def to_gin(cfg: T5GemmaConfig) -> str:
+  """Gin bindings that make `model_config.cfg` exactly `cfg` (for `--gin_file=`)."""
+  lines = ["# The model of this checkpoint: pass it as --gin_file=.../model.gin",
+           "model_config.cfg = @T5GemmaConfig()"]
+  for field in dataclasses.fields(T5GemmaConfig):
+    value = getattr(cfg, field.name)
+    if field.name in ("encoder", "decoder"):
+      lines.append(f"T5GemmaConfig.{field.name} = @{field.name}/ModuleConfig()")
+      for sub in dataclasses.fields(ModuleConfig):
+        lines.append(f"{field.name}/ModuleConfig.{sub.name} = "
+                     f"{_gin_value(getattr(value, sub.name))}")
+    else:
+      lines.append(f"T5GemmaConfig.{field.name} = {_gin_value(value)}")
+  return "\n".join(lines) + "\n"
+
+
+def _gin_value(v) -> str:
+  if isinstance(v, tuple):
+    return "(" + "".join(f"{_gin_value(x)}, " for x in v) + ")"
+  return repr(v)  # numbers, strings, None and booleans read back the same in gin

@@ -158,7 +158,7 @@ def load_params(cfg: T5GemmaConfig, model_dir: str) -> Any:
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
       abstract_params(cfg, boxed=False))
-  return checkpoint.restore_params(os.path.join(model_dir, "checkpoints"), abstract)
+  return checkpoint.restore_params(os.path.join(model_dir, "checkpoints"), abstract, cfg=cfg)
 
 
 def _file_rows(path: str, vocabulary: str, inputs_length: int, max_examples: Optional[int]):

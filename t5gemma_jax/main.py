@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import gin
 
-from t5gemma_jax import atomic, config
+from t5gemma_jax import atomic, config, convert_cli
 
 _registered: set[str] = set()
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -180,6 +180,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int],
     "train": (train, lambda p: None),
     "infer": (infer, lambda p: None),
     "eval": (evaluate, lambda p: None),
+    "export": (convert_cli.export, convert_cli.export_args),
+    "import_hf": (convert_cli.import_hf, convert_cli.import_args),
+    "adapt": (convert_cli.adapt, convert_cli.adapt_args),
 }
 
 
@@ -289,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _load_gin(args, bindings)
     data_settings()
     return COMMANDS[args.command][0](args)
-  except (ValueError, TypeError, FileNotFoundError) as e:
+  except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as e:
     print(f"t5gemma {args.command}: error: {e}", file=sys.stderr)
     return 2
 

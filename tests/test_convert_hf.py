@@ -78,7 +78,7 @@ def test_save_replaces_an_existing_folder(tmp_path):
   cfg = _cfg()
   hf.save(random_params(cfg, seed=1), cfg, str(tmp_path / "out"))
   second = random_params(cfg, seed=2)
-  hf.save(second, cfg, str(tmp_path / "out"))
+  hf.save(second, cfg, str(tmp_path / "out"), overwrite=True)
   _assert_bitwise(hf.load(str(tmp_path / "out"))[0], second)
   assert sorted(os.listdir(tmp_path)) == ["out"]
 

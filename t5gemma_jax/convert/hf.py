@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Iterator, Optional
 
-import jax
 import numpy as np
 
 from t5gemma_jax.config import DTYPES, ModuleConfig, T5GemmaConfig
@@ -260,83 +257,33 @@ def load(path: str, **options) -> tuple[Params, T5GemmaConfig]:
 # --------------------------------------------------------------------------------- save
 
 
-def to_hf_state_dict(params: Params, cfg: T5GemmaConfig) -> dict[str, np.ndarray]:
-  """Our params (scanned or not, any dtype, host or device) -> {hf name: numpy (out, in)}."""
-  flat = layout.unscan_params(jax.device_get(params), cfg)
-  out = {}
-  for name, ours, kind, shape in _entries(cfg):
-    node = flat
-    try:
-      for key in ours:
-        node = node[key]
-    except KeyError:
-      raise ValueError(f"params have no {'/'.join(ours)} (needed for {name})") from None
-    x = np.asarray(node)
-    if tuple(x.shape) != shape:
-      raise ValueError(f"parameter {'/'.join(ours)}: shape {tuple(x.shape)} does not match "
-                       f"{shape} implied by the config")
-    out[name] = np.ascontiguousarray(_to_hf(kind, x))
-  return out
+def save(params: Params, cfg: T5GemmaConfig, path: str, *, dtype: Optional[str] = None,
+         overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3,
+         vocabulary: Any = None) -> None:
+  """Writes an HF folder that `T5GemmaForConditionalGeneration.from_pretrained` loads.
 
+  config.json, generation_config.json and safetensors (sharded above `max_shard_bytes`, with
+  an index), plus tokenizer files when a SentencePiece `vocabulary` is given. Parameters are
+  written one at a time (a device array is fetched only when its turn comes), into a temporary
+  folder renamed into place at the end: an interrupted save leaves nothing at `path`.
 
-def save(params: Params, cfg: T5GemmaConfig, path: str,
-         max_shard_bytes: int = 5 * 1024**3) -> None:
-  """Writes an HF folder (config.json + safetensors, sharded above `max_shard_bytes`).
-
-  The folder is assembled under a temporary name next to `path` and renamed into place, so an
-  interrupted save never leaves a half-written checkpoint at `path`.
+  Args:
+    params: our params, scanned or not, numpy or jax arrays (sharded arrays are gathered one
+      leaf at a time).
+    cfg: the model config.
+    path: destination folder; must be empty or absent unless `overwrite`.
+    dtype: stored dtype name (default `cfg.param_dtype`).
+    overwrite: replace a non-empty `path`.
+    max_shard_bytes: largest safetensors file.
+    vocabulary: a seqio SentencePieceVocabulary whose tokenizer files to include.
   """
-  state = to_hf_state_dict(params, cfg)
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-  try:
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-    shards = _shard(state, max_shard_bytes)
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-      safetensors_io.save(shards[0], os.path.join(tmp, SINGLE_FILE), metadata)
-    else:
-      weight_map = {}
-      for n, shard in enumerate(shards):
-        fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        safetensors_io.save(shard, os.path.join(tmp, fname), metadata)
-        weight_map.update({k: fname for k in shard})
-      total = sum(v.nbytes for v in state.values())
-      _write_json({"metadata": {"total_size": total}, "weight_map": weight_map},
-                  os.path.join(tmp, INDEX_FILE))
-    _write_json(config_to_hf(cfg), os.path.join(tmp, CONFIG_NAME))
-    _replace_dir(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  from t5gemma_jax.convert import hf_writer  # it builds on this module
 
+  def fill(writer):
+    writer.put_tree(params)
+    if vocabulary is not None:
+      from t5gemma_jax.convert import tokenizer_files
+      tokenizer_files.write_tokenizer_files(vocabulary, writer.tmp)
 
-def _shard(state: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for name in sorted(state):
-    nbytes = state[name].nbytes
-    if shards[-1] and size + nbytes > max_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][name] = state[name]
-    size += nbytes
-  return shards
-
-
-def _write_json(obj: dict, path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-
-
-def _replace_dir(src: str, dst: str) -> None:
-  """Moves the finished folder `src` to `dst`, replacing an existing `dst` last."""
-  old: Optional[str] = None
-  if os.path.exists(dst):
-    old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(dst)), prefix=".old-")
-    os.rename(dst, os.path.join(old, "x"))
-  os.rename(src, dst)
-  if old:
-    shutil.rmtree(old, ignore_errors=True)
+  hf_writer.write_folder(cfg, path, dtype or cfg.param_dtype, fill, overwrite=overwrite,
+                         max_shard_bytes=max_shard_bytes)

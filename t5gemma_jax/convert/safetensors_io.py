@@ -66,6 +66,93 @@ def load(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+def dtype_name(dtype) -> str:
+  """The safetensors name ("F32", "BF16", ...) of a numpy dtype."""
+  dtype = np.dtype(dtype)
+  if dtype not in _NAMES:
+    raise ValueError(f"dtype {dtype} cannot be stored in safetensors")
+  return _NAMES[dtype]
+
+
+class PlannedWriter:
+  """Writes one safetensors file whose tensors are known up front but arrive in any order.
+
+  The header is written first from the plan; each tensor is then written at its offset with
+  `os.pwrite`, so a producer can stream parameters one by one (never holding them all) in
+  whatever order its source yields them. The file lives under a temporary name until
+  `close()` has checked that every planned tensor arrived, then it is renamed to `path`.
+
+  Args:
+    path: destination file.
+    plan: (name, numpy dtype, shape) of every tensor; data is laid out in this order.
+    metadata: string map stored under "__metadata__".
+  """
+
+  def __init__(self, path: str, plan, metadata: Mapping[str, str] | None = None):
+    header: dict = {}
+    if metadata:
+      header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    self._slots: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+    offset = 0
+    for name, dtype, shape in plan:
+      dtype, shape = np.dtype(dtype), tuple(int(d) for d in shape)
+      nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+      header[name] = {"dtype": dtype_name(dtype), "shape": list(shape),
+                      "data_offsets": [offset, offset + nbytes]}
+      self._slots[name] = (dtype, shape, offset)
+      offset += nbytes
+    blob = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    blob += b" " * (-len(blob) % 8)  # data must start 8-byte aligned
+    self.path = path
+    self._start = 8 + len(blob)
+    self._written: set[str] = set()
+    fd, self._tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                     prefix=".tmp-", suffix=".safetensors")
+    self._fd = fd
+    try:
+      os.fchmod(fd, 0o644)  # mkstemp makes it private; a checkpoint is meant to be shared
+      os.ftruncate(fd, self._start + offset)
+      os.pwrite(fd, struct.pack("<Q", len(blob)) + blob, 0)
+    except BaseException:
+      self.abort()
+      raise
+
+  def write(self, name: str, array: np.ndarray) -> None:
+    """Writes tensor `name` (cast to its planned dtype; the shape must match the plan)."""
+    if name not in self._slots:
+      raise KeyError(f"{self.path}: tensor {name!r} is not in the plan")
+    dtype, shape, offset = self._slots[name]
+    a = np.ascontiguousarray(np.asarray(array).astype(dtype, copy=False))
+    if a.shape != shape:
+      raise ValueError(f"{self.path}: tensor {name!r} has shape {a.shape}, planned {shape}")
+    view = memoryview(a.reshape(-1).view(np.uint8))
+    position = self._start + offset
+    while view:  # pwrite may write less than asked for large buffers
+      n = os.pwrite(self._fd, view, position)
+      view, position = view[n:], position + n
+    self._written.add(name)
+
+  def close(self) -> None:
+    """Checks that every planned tensor was written, then moves the file into place."""
+    missing = sorted(set(self._slots) - self._written)
+    if missing:
+      self.abort()
+      raise ValueError(f"{self.path}: {len(missing)} planned tensors were never written, e.g. "
+                       f"{missing[:3]}")
+    os.fsync(self._fd)
+    os.close(self._fd)
+    self._fd = None
+    os.replace(self._tmp, self.path)
+
+  def abort(self) -> None:
+    """Removes the temporary file (safe to call twice)."""
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+    if os.path.exists(self._tmp):
+      os.unlink(self._tmp)
+
+
 def save(tensors: Mapping[str, np.ndarray], path: str,
          metadata: Mapping[str, str] | None = None) -> None:
   """Writes `tensors` to `path` atomically (temp file + rename).
@@ -75,31 +162,16 @@ def save(tensors: Mapping[str, np.ndarray], path: str,
     path: destination file.
     metadata: string map stored under "__metadata__" ({"format": "pt"} for PyTorch readers).
   """
-  header: dict = {}
-  if metadata:
-    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-  offset = 0
-  arrays = []
-  for name in sorted(tensors):
-    a = np.ascontiguousarray(np.asarray(tensors[name]))
+  names = sorted(tensors)
+  arrays = {name: np.asarray(tensors[name]) for name in names}
+  for name, a in arrays.items():
     if a.dtype not in _NAMES:
       raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
-    header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
-                    "data_offsets": [offset, offset + a.nbytes]}
-    offset += a.nbytes
-    arrays.append(a)
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # data must start 8-byte aligned
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
+  writer = PlannedWriter(path, [(n, arrays[n].dtype, arrays[n].shape) for n in names], metadata)
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(struct.pack("<Q", len(blob)))
-      f.write(blob)
-      for a in arrays:
-        f.write(a.reshape(-1).view(np.uint8))  # no second copy of large tensors
-    os.replace(tmp, path)
+    for name in names:
+      writer.write(name, arrays[name])
+    writer.close()
   except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+    writer.abort()
     raise

@@ -76,3 +76,24 @@ def unscan_params(params: Params, cfg: T5GemmaConfig) -> Params:
 def to_layout(params: Params, cfg: T5GemmaConfig) -> Params:
   """Params in whichever layout `cfg.scan_layers` asks for."""
   return scan_params(params, cfg) if cfg.scan_layers else unscan_params(params, cfg)
+
+
+def unrolled_slices(path: tuple[str, ...], cfg: T5GemmaConfig) -> list[tuple[tuple[str, ...],
+                                                                         Any]]:
+  """Where the layers held by one parameter go in the unrolled layout.
+
+  Args:
+    path: a parameter path in either layout, e.g. ("encoder", "layers", "block_1", "mlp",
+      "up", "kernel") or ("decoder", "layers_3", "self_attn", "q", "kernel").
+    cfg: the model config.
+
+  Returns:
+    [(unrolled path, index)]: a scanned block's leaf [R, ...] holds R layers, layer
+    `r * period + s` at index r; any other leaf maps to itself with index None.
+  """
+  if len(path) > 2 and path[1] == "layers":
+    stack = cfg.encoder if path[0] == "encoder" else cfg.decoder
+    repeats, period = _stack_split(stack)
+    s = int(path[2][len("block_"):])
+    return [((path[0], f"layers_{r * period + s}") + tuple(path[3:]), r) for r in range(repeats)]
+  return [(tuple(path), None)]

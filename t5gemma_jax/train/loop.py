@@ -176,6 +176,10 @@ def run(cfg: TrainConfig) -> dict:
   abstract, shardings = step_lib.state_shardings(cfg.model, optimizer, mesh)
   batch_sh = sharding.batch_sharding(mesh)
   data = pipeline.GlobalBatches(pipeline.host_dataset(_data(cfg, "train", True)), batch_sh)
+  if jax.process_index() == 0:  # read by export
+    checkpoint.write_model_files(cfg.model, cfg.model_dir)
+    checkpoint.write_vocabulary(pipeline.get_mixture_or_task(cfg.mixture_or_task)
+                                .output_features["targets"].vocabulary, cfg.model_dir)
   ckpt = checkpoint.Checkpointer(os.path.join(cfg.model_dir, "checkpoints"),
                                  save_every=cfg.checkpoint_period, keep=cfg.keep_checkpoints,
                                  keep_best="validation_loss" if cfg.keep_best else None)
@@ -187,7 +191,7 @@ def run(cfg: TrainConfig) -> dict:
     start = "initialised"
     if cfg.init_from:
       params = checkpoint.restore_params(os.path.join(cfg.init_from, "checkpoints"),
-                                         abstract.params)
+                                         abstract.params, cfg=cfg.model)
       state = state.replace(params=params)
       start = f"fine-tuning from {cfg.init_from}"
 

@@ -1,0 +1,238 @@
+"""T5Gemma params from Hugging Face Gemma 2 decoder-only folders, as the T5Gemma paper adapts them.
+
+`from_gemma2(decoder_only, decoder_from)` reads one or two `Gemma2ForCausalLM` folders
+(config.json + model.safetensors, or shards with model.safetensors.index.json):
+
+* encoder: every layer, the embedding and the final norm of `decoder_only` (its attention becomes
+  bidirectional simply by running in our encoder);
+* decoder: self-attention, MLP, norms, embedding and final norm of the matching layers of
+  `decoder_from` (default: the same model);
+* cross-attention: copied from the decoder layer's self-attention (projections and the two
+  self-attention norms) when the encoder and decoder widths match, otherwise drawn at random
+  (fan-in scaled normal, norms at 0, i.e. a multiplier of 1).
+
+Names and (out, in) -> kernel reshapes come from `hf._entries`: a Gemma 2 tensor name is the
+T5Gemma one with the `encoder.` / `decoder.` level dropped and two norms renamed. Everything is
+numpy on memory-mapped files; nothing touches an accelerator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from t5gemma_jax.config import DTYPES, ModuleConfig, T5GemmaConfig
+from t5gemma_jax.convert import hf
+from t5gemma_jax.model import layout
+
+Params = dict[str, Any]
+CROSS_ATTENTION_MODES = ("auto", "copy", "random")
+LM_HEAD = "lm_head.weight"
+# T5Gemma name component -> Gemma 2 name component; cross-attention reads self-attention when
+# it is copied.
+_RENAME = {"pre_self_attn_layernorm": "input_layernorm",
+           "post_self_attn_layernorm": "post_attention_layernorm",
+           "pre_cross_attn_layernorm": "input_layernorm",
+           "post_cross_attn_layernorm": "post_attention_layernorm",
+           "cross_attn": "self_attn"}
+_CROSS = ("cross_attn", "pre_cross_attn_norm", "post_cross_attn_norm")
+_SPECIAL_IDS = (("pad_id", "pad_token_id", 0), ("eos_id", "eos_token_id", 1),
+                ("bos_id", "bos_token_id", 2))
+
+
+@dataclasses.dataclass
+class _Source:
+  """One Gemma 2 folder: its parsed config, memory-mapped tensors and the names we used."""
+
+  path: str
+  config_path: str
+  hf_config: dict
+  module: ModuleConfig
+  tensors: Optional[dict[str, tuple[np.ndarray, str]]] = None
+  used: set = dataclasses.field(default_factory=set)
+
+
+def from_gemma2(decoder_only: str, decoder_from: Optional[str] = None, *, seed: int = 0,
+                param_dtype: Optional[str] = None, cross_attention: str = "auto",
+                **options) -> tuple[Params, T5GemmaConfig]:
+  """Builds encoder-decoder params from one or two Gemma 2 decoder-only checkpoints.
+
+  Args:
+    decoder_only: Gemma 2 folder whose layers, embedding and final norm become the encoder.
+    decoder_from: Gemma 2 folder for the decoder (default: `decoder_only`). Both must share the
+      vocabulary (same vocab_size and special token ids).
+    seed: seeds the random cross-attention (when it is not copied).
+    param_dtype: dtype name of the returned params; default the dtype stored in the files
+      (bfloat16 as `ml_dtypes.bfloat16`), float32 when the files mix dtypes.
+    cross_attention: "copy" (from the decoder's self-attention; needs equal encoder and decoder
+      widths), "random", or "auto" (copy when the widths match, else random). The cross
+      projections always use the decoder's head layout, so the widths are the only constraint.
+    **options: run-time T5GemmaConfig fields (dtype, scan_layers, remat_policy).
+
+  Returns:
+    (params, cfg): numpy params in the layout `cfg.scan_layers` asks for, and the config.
+
+  Raises:
+    FileNotFoundError: a folder, its config.json or its safetensors files are missing.
+    ValueError: not a Gemma 2 checkpoint, vocabularies differ, tensors missing, unexpected or
+      mis-shaped, an untied LM head, or bad options.
+  """
+  if cross_attention not in CROSS_ATTENTION_MODES:
+    raise ValueError(f"from_gemma2: cross_attention must be one of {CROSS_ATTENTION_MODES}, "
+                     f"got {cross_attention!r}")
+  allowed = [f.name for f in dataclasses.fields(T5GemmaConfig)
+             if f.name not in ("encoder", "decoder", "param_dtype")]
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ValueError(f"from_gemma2: unknown option(s) {unknown}; options are {allowed} "
+                     "(plus param_dtype, seed, cross_attention)")
+
+  enc = _open(decoder_only)
+  same = decoder_from is None or os.path.realpath(decoder_from) == os.path.realpath(decoder_only)
+  dec = enc if same else _open(decoder_from)
+  if enc.module.vocab_size != dec.module.vocab_size:
+    raise ValueError(f"vocab_size differs: {enc.module.vocab_size} in {enc.config_path} but "
+                     f"{dec.module.vocab_size} in {dec.config_path}; the encoder and decoder "
+                     "must share one vocabulary")
+  special = _special_ids(enc, dec)
+
+  enc.tensors = hf._read_tensors(enc.path)
+  if dec is not enc:
+    dec.tensors = hf._read_tensors(dec.path)
+  if param_dtype is None:
+    stored = {str(v.dtype) for s in {id(enc): enc, id(dec): dec}.values()
+              for v, _ in s.tensors.values()}
+    param_dtype = stored.pop() if len(stored) == 1 and stored <= set(DTYPES) else "float32"
+  cfg = T5GemmaConfig(encoder=enc.module, decoder=dec.module, param_dtype=param_dtype,
+                      **special, **options)
+
+  mode = cross_attention
+  if mode == "auto":
+    mode = "copy" if cfg.encoder.hidden_size == cfg.decoder.hidden_size else "random"
+  if mode == "copy" and cfg.encoder.hidden_size != cfg.decoder.hidden_size:
+    raise ValueError(f"cross_attention='copy' needs equal widths, but the encoder "
+                     f"({enc.path}) has hidden_size {cfg.encoder.hidden_size} and the decoder "
+                     f"({dec.path}) {cfg.decoder.hidden_size}; use 'random' or 'auto'")
+
+  target = DTYPES[param_dtype]
+  rng = np.random.default_rng(seed)
+  params: Params = {}
+  for t5_name, ours, kind, shape in hf._entries(cfg):
+    if mode == "random" and ours[2] in _CROSS:
+      value = _random(rng, kind, shape)
+    else:
+      value = _take(enc if ours[0] == "encoder" else dec, t5_name, kind, shape)
+    if value is None:
+      continue  # reported below, with every other missing tensor
+    node = params
+    for key in ours[:-1]:
+      node = node.setdefault(key, {})
+    node[ours[-1]] = value.astype(target, copy=False)
+
+  _check_complete(enc)
+  if dec is not enc:
+    _check_complete(dec)
+  _check_tied_head(dec)
+  return layout.to_layout(params, cfg), cfg
+
+
+def _open(path: str) -> _Source:
+  """Reads and validates a Gemma 2 folder's config.json (tensors are read later)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"Gemma 2 checkpoint folder not found: {path}")
+  config_path = os.path.join(path, hf.CONFIG_NAME)
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"no {hf.CONFIG_NAME} in {path}")
+  with open(config_path) as f:
+    hf_config = json.load(f)
+  model_type = hf_config.get("model_type")
+  if model_type != "gemma2":
+    if model_type == "t5gemma":
+      hint = ("it is already an encoder-decoder T5Gemma checkpoint: load it with "
+              "t5gemma_jax.convert.hf.load (import_hf) instead of adapting it")
+    elif model_type in ("gemma3", "gemma3_text"):
+      hint = "adapting Gemma 3 is not supported yet"
+    else:
+      hint = "only Gemma 2 decoder-only checkpoints can be adapted"
+    raise ValueError(f"{config_path}: model_type is {model_type!r}, expected 'gemma2'; {hint}")
+  m = dict(hf_config)
+  if m.get("hidden_activation") is None:  # older Gemma configs only name it hidden_act
+    m["hidden_activation"] = m.get("hidden_act") or "gelu_pytorch_tanh"
+  module = hf._module_from_hf(m, m, config_path)
+  return _Source(path=path, config_path=config_path, hf_config=hf_config, module=module)
+
+
+def _special_ids(enc: _Source, dec: _Source) -> dict[str, int]:
+  """pad/eos/bos ids, which the two sources must agree on (one tokenizer feeds both stacks)."""
+  out = {}
+  for ours, key, default in _SPECIAL_IDS:
+    values = []
+    for s in (enc, dec):
+      v = s.hf_config.get(key)
+      values.append(default if v is None else hf._first(v))
+    if values[0] != values[1]:
+      raise ValueError(f"{key} differs: {values[0]} in {enc.config_path} but {values[1]} in "
+                       f"{dec.config_path}; the encoder and decoder must share one tokenizer")
+    out[ours] = values[0]
+  return out
+
+
+def _gemma2_name(t5_name: str) -> str:
+  """T5Gemma name -> Gemma 2 name.
+
+  E.g. 'model.decoder.layers.3.pre_cross_attn_layernorm.weight' ->
+  'model.layers.3.input_layernorm.weight'.
+  """
+  parts = t5_name.split(".")
+  return ".".join(["model"] + [_RENAME.get(p, p) for p in parts[2:]])
+
+
+def _take(source: _Source, t5_name: str, kind: str, shape: tuple[int, ...]) -> Optional[np.ndarray]:
+  """The tensor behind `t5_name` as our kernel; None when the checkpoint lacks it."""
+  name = _gemma2_name(t5_name)
+  source.used.add(name)
+  if name not in source.tensors:
+    return None
+  w, file_path = source.tensors[name]
+  expected = hf._hf_shape(kind, shape)
+  if tuple(w.shape) != expected:
+    raise ValueError(f"parameter {name} in {file_path}: shape {tuple(w.shape)} does not match "
+                     f"{expected} implied by {source.config_path}")
+  return hf._from_hf(kind, w, shape)
+
+
+def _random(rng: np.random.Generator, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+  """A fresh cross-attention parameter: N(0, 1/fan_in) kernels, zero norm scales."""
+  if kind == "copy":  # norm scales; RMSNorm multiplies by 1 + scale
+    return np.zeros(shape, np.float32)
+  fan_in = shape[0] if kind == "in" else int(np.prod(shape[:-1]))
+  return rng.standard_normal(shape, dtype=np.float32) * np.float32(fan_in ** -0.5)
+
+
+def _check_complete(source: _Source) -> None:
+  missing = sorted(source.used - set(source.tensors))
+  if missing:
+    raise ValueError(f"{source.path}: {len(missing)} Gemma 2 tensors missing from the "
+                     f"checkpoint, e.g. {missing[:5]}")
+  unexpected = sorted(set(source.tensors) - source.used - {LM_HEAD})
+  if unexpected:
+    raise ValueError(f"{source.path}: {len(unexpected)} unexpected tensors for the Gemma 2 "
+                     f"config in {source.config_path}, e.g. {unexpected[:5]}")
+
+
+def _check_tied_head(dec: _Source) -> None:
+  """An LM head may be stored only as a copy of the embedding: ours is tied to it.
+
+  Only the decoder's source matters; the encoder has no output layer.
+  """
+  if LM_HEAD not in dec.tensors:
+    return
+  head, file_path = dec.tensors[LM_HEAD]
+  embed, _ = dec.tensors["model.embed_tokens.weight"]
+  if head.shape != embed.shape or head.dtype != embed.dtype or not np.array_equal(head, embed):
+    raise ValueError(f"{file_path}: {LM_HEAD} differs from model.embed_tokens.weight (an untied "
+                     "LM head); T5Gemma ties the decoder's output layer to its embedding")

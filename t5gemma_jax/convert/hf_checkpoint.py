@@ -1,0 +1,193 @@
+"""Orbax run checkpoints <-> Hugging Face T5Gemma folders: `export_checkpoint`, `import_hf`.
+
+Export streams: parameters are read from the checkpoint a few at a time (as numpy, whatever
+mesh they were saved on, scanned or not) and written straight to their place in the
+safetensors files, so host memory holds one group of parameters at a time, never the model
+twice. `verify=True` then loads the finished folder in transformers and compares its logits
+with our model's before the folder is moved into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from t5gemma_jax import checkpoint
+from t5gemma_jax.config import DTYPES, T5GemmaConfig
+from t5gemma_jax.convert import hf, hf_writer, params_checkpoint
+from t5gemma_jax.model import abstract_params, layout
+
+_DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+
+
+def checkpoint_config(step_dir: str, cfg: Optional[T5GemmaConfig] = None,
+                      metadata: Optional[dict] = None) -> T5GemmaConfig:
+  """The model config of a checkpoint step, checked against the saved shapes.
+
+  Args:
+    step_dir: the step directory.
+    cfg: the model config; None reads the run's `model_config.json`. Its layout is replaced
+      by the layout found in the checkpoint.
+    metadata: `params_checkpoint.param_metadata(step_dir)`, when already read.
+  """
+  source = "the given model config"
+  if cfg is None:
+    run_dir = params_checkpoint.run_dir_of(step_dir)
+    cfg = checkpoint.read_model_config(run_dir)
+    source = os.path.join(run_dir, checkpoint.MODEL_CONFIG)
+  metadata = metadata if metadata is not None else params_checkpoint.param_metadata(step_dir)
+  cfg = cfg.replace(scan_layers=params_checkpoint.is_scanned(metadata))
+  expected = {p: tuple(a.shape) for p, a in hf_writer.leaves_of(abstract_params(cfg,
+                                                                               boxed=False))}
+  saved = {p: shape for p, (shape, _) in metadata.items()}
+  problems = [f"{'/'.join(p)}: not in the checkpoint" for p in sorted(set(expected) - set(saved))]
+  problems += [f"{'/'.join(p)}: not in the model" for p in sorted(set(saved) - set(expected))]
+  problems += [f"{'/'.join(p)}: checkpoint {saved[p]}, model {expected[p]}"
+               for p in sorted(set(saved) & set(expected)) if saved[p] != expected[p]]
+  if problems:
+    raise ValueError(f"checkpoint {step_dir} does not match {source}: " + "; ".join(problems[:4])
+                     + (f"; and {len(problems) - 4} more" if len(problems) > 4 else ""))
+  return cfg
+
+
+def export_checkpoint(checkpoint_path: str, output_dir: str, *,
+                      cfg: Optional[T5GemmaConfig] = None, dtype: Optional[str] = None,
+                      overwrite: bool = False, vocabulary: Any = None, verify: bool = False,
+                      tolerance: float = 1e-3,
+                      max_shard_bytes: int = hf_writer.DEFAULT_SHARD_BYTES,
+                      read_bytes: int = 512 * 1024**2) -> dict:
+  """Writes a Hugging Face T5Gemma folder from an orbax checkpoint.
+
+  Args:
+    checkpoint_path: a step directory (`RUN/checkpoints/STEP`), a checkpoints directory or a
+      run directory (latest complete step).
+    output_dir: the folder to create (empty or absent unless `overwrite`).
+    cfg: the model config; None reads the run's `model_config.json`.
+    dtype: stored dtype name; None keeps the checkpoint's.
+    overwrite: replace a non-empty `output_dir`.
+    vocabulary: a seqio SentencePieceVocabulary whose tokenizer files to include.
+    verify: compare logits with transformers (must be installed) before committing.
+    tolerance: largest max-abs logit difference `verify` accepts.
+    max_shard_bytes: largest safetensors file.
+    read_bytes: how much of the checkpoint is read at once (the host-memory working set).
+
+  Returns:
+    {"step_dir", "output_dir", "dtype", "scanned", "parameters", "max_abs_logit_diff"?}.
+  """
+  step_dir = params_checkpoint.find_step(checkpoint_path)
+  hf_writer.check_destination(output_dir, overwrite)  # before any reading
+  metadata = params_checkpoint.param_metadata(step_dir)
+  cfg = checkpoint_config(step_dir, cfg, metadata)
+  if dtype is None:
+    stored = {d for _, d in metadata.values()}
+    if len(stored) != 1 or next(iter(stored)) not in _DTYPE_NAMES:
+      raise ValueError(f"checkpoint {step_dir} mixes dtypes {sorted(map(str, stored))}: choose "
+                       "one with --dtype")
+    dtype = _DTYPE_NAMES[stored.pop()]
+  report = {"step_dir": step_dir, "output_dir": output_dir, "dtype": dtype,
+            "scanned": cfg.scan_layers,
+            "parameters": int(sum(np.prod(s) for s, _ in metadata.values()))}
+
+  def fill(writer: hf_writer.FolderWriter) -> None:
+    for path, array in params_checkpoint.iter_params(step_dir, metadata, read_bytes):
+      for ours, index in layout.unrolled_slices(path, cfg):
+        writer.put(ours, array if index is None else array[index])
+      del array
+    if vocabulary is not None:
+      from t5gemma_jax.convert import tokenizer_files
+      tokenizer_files.write_tokenizer_files(vocabulary, writer.tmp)
+
+  def check(folder: str) -> None:
+    params = {}
+    for path, array in params_checkpoint.iter_params(step_dir, metadata, read_bytes):
+      node = params
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      # What the folder holds: the checkpoint's values rounded to the exported dtype.
+      node[path[-1]] = array.astype(DTYPES[dtype]).astype(np.float32)
+    report["max_abs_logit_diff"] = compare_with_transformers(
+        folder, params, cfg.replace(param_dtype="float32", dtype="float32"), tolerance)
+
+  hf_writer.write_folder(cfg, output_dir, dtype, fill, overwrite=overwrite,
+                         max_shard_bytes=max_shard_bytes, check=check if verify else None)
+  return report
+
+
+def compare_with_transformers(folder: str, params: Any, cfg: T5GemmaConfig,
+                              tolerance: float, batch: int = 2, seed: int = 0) -> float:
+  """Max |logit difference| between transformers on `folder` and our model on `params`.
+
+  Both run in float32 on the same random, partly padded token rows; transformers loads the
+  folder strictly (a missing, unexpected or mismatched tensor is an error).
+
+  Raises:
+    ImportError: transformers (or torch) is not installed.
+    ValueError: a loading problem, or a difference above `tolerance`.
+  """
+  try:
+    import torch
+    import transformers
+  except ImportError as e:
+    raise ImportError(f"--verify needs torch and transformers installed ({e})") from None
+  import jax
+  import jax.numpy as jnp
+  from t5gemma_jax.model import T5Gemma
+
+  model, info = transformers.T5GemmaForConditionalGeneration.from_pretrained(
+      folder, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+  bad = {k: v for k, v in info.items() if v and k != "error_msgs"} | (
+      {"error_msgs": info["error_msgs"]} if info.get("error_msgs") else {})
+  if bad:
+    raise ValueError(f"transformers could not load {folder} strictly: {bad}")
+  rng = np.random.default_rng(seed)
+  enc = rng.integers(3, cfg.vocab_size, (batch, 24)).astype(np.int32)
+  dec = rng.integers(3, cfg.vocab_size, (batch, 12)).astype(np.int32)
+  dec[:, 0] = cfg.bos_id
+  enc[1:, 17:] = cfg.pad_id
+  dec[1:, 9:] = cfg.pad_id
+  with torch.no_grad():
+    theirs = model.eval()(input_ids=torch.from_numpy(enc).long(),
+                          attention_mask=torch.from_numpy(enc != cfg.pad_id).long(),
+                          decoder_input_ids=torch.from_numpy(dec).long(),
+                          decoder_attention_mask=torch.from_numpy(dec != cfg.pad_id).long()
+                          ).logits.float().numpy()
+  del model
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(jax.jit(T5Gemma(cfg).apply)({"params": params}, jnp.asarray(enc),
+                                                  jnp.asarray(dec)))
+  real = dec != cfg.pad_id  # padded decoder positions are not compared
+  diff = float(np.max(np.abs(ours - theirs)[real]))
+  logging.info("verify: max |logit diff| %.3g over %d positions", diff, int(real.sum()))
+  if not diff <= tolerance:
+    raise ValueError(f"verification failed: transformers' logits on {folder} differ from ours "
+                     f"by up to {diff:.3g} (tolerance {tolerance:g})")
+  return diff
+
+
+def import_hf(hf_dir: str, output_dir: str, *, scan_layers: bool = False,
+              param_dtype: Optional[str] = None, overwrite: bool = False) -> T5GemmaConfig:
+  """A Hugging Face T5Gemma folder -> a run directory with a params-only step 0.
+
+  `train` fine-tunes from it with `TrainConfig.init_from=output_dir`; `infer` and `eval`
+  decode it as a MODEL_DIR; `output_dir/model.gin` binds its model for the CLI.
+
+  Args:
+    hf_dir: folder with config.json and safetensors.
+    output_dir: the run directory to create.
+    scan_layers: store the scanned layout (either layout restores into both).
+    param_dtype: stored dtype (default: the folder's).
+    overwrite: replace a non-empty `output_dir`.
+
+  Returns:
+    The model config (with `scan_layers` and `param_dtype` as stored).
+  """
+  hf_writer.check_destination(output_dir, overwrite)
+  options = {"scan_layers": scan_layers}
+  if param_dtype is not None:
+    options["param_dtype"] = param_dtype
+  params, cfg = hf.load(hf_dir, **options)
+  params_checkpoint.save_params(params, cfg, output_dir, overwrite=overwrite)
+  return cfg

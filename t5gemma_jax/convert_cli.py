@@ -1,0 +1,131 @@
+"""The checkpoint commands of the `t5gemma` CLI: export, import_hf and adapt.
+
+  t5gemma export --checkpoint_dir=RUN/checkpoints/STEP --output_dir=OUT [--dtype=bfloat16]
+      [--verify] [--overwrite] [--vocabulary=run|builtin|gemma|none|PATH.model]
+  t5gemma import_hf --hf_dir=IN --output_dir=CKPT [--scan_layers] [--param_dtype=...]
+  t5gemma adapt --decoder_only=GEMMA2_DIR [--decoder_from=OTHER_GEMMA2_DIR] --output_dir=CKPT
+
+The model of an exported checkpoint comes from `--gin_file` when one binds
+`model_config.cfg`, otherwise from the run's `model_config.json`. `import_hf` and `adapt`
+write a run directory whose `model.gin` the other commands take as `--gin_file`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Optional
+
+
+def export_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--checkpoint_dir", required=True,
+                 help="RUN/checkpoints/STEP, RUN/checkpoints or RUN (latest complete step)")
+  p.add_argument("--output_dir", required=True, help="the Hugging Face folder to create")
+  p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                 help="stored dtype (default: the checkpoint's)")
+  p.add_argument("--verify", action="store_true",
+                 help="compare logits with transformers before committing the folder")
+  p.add_argument("--tolerance", type=float, default=1e-3, help="largest logit difference "
+                 "--verify accepts")
+  p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+  p.add_argument("--vocabulary", default="run",
+                 help="tokenizer files to include: 'run' (the vocabulary the run recorded, "
+                      "if any), 'builtin', 'gemma', a SentencePiece .model path, or 'none'")
+
+
+def import_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--hf_dir", required=True, help="Hugging Face T5Gemma folder")
+  p.add_argument("--output_dir", required=True, help="the run directory to create")
+  p.add_argument("--scan_layers", action="store_true", help="store the scanned layout")
+  p.add_argument("--param_dtype", choices=("float32", "bfloat16", "float16"), default=None)
+  p.add_argument("--overwrite", action="store_true")
+
+
+def adapt_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--decoder_only", required=True,
+                 help="Gemma 2 (Gemma2ForCausalLM) folder: the encoder, and the decoder "
+                      "unless --decoder_from")
+  p.add_argument("--decoder_from", default=None, help="another Gemma 2 folder for the decoder")
+  p.add_argument("--output_dir", required=True, help="the run directory to create")
+  p.add_argument("--cross_attention", choices=("auto", "copy", "random"), default="auto",
+                 help="auto: copy self-attention when the widths match, else random")
+  p.add_argument("--seed", type=int, default=0, help="seed of randomly initialised weights")
+  p.add_argument("--scan_layers", action="store_true")
+  p.add_argument("--param_dtype", choices=("float32", "bfloat16", "float16"), default=None)
+  p.add_argument("--overwrite", action="store_true")
+
+
+def _bound_model() -> Optional[Any]:
+  """The gin-bound model config, or None when no gin file binds one."""
+  import gin
+  from t5gemma_jax import main
+  try:
+    gin.query_parameter("model_config.cfg")
+  except ValueError:
+    return None
+  return main.model_config()
+
+
+def _vocabulary(choice: str, run_dir: str) -> Any:
+  import seqio
+  if choice == "none":
+    return None
+  if choice == "run":
+    from t5gemma_jax import checkpoint
+    return checkpoint.read_vocabulary(run_dir)
+  if choice.endswith(".model"):
+    if not os.path.isfile(choice):
+      raise FileNotFoundError(f"--vocabulary: SentencePiece model not found: {choice}")
+    return seqio.SentencePieceVocabulary(choice)
+  from tasks import vocabularies
+  return vocabularies.get(choice)
+
+
+def export(args: argparse.Namespace) -> int:
+  """Writes a Hugging Face folder from an orbax checkpoint."""
+  from t5gemma_jax.convert import hf_checkpoint, params_checkpoint
+  step_dir = params_checkpoint.find_step(args.checkpoint_dir)
+  vocabulary = _vocabulary(args.vocabulary, params_checkpoint.run_dir_of(step_dir))
+  report = hf_checkpoint.export_checkpoint(
+      step_dir, args.output_dir, cfg=_bound_model(), dtype=args.dtype,
+      overwrite=args.overwrite, vocabulary=vocabulary, verify=args.verify,
+      tolerance=args.tolerance)
+  print(f"exported {report['step_dir']} ({report['parameters']:,} parameters, "
+        f"{'scanned' if report['scanned'] else 'unrolled'}) to {report['output_dir']} as "
+        f"{report['dtype']}" + (" with tokenizer files" if vocabulary is not None else ""))
+  if "max_abs_logit_diff" in report:
+    print(f"verified against transformers: max |logit diff| "
+          f"{report['max_abs_logit_diff']:.3g} (tolerance {args.tolerance:g})")
+  return 0
+
+
+def import_hf(args: argparse.Namespace) -> int:
+  """A Hugging Face T5Gemma folder -> a run directory (params-only step 0)."""
+  from t5gemma_jax.convert import hf_checkpoint
+  cfg = hf_checkpoint.import_hf(args.hf_dir, args.output_dir, scan_layers=args.scan_layers,
+                                param_dtype=args.param_dtype, overwrite=args.overwrite)
+  _print_run(args.output_dir, cfg)
+  return 0
+
+
+def adapt(args: argparse.Namespace) -> int:
+  """Gemma 2 decoder-only folder(s) -> a T5Gemma run directory (params-only step 0)."""
+  from t5gemma_jax.convert import adapt as adapt_lib, hf_writer, params_checkpoint
+  hf_writer.check_destination(args.output_dir, args.overwrite)
+  params, cfg = adapt_lib.from_gemma2(
+      args.decoder_only, args.decoder_from, seed=args.seed, param_dtype=args.param_dtype,
+      cross_attention=args.cross_attention, scan_layers=args.scan_layers)
+  params_checkpoint.save_params(params, cfg, args.output_dir, overwrite=args.overwrite)
+  _print_run(args.output_dir, cfg)
+  return 0
+
+
+def _print_run(out: str, cfg) -> None:
+  from t5gemma_jax import checkpoint
+  gin_file = os.path.join(out, checkpoint.MODEL_GIN)
+  print(f"wrote {out} ({cfg.encoder.num_layers}+{cfg.decoder.num_layers} layers, "
+        f"{cfg.param_dtype})\n"
+        f"  fine-tune: t5gemma train --gin_file=runs/finetune.gin --gin_file={gin_file} "
+        f"--gin.INIT_FROM='\"{out}\"' --gin.MODEL_DIR=...\n"
+        f"  decode:    t5gemma infer --gin_file=runs/infer.gin --gin_file={gin_file} "
+        f"--gin.MODEL_DIR='\"{out}\"' ...")
