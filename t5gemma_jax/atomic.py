@@ -1,13 +1,22 @@
-"""Writes files so that readers see the old content or the new one, never half of it."""
+"""Writes files so that readers see the old content or the new one, never half of it.
+
+Files are written under a temporary name beside the target and renamed over it; remote paths
+(gs://, ...) the same way through `tf.io.gfile` (`storage.replace_object`).
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
 
+from t5gemma_jax import storage
+
 
 def write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to a temporary file beside `path`, then renames it over `path`."""
+  """Replaces `path` with `data` atomically (creating the parent folder)."""
+  if storage.is_remote(path):
+    storage.replace_object(path, data)
+    return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")

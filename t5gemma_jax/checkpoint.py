@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from t5gemma_jax import atomic, config
+from t5gemma_jax import atomic, config, storage
 
 STATE = "state"
 MODEL_CONFIG = "model_config.json"
@@ -193,14 +193,13 @@ class Checkpointer:
 def read_model_config(run_dir: str) -> config.T5GemmaConfig:
   """The model config a run recorded in `model_config.json`."""
   path = os.path.join(run_dir, MODEL_CONFIG)
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{path} not found: give the model config (e.g. --gin_file of the "
                             "run's model) or export a run made by this version of t5gemma")
-  with open(path) as f:
-    try:
-      return config.from_dict(json.load(f), path)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e})") from None
+  try:
+    return config.from_dict(json.loads(storage.read_text(path)), path)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def write_model_files(cfg: config.T5GemmaConfig, run_dir: str) -> None:
@@ -216,8 +215,8 @@ def write_vocabulary(vocab: Any, run_dir: str) -> bool:
   import seqio
   if not isinstance(vocab, seqio.SentencePieceVocabulary):
     return False
-  with open(vocab.sentencepiece_model_file, "rb") as f:
-    atomic.write_bytes(os.path.join(run_dir, VOCABULARY), f.read())
+  atomic.write_bytes(os.path.join(run_dir, VOCABULARY),
+                     storage.read_bytes(vocab.sentencepiece_model_file))
   atomic.write_text(os.path.join(run_dir, VOCABULARY_INFO),
                     json.dumps({"extra_ids": int(vocab.extra_ids)}) + "\n")
   return True
@@ -227,10 +226,9 @@ def read_vocabulary(run_dir: str) -> Optional[Any]:
   """The vocabulary `write_vocabulary` kept, or None when the run kept none."""
   import seqio
   model = os.path.join(run_dir, VOCABULARY)
-  if not os.path.isfile(model):
+  if not storage.isfile(model):
     return None
-  with open(os.path.join(run_dir, VOCABULARY_INFO)) as f:
-    info = json.load(f)
+  info = json.loads(storage.read_text(os.path.join(run_dir, VOCABULARY_INFO)))
   return seqio.SentencePieceVocabulary(model, extra_ids=int(info["extra_ids"]))
 
 

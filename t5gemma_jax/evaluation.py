@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import seqio
 
-from t5gemma_jax import atomic, decoding
+from t5gemma_jax import atomic, decoding, storage
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.model import abstract_params
@@ -101,9 +101,9 @@ def evaluate(params: Any, cfg: T5GemmaConfig, task: str, split: str,
   results = {name: {k: float(v.value if hasattr(v, "value") else v) for k, v in m.items()}
              for name, m in metrics.result().items()}
   if model_dir and jax.process_index() == 0:
-    with open(os.path.join(model_dir, "eval_results.jsonl"), "a", encoding="utf-8") as f:
-      for name, m in results.items():
-        f.write(json.dumps({"step": step, "task": name, "split": split, **m}) + "\n")
+    with storage.AppendLog(os.path.join(model_dir, "eval_results.jsonl")) as log:
+      log.write("".join(json.dumps({"step": step, "task": name, "split": split, **m}) + "\n"
+                        for name, m in results.items()))
   return results
 
 

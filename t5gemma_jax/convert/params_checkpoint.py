@@ -27,25 +27,26 @@ Path = tuple[str, ...]
 
 def find_step(path: str) -> str:
   """The step directory meant by `path`: a step directory itself, a `checkpoints` directory
-  or a run directory (their latest complete step).
+  or a run directory (their latest complete step). Local or remote (gs://) paths.
 
   Raises:
     FileNotFoundError: naming `path`, when there is no complete step there.
   """
-  if not os.path.isdir(path):
+  from etils import epath
+  root = epath.Path(path)
+  if not root.is_dir():
     raise FileNotFoundError(f"checkpoint not found: {path}")
-  if os.path.isdir(os.path.join(path, "state")):
-    if not os.path.isfile(os.path.join(path, _COMMITTED)):
+  if (root / "state").is_dir():
+    if not (root / _COMMITTED).exists():
       raise FileNotFoundError(f"checkpoint {path} was never completed (no {_COMMITTED}): its "
                               "save was interrupted; use an earlier step")
-    return path
-  base = os.path.join(path, "checkpoints") if os.path.isdir(
-      os.path.join(path, "checkpoints")) else path
-  steps = sorted((int(d) for d in os.listdir(base) if d.isdigit()), reverse=True)
+    return str(path)
+  base = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+  steps = sorted((int(d.name) for d in base.iterdir() if d.name.isdigit()), reverse=True)
   for step in steps:
-    step_dir = os.path.join(base, str(step))
-    if os.path.isfile(os.path.join(step_dir, _COMMITTED)):
-      return step_dir
+    step_dir = base / str(step)
+    if (step_dir / _COMMITTED).exists():
+      return str(step_dir)
     logging.warning("skipping checkpoint %s: never completed", step_dir)
   raise FileNotFoundError(f"no complete checkpoint in {path} (expected a step directory, a "
                           "checkpoints directory or a run directory)")
@@ -53,11 +54,14 @@ def find_step(path: str) -> str:
 
 def run_dir_of(step_dir: str) -> str:
   """The run directory of a step directory (`RUN/checkpoints/STEP` -> `RUN`)."""
-  return os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+  step_dir = str(step_dir).rstrip("/")
+  if "://" not in step_dir:
+    step_dir = os.path.abspath(step_dir)
+  return os.path.dirname(os.path.dirname(step_dir))
 
 
 def _state_dir(step_dir: str) -> str:
-  return os.path.join(os.path.abspath(step_dir), "state")
+  return os.path.join(step_dir if "://" in str(step_dir) else os.path.abspath(step_dir), "state")
 
 
 def _damaged(step_dir: str, e: Exception) -> ValueError:

@@ -9,6 +9,8 @@ from typing import Mapping
 
 import jax
 
+from t5gemma_jax import storage
+
 
 class MetricsWriter:
   """One JSON object per logged step in metrics.jsonl, and scalars under tensorboard/."""
@@ -18,9 +20,8 @@ class MetricsWriter:
     self._jsonl = None
     self._tb = None
     if self._enabled:
-      os.makedirs(model_dir, exist_ok=True)
-      # Append: a resumed run continues the same file.
-      self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a", encoding="utf-8")
+      # Append: a resumed run continues the same file (local or in a bucket).
+      self._jsonl = storage.AppendLog(os.path.join(model_dir, "metrics.jsonl"))
       import tensorflow as tf
       self._tf = tf
       self._tb = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
@@ -32,7 +33,6 @@ class MetricsWriter:
     record = {"step": int(step), **{k: (v if v is None or math.isfinite(v) else str(v))
                                    for k, v in clean.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
     with self._tb.as_default(step=int(step)):
       for k, v in clean.items():
         if v is not None:
