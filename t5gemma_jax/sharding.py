@@ -94,20 +94,30 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Optional[Sequence] = None
 def maybe_initialize_distributed() -> None:
   """Starts JAX's multi-controller runtime when launched as one of several processes.
 
-  Cloud TPU pods and Slurm are detected by JAX itself; elsewhere set JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  Cloud TPU VMs (single host or pod, queued resources, GKE) and Slurm are detected by JAX
+  itself; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
   """
   if jax.distributed.is_initialized():
     return
   explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
   managed = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                                           "MEGASCALE_COORDINATOR_ADDRESS"))
+                                           "MEGASCALE_COORDINATOR_ADDRESS")) or _on_cloud_tpu_vm()
   if explicit:
     jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
                                int(os.environ["JAX_NUM_PROCESSES"]),
                                int(os.environ["JAX_PROCESS_ID"]))
   elif managed:
     jax.distributed.initialize()
+
+
+def _on_cloud_tpu_vm() -> bool:
+  """A Cloud TPU VM keeps its worker list in instance metadata, not in the environment; JAX's
+  own cluster detection reads it there."""
+  try:
+    from jax._src.clusters import cloud_tpu_cluster
+  except ImportError:  # a JAX without this module: rely on the environment variables
+    return False
+  return bool(getattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", False))
 
 
 def _divisible(spec: P, shape: Sequence[int], mesh: Mesh, name: str) -> P:
