@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "babel==2.18.0",  # CLDR names: the built-in offline translation data
     "tensorboard==2.21.0",
     "tqdm==4.70.1",
+    "matplotlib==3.11.2",
     "numpy>=1.26",
 ]
 

@@ -1,0 +1,236 @@
+"""Tabulates and plots training runs: OUT/report.md and OUT/loss_curves.png.
+
+  python launch/report.py /tmp/sweep                  # the runs of /tmp/sweep/sweep.json
+  python launch/report.py /runs/a /runs/b [--out=DIR]  # any MODEL_DIRs (OUT: their parent)
+
+For each run the table has its swept values (for plain MODEL_DIRs: the gin bindings in which
+their config.gin files differ), final step, final train loss, best and final validation loss,
+the median tokens/s (the first logged interval, which includes compilation, left out) and the
+latest value of every metric in eval_results.jsonl. The plot shows train loss per run (solid)
+and validation loss (dashed, same colour). Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from typing import Optional, Sequence
+
+from t5gemma_jax import atomic
+
+STATUS = "sweep_status.json"  # written by launch/sweep.py's local mode
+BINDING_LINE = re.compile(r"^([A-Za-z_][\w./]*) = (.*)$")
+NO_VALUE = "–"
+
+
+def _is_url(path: str) -> bool:
+  return "://" in path
+
+
+def _gfile():
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiets most of TF's C++ start-up logs
+  import tensorflow as tf
+  return tf.io.gfile
+
+
+def read_text(path: str) -> Optional[str]:
+  if _is_url(path):
+    gfile = _gfile()
+    return gfile.GFile(path).read() if gfile.exists(path) else None
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except FileNotFoundError:
+    return None
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  if _is_url(path):
+    with _gfile().GFile(path, "wb") as f:
+      f.write(data)
+  else:
+    atomic.write_bytes(path, data)
+
+
+def _jsonl(path: str) -> list[dict]:
+  records = []
+  for line in (read_text(path) or "").splitlines():
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      pass  # a line cut short by a killed writer
+  return records
+
+
+def _number(value) -> Optional[float]:
+  try:
+    return float(value)  # non-finite values are logged as strings ("nan")
+  except (TypeError, ValueError):
+    return None
+
+
+def series(records: Sequence[dict], key: str) -> list[tuple[int, float]]:
+  """(step, value) sorted by step; a resumed run logs some steps again and the later wins."""
+  by_step = {}
+  for r in records:
+    value = _number(r.get(key))
+    if value is not None and "step" in r:
+      by_step[int(r["step"])] = value
+  return sorted(by_step.items())
+
+
+def summarise(model_dir: str) -> dict:
+  """The report's numbers for one run; missing ones are None."""
+  records = _jsonl(os.path.join(model_dir, "metrics.jsonl"))
+  train, val = series(records, "loss"), series(records, "validation_loss")
+  speed = [v for _, v in series(records, "tokens_per_s")]
+  evals = {}
+  results = _jsonl(os.path.join(model_dir, "eval_results.jsonl"))
+  for r in sorted(results, key=lambda r: r.get("step", 0)):  # the latest value wins
+    for k, v in r.items():
+      if k not in ("step", "task", "split") and _number(v) is not None:
+        evals[f"{r.get('task', '?')}/{k}"] = _number(v)
+  try:
+    status = json.loads(read_text(os.path.join(model_dir, STATUS)) or "{}").get("status")
+  except ValueError:
+    status = None
+  steps = [s for s, _ in train + val]
+  finite_val = [v for _, v in val if math.isfinite(v)]
+  return {
+      "status": status or ("not started" if not records else None),
+      "step": max(steps) if steps else None,
+      "train_loss": train[-1][1] if train else None,
+      "best_validation_loss": min(finite_val) if finite_val else None,
+      "final_validation_loss": val[-1][1] if val else None,
+      "tokens_per_s": statistics.median(speed[1:] or speed) if speed else None,
+      "eval": evals, "train_curve": train, "validation_curve": val,
+  }
+
+
+def _bindings(config_text: str) -> dict[str, str]:
+  """NAME = VALUE lines of a config.gin, continuation lines joined."""
+  out, last = {}, None
+  for line in config_text.splitlines():
+    m = BINDING_LINE.match(line)
+    if m:
+      last = m.group(1)
+      out[last] = m.group(2)
+    elif last and line[:1].isspace():
+      out[last] += " " + line.strip()
+    else:
+      last = None
+  return out
+
+
+def load_runs(paths: Sequence[str]) -> tuple[list[dict], list[str], Optional[str]]:
+  """Runs as {"name", "model_dir", "values"}, the value columns, and the sweep root if any."""
+  sweep_text = read_text(os.path.join(paths[0], "sweep.json")) if len(paths) == 1 else None
+  if sweep_text:
+    sweep = json.loads(sweep_text)
+    columns = [a["label"] for a in sweep.get("axes", [])]
+    # MODEL_DIR is ROOT/NAME: this still finds the runs of a sweep folder copied elsewhere.
+    return ([{"name": r["name"], "model_dir": os.path.join(paths[0], r["name"]),
+              "values": r["values"]} for r in sweep["runs"]], columns, paths[0])
+  configs = {p: _bindings(read_text(os.path.join(p, "config.gin")) or "") for p in paths}
+  known = [c for c in configs.values() if c]  # runs not started yet have no config.gin
+  keys = sorted({k for c in known for k in c} - {"MODEL_DIR", "TrainConfig.model_dir"})
+  columns = [k for k in keys if len({c.get(k) for c in known}) > 1]
+  runs = [{"name": os.path.basename(p.rstrip("/")) or p, "model_dir": p,
+           "values": {k: configs[p].get(k, NO_VALUE) for k in columns}} for p in paths]
+  return runs, columns, None
+
+
+def _fmt(value, spec: str) -> str:
+  return NO_VALUE if value is None else format(value, spec)
+
+
+def _cell(text) -> str:
+  return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(runs: Sequence[dict], columns: Sequence[str], title: str) -> str:
+  eval_columns = sorted({k for r in runs for k in r["summary"]["eval"]})
+  header = ["run", *columns, "status", "step", "train loss", "best val loss",
+            "final val loss", "tokens/s", *eval_columns]
+  lines = [f"# {title}", "", "| " + " | ".join(_cell(h) for h in header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  for r in runs:
+    s = r["summary"]
+    row = [r["name"], *(r["values"].get(c, NO_VALUE) for c in columns), s["status"] or NO_VALUE,
+           _fmt(s["step"], "d"), _fmt(s["train_loss"], ".4f"),
+           _fmt(s["best_validation_loss"], ".4f"), _fmt(s["final_validation_loss"], ".4f"),
+           _fmt(s["tokens_per_s"], ",.0f"), *(_fmt(s["eval"].get(c), ".2f") for c in eval_columns)]
+    lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(runs: Sequence[dict], title: str) -> bytes:
+  """Loss curves as PNG bytes."""
+  import matplotlib
+  matplotlib.use("Agg")  # files only, never a display
+  from matplotlib import pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+  drawn = False
+  for r in runs:
+    s = r["summary"]
+    train = [(x, y) for x, y in s["train_curve"] if math.isfinite(y)]
+    val = [(x, y) for x, y in s["validation_curve"] if math.isfinite(y)]
+    color = None
+    if train:
+      color = ax.plot(*zip(*train), label=r["name"])[0].get_color()
+    if val:
+      ax.plot(*zip(*val), linestyle="--", marker="." if len(val) < 20 else None, color=color,
+              label=f"{r['name']} (validation)")
+    drawn = drawn or bool(train or val)
+  if drawn:
+    ax.legend(fontsize="small")
+  else:
+    ax.text(0.5, 0.5, "no metrics yet", ha="center", va="center", transform=ax.transAxes)
+  ax.set(xlabel="step", ylabel="loss", title=title)
+  ax.grid(alpha=0.3)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", bbox_inches="tight")
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def report(paths: Sequence[str], out: Optional[str] = None) -> tuple[str, str]:
+  """Writes report.md and loss_curves.png; returns their paths."""
+  runs, columns, root = load_runs(paths)
+  if out is None:
+    if root is None and any(_is_url(p) for p in paths):
+      raise ValueError("give --out for runs in object storage")
+    out = root or os.path.commonpath([os.path.abspath(p) for p in paths])
+  for r in runs:
+    r["summary"] = summarise(r["model_dir"])
+  title = f"Sweep {os.path.basename(root.rstrip('/'))}" if root else "Runs"
+  md, png = os.path.join(out, "report.md"), os.path.join(out, "loss_curves.png")
+  write_bytes(md, markdown(runs, columns, title).encode("utf-8"))
+  write_bytes(png, plot(runs, title))
+  return md, png
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(prog="report", description=__doc__.split("\n\n")[0])
+  parser.add_argument("paths", nargs="+", help="a sweep ROOT (with sweep.json) or MODEL_DIRs")
+  parser.add_argument("--out", help="folder for report.md and loss_curves.png")
+  args = parser.parse_args(argv)
+  try:
+    md, png = report(args.paths, args.out)
+  except (ValueError, OSError) as e:
+    print(f"report: error: {e}", file=sys.stderr)
+    return 2
+  print(read_text(md), end="")
+  print(f"wrote {md} and {png}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
