@@ -15,6 +15,7 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 REMAT_POLICIES = ("none", "full", "minimal")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -94,6 +95,9 @@ class T5GemmaConfig:
     scan_layers: run each stack with `nn.scan` over its repeating unit of layers.
     remat_policy: "none", "full" (recompute everything) or "minimal" (keep the named matmul
       outputs: projections, attention output, MLP activations).
+    attention_impl: "xla" (portable, the reference), "cudnn" (GPU flash attention; needs no
+      attention softcap) or "splash" (TPU Pallas kernel) for training and teacher forcing;
+      decoding always uses "xla".
   """
 
   encoder: ModuleConfig
@@ -105,6 +109,7 @@ class T5GemmaConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat_policy: str = "none"
+  attention_impl: str = "xla"
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):
@@ -114,6 +119,19 @@ class T5GemmaConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"T5GemmaConfig.remat_policy must be one of {REMAT_POLICIES}, "
                        f"got {self.remat_policy!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"T5GemmaConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
+                       f"got {self.attention_impl!r}")
+    if self.attention_impl != "xla":
+      for side in ("encoder", "decoder"):
+        m = getattr(self, side)
+        if m.attention_dropout:
+          raise ValueError(f"attention_impl={self.attention_impl!r} has no attention dropout; "
+                           f"{side}.attention_dropout is {m.attention_dropout}")
+        if self.attention_impl == "cudnn" and m.attn_logit_softcapping is not None:
+          raise ValueError(f"attention_impl='cudnn' cannot softcap attention logits, but "
+                           f"{side}.attn_logit_softcapping is {m.attn_logit_softcapping}; use "
+                           "'xla' or 'splash', or a config without softcapping")
     if self.encoder.vocab_size != self.decoder.vocab_size:
       raise ValueError(f"encoder.vocab_size ({self.encoder.vocab_size}) and decoder.vocab_size "
                        f"({self.decoder.vocab_size}) must match")

@@ -11,9 +11,11 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+from flax import struct
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from t5gemma_jax.model import attention_kernels
 from t5gemma_jax.model.layers import Einsum, apply_rope
 
 Array = jax.Array
@@ -52,35 +54,52 @@ def _segment_mask(q_segments: Array, k_segments: Array) -> Array:
   return (k > 0) & ((q == k) | (q == 0))
 
 
+@struct.dataclass
+class MaskSpec:
+  """Who may attend to whom, as segment ids plus the layer's pattern (no [B, T, S] array).
+
+  Kept symbolic so that the XLA path builds the boolean mask inside the attention fusion (one
+  comparison per score, nothing materialised in memory) and fused kernels (cuDNN, splash) get
+  the structure they need.
+
+  Attributes:
+    q_segments: int [B, T] segment ids of the queries (0 = padding).
+    kv_segments: int [B, S] segment ids of the keys.
+    causal: keys after the query are hidden (decoder self-attention).
+    window: sliding window, or None. Bidirectional: |i - j| <= window; causal:
+      i - window < j <= i (both as transformers 5.x).
+  """
+
+  q_segments: Array
+  kv_segments: Array
+  causal: bool = struct.field(pytree_node=False, default=False)
+  window: Optional[int] = struct.field(pytree_node=False, default=None)
+
+  def dense(self) -> Array:
+    """The boolean [B, T, S] mask (True = may attend)."""
+    mask = _segment_mask(self.q_segments, self.kv_segments)
+    if not self.causal and self.window is None:
+      return mask
+    i = jnp.arange(self.q_segments.shape[-1])[:, None]
+    j = jnp.arange(self.kv_segments.shape[-1])[None, :]
+    if self.causal:
+      mask &= (j <= i)[None]
+      if self.window is not None:
+        mask &= (j > i - self.window)[None]
+    else:
+      mask &= (jnp.abs(i - j) <= self.window)[None]
+    return mask
+
+
 def self_attention_mask(segment_ids: Array, *, causal: bool,
                         sliding_window: Optional[int] = None) -> Array:
-  """Boolean [B, T, T] mask for self-attention.
-
-  Args:
-    segment_ids: int [B, T], 0 = padding.
-    causal: decoder (key index <= query index) or bidirectional encoder.
-    sliding_window: None for full layers. Encoder windows are symmetric, |i - j| <= window;
-      decoder windows keep i - window < j <= i (both as transformers 5.x).
-
-  Returns:
-    bool [B, T, T].
-  """
-  mask = _segment_mask(segment_ids, segment_ids)
-  t = segment_ids.shape[-1]
-  i = jnp.arange(t)[:, None]
-  j = jnp.arange(t)[None, :]
-  if causal:
-    mask &= (j <= i)[None]
-    if sliding_window is not None:
-      mask &= (j > i - sliding_window)[None]
-  elif sliding_window is not None:
-    mask &= (jnp.abs(i - j) <= sliding_window)[None]
-  return mask
+  """Boolean [B, T, T] mask for self-attention (see `MaskSpec`)."""
+  return MaskSpec(segment_ids, segment_ids, causal, sliding_window).dense()
 
 
 def cross_attention_mask(decoder_segment_ids: Array, encoder_segment_ids: Array) -> Array:
   """Boolean [B, T, S]: decoder tokens see the real encoder tokens of their own segment."""
-  return _segment_mask(decoder_segment_ids, encoder_segment_ids)
+  return MaskSpec(decoder_segment_ids, encoder_segment_ids).dense()
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float,
@@ -123,6 +142,7 @@ class Attention(nn.Module):
     softcap: attention logit softcap, or None.
     rope_theta: RoPE base for self-attention; None for cross-attention.
     kv_features: width of `kv_input` (the encoder width for cross-attention); None = same as x.
+    impl: "xla" (`dot_product_attention`), "cudnn" or "splash" (`attention_kernels`).
   """
 
   num_heads: int
@@ -133,15 +153,17 @@ class Attention(nn.Module):
   rope_theta: Optional[float]
   kv_features: Optional[int] = None
   attention_dropout: float = 0.0
+  impl: str = "xla"
   deterministic: bool = True
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, positions: Optional[Array] = None,
+  def __call__(self, x: Array, mask: "MaskSpec | Array", positions: Optional[Array] = None,
                kv_input: Optional[Array] = None) -> Array:
-    """Args: x [B, T, D]; mask bool [B, T, S]; positions int [B, T] (self-attention only);
-    kv_input [B, S, D_kv] for cross-attention. Returns [B, T, D]."""
+    """Args: x [B, T, D]; mask a `MaskSpec` or bool [B, T, S] (XLA path only); positions
+    int [B, T] (self-attention only); kv_input [B, S, D_kv] for cross-attention.
+    Returns [B, T, D]."""
     d = x.shape[-1]
     h, kh, dh = self.num_heads, self.num_kv_heads, self.head_dim
     src = x if kv_input is None else kv_input
@@ -165,9 +187,15 @@ class Attention(nn.Module):
     dropout_rng = None
     if self.attention_dropout > 0.0 and not self.deterministic:
       dropout_rng = self.make_rng("dropout")
-    out = dot_product_attention(q, k, v, mask, scale=self.query_pre_attn_scalar ** -0.5,
-                                softcap=self.softcap, dropout_rate=self.attention_dropout,
-                                deterministic=self.deterministic, dropout_rng=dropout_rng)
+    scale = self.query_pre_attn_scalar ** -0.5
+    if self.impl == "xla" or not isinstance(mask, MaskSpec):
+      dense = mask.dense() if isinstance(mask, MaskSpec) else mask
+      out = dot_product_attention(q, k, v, dense, scale=scale, softcap=self.softcap,
+                                  dropout_rate=self.attention_dropout,
+                                  deterministic=self.deterministic, dropout_rng=dropout_rng)
+    else:
+      out = attention_kernels.fused_attention(self.impl, q, k, v, mask, scale=scale,
+                                              softcap=self.softcap)
     out = checkpoint_name(out, "attention_out")
     return Einsum((h, dh, d), ("heads", "head_dim", "embed"), in_axis=(0, 1), out_axis=2,
                   name="o", **kw)("btnh,nhd->btd", out)

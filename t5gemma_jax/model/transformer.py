@@ -44,6 +44,7 @@ class _SubBlock(nn.Module):
   cfg: ModuleConfig
   deterministic: bool
   param_dtype: Any
+  attention_impl: str = "xla"
 
   def residual(self, x: Array, f: Callable[[Array], Array], pre: str, post: str) -> Array:
     norm = dict(eps=self.cfg.rms_norm_eps, param_dtype=self.param_dtype)
@@ -61,13 +62,13 @@ class EncoderBlock(_SubBlock):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, masks: dict) -> Array:
-    """x [B, S, D]; positions int [B, S]; masks {layer_type: bool [B, S, S]} -> [B, S, D]."""
+    """x [B, S, D]; positions int [B, S]; masks {layer_type: MaskSpec} -> [B, S, D]."""
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
     self_attn = attn_lib.Attention(c.num_heads, c.num_kv_heads, c.head_dim,
                                    c.query_pre_attn_scalar, c.attn_logit_softcapping,
                                    c.rope_theta, attention_dropout=c.attention_dropout,
-                                   name="self_attn", **kw)
+                                   impl=self.attention_impl, name="self_attn", **kw)
     x = self.residual(x, lambda h: self_attn(h, masks[self.layer_type], positions),
                       "pre_self_attn_norm", "post_self_attn_norm")
     mlp = FeedForward(c.hidden_size, c.intermediate_size, c.dropout_rate, name="mlp", **kw)
@@ -84,18 +85,18 @@ class DecoderBlock(_SubBlock):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, masks: dict, encoded: Array,
-               cross_mask: Array) -> Array:
-    """x [B, T, D]; encoded [B, S, D_enc]; cross_mask bool [B, T, S] -> [B, T, D]."""
+               cross_mask: attn_lib.MaskSpec) -> Array:
+    """x [B, T, D]; encoded [B, S, D_enc]; cross_mask a MaskSpec -> [B, T, D]."""
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
     common = (c.num_heads, c.num_kv_heads, c.head_dim, c.query_pre_attn_scalar,
               c.attn_logit_softcapping)
-    self_attn = attn_lib.Attention(*common, c.rope_theta, attention_dropout=c.attention_dropout,
-                                   name="self_attn", **kw)
+    attn_kw = dict(kw, impl=self.attention_impl, attention_dropout=c.attention_dropout)
+    self_attn = attn_lib.Attention(*common, c.rope_theta, name="self_attn", **attn_kw)
     x = self.residual(x, lambda h: self_attn(h, masks[self.layer_type], positions),
                       "pre_self_attn_norm", "post_self_attn_norm")
     cross_attn = attn_lib.Attention(*common, None, kv_features=self.encoder_hidden_size,
-                                    attention_dropout=c.attention_dropout, name="cross_attn", **kw)
+                                    name="cross_attn", **attn_kw)
     x = self.residual(x, lambda h: cross_attn(h, cross_mask, kv_input=encoded),
                       "pre_cross_attn_norm", "post_cross_attn_norm")
     mlp = FeedForward(c.hidden_size, c.intermediate_size, c.dropout_rate, name="mlp", **kw)
@@ -117,9 +118,9 @@ class _Unit(nn.Module):
 
 
 def _self_masks(cfg: ModuleConfig, segment_ids: Array, causal: bool) -> dict:
-  """One self-attention mask per layer type used by the stack."""
-  return {t: attn_lib.self_attention_mask(
-      segment_ids, causal=causal, sliding_window=cfg.sliding_window if t == SLIDING else None)
+  """One self-attention `MaskSpec` per layer type used by the stack."""
+  return {t: attn_lib.MaskSpec(segment_ids, segment_ids, causal,
+                               cfg.sliding_window if t == SLIDING else None)
           for t in sorted(set(cfg.layer_types))}
 
 
@@ -144,7 +145,8 @@ class _StackRunner(nn.Module):
     x = nn.Dropout(module_cfg.dropout_rate)(x, deterministic=deterministic)
     x = constrain(x)
     block_kwargs = dict(cfg=module_cfg, deterministic=deterministic, dtype=c.activation_dtype,
-                        param_dtype=c.parameter_dtype, **extra_block_kwargs)
+                        param_dtype=c.parameter_dtype, attention_impl=c.attention_impl,
+                        **extra_block_kwargs)
     x = self.run_layers(module_cfg, block_cls, block_kwargs, x, *args)
     x = RMSNorm(module_cfg.rms_norm_eps, param_dtype=c.parameter_dtype, name="final_norm")(x)
     return nn.Dropout(module_cfg.dropout_rate)(x, deterministic=deterministic)
@@ -204,7 +206,7 @@ class Decoder(_StackRunner):
                                                      self.cfg.pad_id)
     embedder = self.embedder(mc)
     masks = _self_masks(mc, segment_ids, causal=True)
-    cross_mask = attn_lib.cross_attention_mask(segment_ids, encoder_segment_ids)
+    cross_mask = attn_lib.MaskSpec(segment_ids, encoder_segment_ids)
     x = self.run(mc, DecoderBlock, {"encoder_hidden_size": self.cfg.encoder.hidden_size},
                  embedder.encode(tokens), deterministic, positions, masks, encoded, cross_mask)
     logits = embedder.decode(x)

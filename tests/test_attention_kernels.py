@@ -1,0 +1,69 @@
+"""attention_impl: the splash kernel (Pallas interpret mode on CPU) and the cuDNN path's
+`jax.nn.dot_product_attention` call (run by XLA here) against our XLA attention."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from t5gemma_jax import config, model
+from t5gemma_jax.model import attention, attention_kernels
+from tests.random_params import random_params
+
+
+def _batch(length=128):
+  rng = np.random.default_rng(0)
+  enc = rng.integers(3, 2048, (2, length)).astype(np.int32)
+  dec = rng.integers(3, 2048, (2, length)).astype(np.int32)
+  dec[:, 0] = 2
+  enc[1, length - 31:] = 0
+  dec[1, length - 57:] = 0
+  return enc, dec
+
+
+def test_splash_matches_xla_in_logits_and_gradients():
+  stack = dataclasses.replace(config.stack_preset("tiny"), sliding_window=5)  # GQA 4q / 2kv
+  cfg = config.T5GemmaConfig(encoder=stack, decoder=stack)
+  params = random_params(cfg, seed=0)
+  enc, dec = _batch()
+  real = dec != 0
+
+  def loss(p, c):
+    logits = model.T5Gemma(c).apply({"params": p}, enc, dec)
+    return jnp.sum(jnp.where(real[..., None], jax.nn.log_softmax(logits), 0.0)[..., 5]), logits
+
+  grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
+  g_xla, l_xla = grad(params, cfg)
+  g_splash, l_splash = grad(params, cfg.replace(attention_impl="splash"))
+  assert np.max(np.abs(np.asarray(l_splash) - np.asarray(l_xla))[real]) < 1e-4
+  for a, b in zip(jax.tree_util.tree_leaves(g_xla), jax.tree_util.tree_leaves(g_splash)):
+    np.testing.assert_allclose(b, a, atol=1e-5 * float(np.max(np.abs(a))) + 1e-7)
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (False, 3), (True, None), (True, 3)])
+def test_cudnn_call_matches_xla(causal, window):
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(2, 12, 4, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(2, 12, 2, 8)), jnp.float32)
+  segments = np.ones((2, 12), np.int32)
+  segments[1, 8:] = 0
+  segments[0, 6:] = 2  # two packed examples in row 0
+  spec = attention.MaskSpec(jnp.asarray(segments), jnp.asarray(segments), causal, window)
+  ours = attention.dot_product_attention(q, k, v, spec.dense(), scale=0.3, softcap=None)
+  theirs = attention_kernels.cudnn_attention(q, k, v, spec, scale=0.3, implementation=None)
+  real = segments > 0
+  np.testing.assert_allclose(np.asarray(theirs)[real], np.asarray(ours)[real], atol=1e-5)
+
+
+def test_fused_attention_configs_are_checked():
+  with pytest.raises(ValueError, match="attn_logit_softcapping"):
+    config.preset("tiny", attention_impl="cudnn")  # Gemma 2 softcaps attention logits
+  with pytest.raises(ValueError, match="attention_impl must be one of"):
+    config.preset("tiny", attention_impl="flash")
+  stack = dataclasses.replace(config.stack_preset("tiny"), attn_logit_softcapping=None)
+  config.T5GemmaConfig(encoder=stack, decoder=stack, attention_impl="cudnn")  # fine
+  with pytest.raises(ValueError, match="multiples of 128"):
+    attention_kernels._block(100)
