@@ -66,14 +66,17 @@ def real_tokens(b: dict) -> int:
   return int((b["encoder_input_tokens"] > 0).sum() + (b["decoder_input_tokens"] > 0).sum())
 
 
-def jax_step_time(cfg, b, steps: int) -> tuple[float, float, object]:
-  """(seconds per step, compile seconds, final params) of our train step on one device."""
+def jax_step_time(cfg, b, steps: int, keep_params: bool = True,
+                  profile_dir: str = "") -> tuple[float, float, object]:
+  """(seconds per step, compile seconds, the initial params on the host or None) of our train
+  step on one device; with `profile_dir`, the timed steps are traced there (TensorBoard's
+  profile plugin or Perfetto read it)."""
   opt_cfg = optim.OptimizerConfig(name="adamw", clip_grad_norm=None, schedule=optim.ScheduleConfig(
       name="constant", learning_rate=1e-3, warmup_steps=0))
   optimizer = optim.make_optimizer(opt_cfg, abstract_params(cfg, boxed=False))
   mesh = sharding.make_mesh(sharding.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1])
   state, shardings = step_lib.init_state(cfg, optimizer, mesh, seed=0)
-  params0 = jax.device_get(state.params)
+  params0 = jax.device_get(state.params) if keep_params else None
   loss = LossConfig(z_loss=0.0)  # the same objective as transformers' cross-entropy
   train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, loss),
                                 step_lib.make_eval_step(cfg, loss), shardings, mesh)
@@ -84,11 +87,15 @@ def jax_step_time(cfg, b, steps: int) -> tuple[float, float, object]:
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
   times = []
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir)
   for _ in range(steps):
     start = time.perf_counter()
     state, metrics = train(state, batch, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+  if profile_dir:
+    jax.profiler.stop_trace()
   per_step = float(np.median(times))
   return per_step, max(first - per_step, 0.0), params0
 
@@ -153,6 +160,8 @@ def main(argv=None) -> int:
   parser.add_argument("--attention_impl", default="xla", help="xla, cudnn or splash")
   parser.add_argument("--against_hf", action="store_true")
   parser.add_argument("--threads", type=int, default=2, help="torch threads")
+  parser.add_argument("--profile", default="", help="write a jax.profiler trace of our steps "
+                      "to this folder")
   args = parser.parse_args(argv)
 
   cfg = model_config(args)
@@ -160,7 +169,8 @@ def main(argv=None) -> int:
   tokens = real_tokens(b)
   table = flops.peak_flops()  # None on CPUs
   peak = table if table is not None else measured_peak()
-  per_step, compile_s, params = jax_step_time(cfg, b, args.steps)
+  per_step, compile_s, params = jax_step_time(cfg, b, args.steps, keep_params=args.against_hf,
+                                              profile_dir=args.profile)
   step_flops = flops.training_flops_per_step(cfg, args.batch, args.inputs, args.targets)
   out = {"preset": args.preset, "vocab_size": cfg.vocab_size, "batch": args.batch,
          "inputs": args.inputs, "targets": args.targets, "scan": args.scan,

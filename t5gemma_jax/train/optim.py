@@ -273,10 +273,9 @@ def make_optimizer(cfg: OptimizerConfig, params: Params) -> optax.GradientTransf
 # ----------------------------------------------------------------------------------- norms
 
 
-def _norm(leaves) -> jax.Array:
+def _squares(leaf) -> jax.Array:
   # float32 sums: squares of bfloat16 gradients lose most of their bits when added in bf16.
-  total = sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0))
-  return jnp.sqrt(total)
+  return jnp.sum(jnp.square(leaf.astype(jnp.float32)))
 
 
 def grad_norms(grads: Params) -> dict[str, jax.Array]:
@@ -285,7 +284,8 @@ def grad_norms(grads: Params) -> dict[str, jax.Array]:
   "grad_norm_encoder" and "grad_norm_decoder" cover whole stacks (the decoder's includes its
   cross-attention and both include their embedding), so their squares add up to the square
   of "grad_norm". "grad_norm_cross_attention" and "grad_norm_embeddings" are the norms of
-  those two groups (see `param_groups`).
+  those two groups (see `param_groups`). Each leaf is read once: its sum of squares is
+  computed one time and added into every total it belongs to.
 
   Args:
     grads: a gradient tree shaped like the params.
@@ -294,13 +294,13 @@ def grad_norms(grads: Params) -> dict[str, jax.Array]:
     {"grad_norm", "grad_norm_encoder", "grad_norm_decoder", "grad_norm_cross_attention",
      "grad_norm_embeddings"}: float32 scalars.
   """
-  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-  parts = {"encoder": [], "decoder": [], "cross_attention": [], "embeddings": []}
-  for path, leaf in flat:
+  totals = {k: jnp.float32(0) for k in ("encoder", "decoder", "cross_attention", "embeddings")}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    sq = _squares(leaf)
+    totals[_names(path)[0]] += sq
     group = _group_of(path)
-    parts[_names(path)[0]].append(leaf)
     if group in ("cross_attention", "embeddings"):
-      parts[group].append(leaf)
-  out = {"grad_norm": _norm([leaf for _, leaf in flat])}
-  out.update({f"grad_norm_{k}": _norm(v) for k, v in parts.items()})
+      totals[group] += sq
+  out = {"grad_norm": jnp.sqrt(totals["encoder"] + totals["decoder"])}
+  out.update({f"grad_norm_{k}": jnp.sqrt(v) for k, v in totals.items()})
   return out
