@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import gin
 
-from t5gemma_jax import atomic, config, convert_cli
+from t5gemma_jax import config, convert_cli
 
 _registered: set[str] = set()
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -102,8 +102,7 @@ def train(args: argparse.Namespace) -> int:
   cfg = train_config()
   if not isinstance(cfg, loop.TrainConfig):
     raise ValueError("gin binding train_config.cfg must be @TrainConfig()")
-  atomic.write_text(os.path.join(cfg.model_dir, "config.gin"), gin.config_str())
-  summary = loop.run(cfg)
+  summary = loop.run(cfg, run_files={"config.gin": gin.config_str()})
   print(_summary_text(summary))
   return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zlib
 from typing import Iterator, Mapping, Optional
 
 import jax
@@ -113,18 +114,27 @@ class GlobalBatches:
     dataset: this process's batches (`host_dataset`).
     sharding: a `jax.sharding.Sharding` for a [batch, length] array (e.g. NamedSharding with
       PartitionSpec(("data", "fsdp"))); None keeps numpy arrays (single process, no mesh).
+    fingerprint: keep `last_fingerprint`, a CRC-32 of this process's part of the latest batch
+      (every feature, in name order), to check that a resumed run sees the same examples.
   """
 
-  def __init__(self, dataset: tf.data.Dataset, sharding=None):
+  def __init__(self, dataset: tf.data.Dataset, sharding=None, fingerprint: bool = False):
     self._iterator = iter(dataset)
     self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
     self._sharding = sharding
+    self._fingerprint = fingerprint
+    self.last_fingerprint: Optional[int] = None
 
   def __iter__(self) -> Iterator[dict]:
     return self
 
   def __next__(self) -> dict:
     local = {k: v.numpy() for k, v in next(self._iterator).items()}
+    if self._fingerprint:
+      crc = 0
+      for k in sorted(local):
+        crc = zlib.crc32(np.ascontiguousarray(local[k]).tobytes(), zlib.crc32(k.encode(), crc))
+      self.last_fingerprint = crc
     if self._sharding is None:
       return local
     return {k: jax.make_array_from_process_local_data(self._sharding, np.asarray(v))

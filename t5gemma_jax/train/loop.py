@@ -7,7 +7,9 @@ optimizer state, step and data position), so a preempted job is simply started a
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import signal
 import time
 from typing import Mapping, Optional
@@ -16,7 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from t5gemma_jax import checkpoint, evaluation, sharding
+from t5gemma_jax import atomic, checkpoint, evaluation, sharding, storage
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.model import abstract_params
@@ -49,6 +51,8 @@ class TrainConfig:
     eval_tasks: tasks to decode and score (BLEU, ROUGE, ...) every `eval_tasks_period` steps
       (0: at the end only) on `eval_examples` validation examples each, with `decode`.
     show_examples: decoded validation examples per eval task to put in the summary.
+    log_batches: append {"step", "crc32"} of every training batch (this process's part) to
+      MODEL_DIR/batches_p{process}.jsonl, to check exact data resumption.
   """
 
   model: T5GemmaConfig
@@ -79,6 +83,25 @@ class TrainConfig:
   eval_examples: Optional[int] = 64
   show_examples: int = 0
   decode: evaluation.DecodeConfig = evaluation.DecodeConfig()
+  log_batches: bool = False
+
+  def __post_init__(self):
+    for name in ("batch_size", "train_steps", "checkpoint_period", "keep_checkpoints",
+                 "num_microbatches", "log_period"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+    for name in ("eval_period", "eval_steps", "eval_tasks_period", "seed"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {value!r}")
+    lengths = self.task_feature_lengths
+    if not isinstance(lengths, Mapping) or set(lengths) != {"inputs", "targets"} or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in lengths.values()):
+      raise ValueError('TrainConfig.task_feature_lengths must be {"inputs": N, "targets": M} '
+                       f"with positive integers, got {lengths!r}")
+    if not isinstance(self.model_dir, str) or not self.model_dir:
+      raise ValueError(f"TrainConfig.model_dir must be a path, got {self.model_dir!r}")
 
 
 class _Preemption:
@@ -94,6 +117,20 @@ class _Preemption:
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
+
+
+def _vocabulary(cfg: TrainConfig):
+  return pipeline.get_mixture_or_task(cfg.mixture_or_task).output_features["targets"].vocabulary
+
+
+def _check_vocabulary(cfg: TrainConfig) -> None:
+  """Token ids beyond the embedding would be silently clamped by the lookup: refuse them."""
+  size = _vocabulary(cfg).vocab_size
+  if size > cfg.model.vocab_size:
+    raise ValueError(f"task {cfg.mixture_or_task!r} uses a vocabulary of {size} ids but the "
+                     f"model's vocab_size is {cfg.model.vocab_size}: use a model with "
+                     f"vocab_size >= {size} (or a smaller vocabulary, e.g. "
+                     "data_settings.builtin_vocab_size)")
 
 
 def _check_finite(step: int, loss: float) -> None:
@@ -163,37 +200,58 @@ class _StepLog:
       self._bar.close()
 
 
-def run(cfg: TrainConfig) -> dict:
-  """Trains until `cfg.train_steps` (or SIGTERM) and returns a summary dict."""
+def run(cfg: TrainConfig, run_files: Optional[Mapping[str, str]] = None) -> dict:
+  """Trains until `cfg.train_steps` (or SIGTERM) and returns a summary dict.
+
+  Args:
+    cfg: the run.
+    run_files: {file name: text} written into `model_dir` once the run is set up (e.g. the
+      CLI's config.gin). Nothing is written before: a run that fails while being set up
+      (bad data, mesh, vocabulary, checkpoint) leaves no directory behind that it created.
+  """
   sharding.maybe_initialize_distributed()
   pipeline.hide_gpus_from_tensorflow()
   mesh = sharding.make_mesh(cfg.mesh)
   if cfg.batch_size % sharding.data_parallel_size(mesh):
     raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the data-parallel size "
-                     f"{sharding.data_parallel_size(mesh)} of mesh {dict(mesh.shape)}")
+                     f"{sharding.data_parallel_size(mesh)} of mesh {dict(mesh.shape)}: change "
+                     "BATCH_SIZE or MeshConfig.ici")
+  _check_vocabulary(cfg)
   schedule = optim.make_schedule(cfg.optimizer.schedule)
   optimizer = optim.make_optimizer(cfg.optimizer, abstract_params(cfg.model, boxed=False))
   abstract, shardings = step_lib.state_shardings(cfg.model, optimizer, mesh)
   batch_sh = sharding.batch_sharding(mesh)
-  data = pipeline.GlobalBatches(pipeline.host_dataset(_data(cfg, "train", True)), batch_sh)
-  if jax.process_index() == 0:  # read by export
+  data = pipeline.GlobalBatches(pipeline.host_dataset(_data(cfg, "train", True)), batch_sh,
+                                fingerprint=cfg.log_batches)
+  fresh_dir = not storage.exists(cfg.model_dir)
+  try:
+    ckpt = checkpoint.Checkpointer(os.path.join(cfg.model_dir, "checkpoints"),
+                                   save_every=cfg.checkpoint_period, keep=cfg.keep_checkpoints,
+                                   keep_best="validation_loss" if cfg.keep_best else None)
+    if ckpt.latest_step() is not None:
+      state = ckpt.restore(None, abstract, data_iterator=data)
+      start = "resumed"
+    else:
+      state, _ = step_lib.init_state(cfg.model, optimizer, mesh, cfg.seed, shardings)
+      start = "initialised"
+      if cfg.init_from:
+        params = checkpoint.restore_params(os.path.join(cfg.init_from, "checkpoints"),
+                                           abstract.params, cfg=cfg.model)
+        state = state.replace(params=params)
+        start = f"fine-tuning from {cfg.init_from}"
+    first_batch = next(data) if int(jax.device_get(state.step)) < cfg.train_steps else None
+  except BaseException:
+    if fresh_dir and jax.process_index() == 0 and not storage.is_remote(cfg.model_dir):
+      shutil.rmtree(cfg.model_dir, ignore_errors=True)
+    raise
+  if jax.process_index() == 0:  # the model files are read by export
     checkpoint.write_model_files(cfg.model, cfg.model_dir)
-    checkpoint.write_vocabulary(pipeline.get_mixture_or_task(cfg.mixture_or_task)
-                                .output_features["targets"].vocabulary, cfg.model_dir)
-  ckpt = checkpoint.Checkpointer(os.path.join(cfg.model_dir, "checkpoints"),
-                                 save_every=cfg.checkpoint_period, keep=cfg.keep_checkpoints,
-                                 keep_best="validation_loss" if cfg.keep_best else None)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(None, abstract, data_iterator=data)
-    start = "resumed"
-  else:
-    state, _ = step_lib.init_state(cfg.model, optimizer, mesh, cfg.seed, shardings)
-    start = "initialised"
-    if cfg.init_from:
-      params = checkpoint.restore_params(os.path.join(cfg.init_from, "checkpoints"),
-                                         abstract.params, cfg=cfg.model)
-      state = state.replace(params=params)
-      start = f"fine-tuning from {cfg.init_from}"
+    checkpoint.write_vocabulary(_vocabulary(cfg), cfg.model_dir)
+    for name, text in (run_files or {}).items():
+      atomic.write_text(os.path.join(cfg.model_dir, name), text)
+  batch_log = (storage.AppendLog(os.path.join(cfg.model_dir,
+                                              f"batches_p{jax.process_index()}.jsonl"))
+               if cfg.log_batches else None)
 
   train_step, eval_step = step_lib.jit_steps(
       step_lib.make_train_step(cfg.model, optimizer, cfg.loss, cfg.num_microbatches, schedule),
@@ -212,7 +270,11 @@ def run(cfg: TrainConfig) -> dict:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
       step, pending = first, None
       while step < cfg.train_steps:
-        state, metrics = train_step(state, next(data), rng)
+        batch = first_batch if first_batch is not None else next(data)
+        first_batch = None
+        if batch_log is not None:
+          batch_log.write(json.dumps({"step": step, "crc32": data.last_fingerprint}) + "\n")
+        state, metrics = train_step(state, batch, rng)
         step += 1
         # Read the previous step's metrics while this one runs: the device never waits for the
         # host, except at the points below where the current loss must be known.
@@ -244,6 +306,8 @@ def run(cfg: TrainConfig) -> dict:
     ckpt.wait()
     ckpt.close()
     writer.close()
+    if batch_log is not None:
+      batch_log.close()
     preemption.restore()
     log.close()
   if cfg.show_examples and cfg.eval_tasks and not summary.get("preempted"):
