@@ -17,6 +17,7 @@ import math
 import os
 import re
 import sys
+import traceback
 from typing import Callable, Optional, Sequence
 
 import gin
@@ -220,6 +221,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="gin file (repeatable); relative paths also resolve under gin/")
     p.add_argument("--gin_search_path", action="append", default=[],
                    help="extra folder in which to look for gin files")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of errors")
     add_args(p)
   args, rest = parser.parse_known_args(argv)
   bindings = []
@@ -284,16 +286,38 @@ def _quiet_backends() -> None:
   absl_logging.set_verbosity(absl_logging.ERROR)
 
 
+# Errors that describe bad input (a flag, a binding, a file): their message is the whole story.
+_INPUT_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
+                 NotADirectoryError, IsADirectoryError, PermissionError, ImportError,
+                 FloatingPointError)
+
+
+def _message(e: BaseException) -> str:
+  text = str(e) if not isinstance(e, KeyError) else f"missing {e.args[0]!r}" if e.args else ""
+  # gin appends an "In call to configurable ..." line naming the Python class: our messages
+  # already name the binding, so it goes; the rest stays, on one line.
+  lines = [line.strip() for line in text.splitlines()
+           if line.strip() and not line.strip().startswith("In call to configurable")]
+  return " ".join(lines) or type(e).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs one command; bad input gives one line on stderr and exit status 2 (other failures
+  1), with the traceback only under --verbose."""
   _quiet_backends()
   args, bindings = _parse(sys.argv[1:] if argv is None else argv)
   try:
     _load_gin(args, bindings)
     data_settings()
     return COMMANDS[args.command][0](args)
-  except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as e:
-    print(f"t5gemma {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  except Exception as e:  # noqa: BLE001  (every failure becomes one readable line)
+    if args.verbose:
+      traceback.print_exc()
+    bad_input = isinstance(e, _INPUT_ERRORS)
+    hint = "" if bad_input or args.verbose else " (--verbose shows the traceback)"
+    print(f"t5gemma {args.command}: error: {type(e).__name__ + ': ' if not bad_input else ''}"
+          f"{_message(e)}{hint}", file=sys.stderr)
+    return 2 if bad_input else 1
 
 
 if __name__ == "__main__":

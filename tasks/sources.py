@@ -50,10 +50,14 @@ class PreparedTfdsSource(seqio.TfdsDataSource):
 
 
 def existing_files(split_to_pattern: dict, what: str) -> dict:
-  """Checks that every split's file pattern matches at least one file; returns the mapping."""
+  """Checks that every split's file pattern matches at least one non-empty file; returns the
+  mapping. (An empty split would only surface as a StopIteration deep in training.)"""
   for split, pattern in split_to_pattern.items():
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     for p in patterns:
-      if not tf.io.gfile.glob(p):
+      matches = tf.io.gfile.glob(p)
+      if not matches:
         raise FileNotFoundError(f"{what}: no file matches {p!r} for split {split!r}")
+      if all(tf.io.gfile.stat(m).length == 0 for m in matches):
+        raise ValueError(f"{what}: every file matching {p!r} for split {split!r} is empty")
   return split_to_pattern

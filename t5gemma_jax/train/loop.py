@@ -239,7 +239,11 @@ def run(cfg: TrainConfig, run_files: Optional[Mapping[str, str]] = None) -> dict
                                            abstract.params, cfg=cfg.model)
         state = state.replace(params=params)
         start = f"fine-tuning from {cfg.init_from}"
-    first_batch = next(data) if int(jax.device_get(state.step)) < cfg.train_steps else None
+    try:
+      first_batch = next(data) if int(jax.device_get(state.step)) < cfg.train_steps else None
+    except StopIteration:
+      raise ValueError(f"task {cfg.mixture_or_task!r} yields no training examples (empty "
+                       "data, or every example filtered out)") from None
   except BaseException:
     if fresh_dir and jax.process_index() == 0 and not storage.is_remote(cfg.model_dir):
       shutil.rmtree(cfg.model_dir, ignore_errors=True)
