@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from typing import Any, Mapping, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from t5gemma_jax import atomic, config, storage
@@ -32,6 +35,10 @@ MODEL_GIN = "model.gin"
 VOCABULARY = "vocabulary.model"
 VOCABULARY_INFO = "vocabulary.json"
 DATA_ITERATOR = "data_iterator"
+
+
+class DamagedCheckpointError(ValueError):
+  """A checkpoint step whose files cannot be read (truncated, deleted)."""
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
@@ -107,6 +114,7 @@ class Checkpointer:
         cleanup_tmp_directories=True)
     handlers = {STATE: ocp.StandardCheckpointHandler(), DATA_ITERATOR: DataIteratorHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self.restored_step: Optional[int] = None  # set by `restore`
 
   def save(self, step: int, state: Any, data_iterator: Any = None,
            metrics: Optional[Mapping[str, Any]] = None, force: bool = False) -> bool:
@@ -155,7 +163,14 @@ class Checkpointer:
     self._manager.close()
 
   def restore(self, step: Optional[int], abstract_state: Any, data_iterator: Any = None) -> Any:
-    """Loads checkpoint `step` (None: the latest) onto the shardings of `abstract_state`.
+    """Loads checkpoint `step` (None: the latest that loads) onto the shardings of `abstract_state`.
+
+    With `step=None`, a step whose files are damaged (truncated, deleted) is skipped with a
+    warning and the previous one is tried, and so on. Once one loads, the damaged newer steps are
+    set aside as `<step>.damaged` (orbax neither lists nor deletes such directories, and the run
+    can save those steps again). When none loads, nothing is moved and `DamagedCheckpointError`
+    lists what failed: a cause common to every step (storage, memory) must not cost them all.
+    A mismatch between the checkpoint and `abstract_state` (another model) raises at once.
 
     Args:
       step: the step, or None for the latest.
@@ -164,18 +179,95 @@ class Checkpointer:
       data_iterator: if given, moved to the position saved with this step.
 
     Returns:
-      The TrainState, with the structure and shardings of `abstract_state`.
+      The TrainState, with the structure and shardings of `abstract_state`; `restored_step`
+      says which step it is.
     """
     self.wait()  # a save still in flight is not yet listed
-    step = _resolve_step(self._manager, step, self.directory)
+    if step is not None:
+      step = _resolve_step(self._manager, step, self.directory)
+      state = self._restore_step(step, abstract_state, data_iterator)
+    else:
+      state, step = self._restore_latest(abstract_state, data_iterator)
+    self.restored_step = step
+    return state
+
+  def _restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[Any, int]:
+    failures = []  # (step, what was wrong), newest first
+    for step in reversed(self.all_steps()):
+      try:
+        problem = None
+        state = self._restore_step(step, abstract_state, data_iterator)
+      except DamagedCheckpointError as e:
+        problem = str(e)
+      problem = _agree(problem, step)
+      if problem is None:
+        self._set_aside([s for s, _ in failures], step)
+        return state, step
+      failures.append((step, problem))
+      logging.warning("checkpoint %s could not be loaded (%s); trying the previous step",
+                      self._step_dir(step), problem)
+    if not failures:
+      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    listed = "; ".join(f"step {s} ({self._step_dir(s)}): {p}" for s, p in failures)
+    raise DamagedCheckpointError(
+        f"no checkpoint in {self.directory} could be loaded: {listed}. Nothing was moved: if "
+        "the files are damaged, move those step directories away (the run then starts from "
+        "the newest remaining step, or from scratch)")
+
+  def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+    """One step; raises `DamagedCheckpointError` when its files cannot be read."""
+    where = self._step_dir(step)
+    try:
+      saved = _saved_tree(self._manager, step)
+    except Exception as e:  # json, tensorstore and OS errors: all mean "unreadable"
+      raise DamagedCheckpointError(f"{STATE}: metadata unreadable: {_brief(e)}") from e
+    if not jax.tree_util.tree_leaves(saved):
+      raise DamagedCheckpointError(f"{STATE}: no array metadata ({STATE}/_METADATA is missing)")
+    # A mismatch is not damage (every step would fail alike): it raises as it is.
     _check_shapes(self._manager, step, abstract_state, self.directory)
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None and not (where / DATA_ITERATOR).exists():
+      if DATA_ITERATOR in _recorded_items(where):
+        raise DamagedCheckpointError(f"{DATA_ITERATOR}: the item directory is missing")
+      raise FileNotFoundError(f"{where} has no data-iterator position (it was saved without "
+                              "data_iterator)")
+    # One item at a time, so that the error names the item that failed.
+    items = [(STATE, ocp.args.StandardRestore(abstract_state))]
     if data_iterator is not None:
-      if not (self._step_dir(step) / DATA_ITERATOR).exists():
-        raise FileNotFoundError(f"{self._step_dir(step)} has no data-iterator position (it was "
-                                "saved without data_iterator)")
-      items[DATA_ITERATOR] = DataIteratorArgs(data_iterator)
-    return self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+      items.append((DATA_ITERATOR, DataIteratorArgs(data_iterator)))
+    for name, args in items:
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+      except Exception as e:  # orbax, tensorstore and tf raise many types for damaged files
+        raise DamagedCheckpointError(f"{name}: {_brief(e)}") from e
+      if name == STATE:
+        state = restored
+    return state
+
+  def _set_aside(self, damaged: list[int], restored: int) -> None:
+    """Renames damaged steps to `<step>.damaged[-n]`, so that orbax forgets them for good."""
+    if not damaged:
+      return
+    moved = []
+    if jax.process_index() == 0:
+      for step in damaged:
+        source, n = self._step_dir(step), 1
+        target = self.directory / f"{step}.damaged"
+        while target.exists():
+          n += 1
+          target = self.directory / f"{step}.damaged-{n}"
+        try:
+          source.rename(target)
+        except OSError as e:
+          raise DamagedCheckpointError(
+              f"checkpoint {source} is damaged and could not be moved aside ({e}): move or "
+              "delete it, then restart") from e
+        moved.append(f"{source} -> {target.name}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("t5gemma_checkpoint_set_aside")
+    self._manager.reload()
+    if moved:
+      logging.warning("set aside damaged checkpoint(s) %s; resumed from step %d",
+                      ", ".join(moved), restored)
 
   def _step_dir(self, step: int) -> epath.Path:
     return self.directory / str(step)
@@ -312,6 +404,31 @@ def _resolve_step(manager: ocp.CheckpointManager, step: Optional[int], directory
   if int(step) not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {directory} (have {steps})")
   return int(step)
+
+
+def _brief(error: BaseException) -> str:
+  """'Type: first line' of an error (tensorstore appends whole specs after the first line)."""
+  text = str(error).strip().splitlines()
+  text = text[0] if text else ""
+  return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
+
+
+def _recorded_items(step_dir: epath.Path) -> set[str]:
+  """The items orbax recorded for a step (empty when its metadata cannot be read)."""
+  try:
+    return set(json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())["item_handlers"])
+  except Exception:  # missing or damaged: no evidence either way
+    return set()
+
+
+def _agree(problem: Optional[str], step: int) -> Optional[str]:
+  """Every process's verdict on `step`: a step that fails on one process fails on all."""
+  if jax.process_count() == 1:
+    return problem
+  failed = multihost_utils.process_allgather(np.int32(problem is not None))
+  if problem is None and np.any(failed):
+    return f"failed to load on process(es) {np.flatnonzero(failed).tolist()}"
+  return problem
 
 
 def _name(path) -> str:

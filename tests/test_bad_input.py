@@ -101,7 +101,7 @@ CASES = {
     "tfds_not_prepared": (lambda d, r: _train(
         d, '--gin.MIXTURE_OR_TASK_NAME="wmt14_ende"',
         f"--gin.data_settings.gemma_tokenizer='{_spm_model()}'",
-        f"--gin.data_settings.builtin_vocab_size=2048"), ["wmt14", "tfds build"], ["{d}/run"]),
+        "--gin.data_settings.builtin_vocab_size=2048"), ["wmt14", "tfds build"], ["{d}/run"]),
     "empty_data_file": (lambda d, r: _train(
         d, "--gin.data_settings.user_tasks=[@e/file_task()]", "--gin.e/file_task.name='empty'",
         f"--gin.e/file_task.train='{_write(f'{d}/empty.tsv', '')}'",
@@ -127,7 +127,7 @@ CASES = {
                                          "--gin.EVAL_TASK='cldr_translate_en_de'",
                                          "--gin.EvalConfig.split='test'"], ["test"], []),
     "export_missing_checkpoint": (lambda d, r: ["export", f"--checkpoint_dir={d}/none",
-                                                f"--output_dir={d}/out"], [f"none"],
+                                                f"--output_dir={d}/out"], ["none"],
                                   ["{d}/out"]),
     "export_into_non_empty": (lambda d, r: ["export", f"--checkpoint_dir={r}",
                                             "--output_dir=" + os.path.dirname(
