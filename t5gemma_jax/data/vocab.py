@@ -21,7 +21,7 @@ import seqio
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from t5gemma_jax import atomic
+from t5gemma_jax import atomic, storage
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
@@ -42,9 +42,9 @@ def gemma_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabu
     extra_ids: sentinels to add on top (0 for the released 256000-token models, whose
       embedding has no room for more; configure sentinel pieces instead).
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"SentencePiece model not found: {path} (point the gin binding "
-                            "gemma_vocabulary.path at a Gemma tokenizer.model)")
+  if not storage.isfile(path):
+    raise FileNotFoundError(f"SentencePiece model not found: {path} (point "
+                            "--gin.data_settings.gemma_tokenizer at a Gemma tokenizer.model)")
   vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
   _check_special_ids(vocab, path)
   return vocab
@@ -161,7 +161,7 @@ class DeferredGemmaVocabulary(seqio.SentencePieceVocabulary):
   """Gemma's tokenizer whose path is resolved on first use.
 
   Tasks are registered on import, before any configuration is read; the path comes later from
-  `set_gemma_tokenizer` (gin: `gemma_tokenizer.path`) or $T5GEMMA_TOKENIZER.
+  `set_gemma_tokenizer` (gin: `data_settings.gemma_tokenizer`) or $T5GEMMA_TOKENIZER.
   """
 
   def __init__(self, sentinel_pieces: Sequence[str] = ()):
@@ -173,8 +173,9 @@ class DeferredGemmaVocabulary(seqio.SentencePieceVocabulary):
       path = _gemma_tokenizer_path or os.environ.get(_GEMMA_TOKENIZER_ENV)
       if not path:
         raise ValueError("this task uses the Gemma tokenizer, but none is configured: bind "
-                         f"--gin.gemma_tokenizer.path=... or set ${_GEMMA_TOKENIZER_ENV}")
-      if not os.path.isfile(path):
+                         f"--gin.data_settings.gemma_tokenizer=... or set "
+                         f"${_GEMMA_TOKENIZER_ENV}")
+      if not storage.isfile(path):  # local or gs://
         raise FileNotFoundError(f"Gemma tokenizer not found: {path}")
       self._sentencepiece_model_file = path
       _check_special_ids(self, path)
