@@ -5,7 +5,8 @@ written asynchronously by orbax's StandardCheckpointHandler) and, when given, `d
 (every process's tf.data position, written by `DataIteratorHandler`). Orbax writes a step to a
 temporary directory and finalizes it (rename, plus commit_success.txt) only after every item of
 every process is complete, so params and data position always belong to the same step, and a
-step cut short by a crash is never listed or loaded: the previous complete step is used.
+step cut short by a crash is never listed or loaded: the previous complete step is used. So is
+it when the newest step's files turn out damaged (truncated, deleted) on restore.
 
 Restoring takes an abstract state (`jax.ShapeDtypeStruct`s with shardings): each process reads
 only its own shards, so nothing is materialised whole on one host.
@@ -21,13 +22,13 @@ import os
 from typing import Any, Mapping, Optional
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from t5gemma_jax import atomic, config, storage
+from t5gemma_jax.damaged_checkpoints import DamagedCheckpointError, agree, brief, recorded_items
+from t5gemma_jax.damaged_checkpoints import set_aside, silence_read_noise
 
 STATE = "state"
 MODEL_CONFIG = "model_config.json"
@@ -35,10 +36,7 @@ MODEL_GIN = "model.gin"
 VOCABULARY = "vocabulary.model"
 VOCABULARY_INFO = "vocabulary.json"
 DATA_ITERATOR = "data_iterator"
-
-
-class DamagedCheckpointError(ValueError):
-  """A checkpoint step whose files cannot be read (truncated, deleted)."""
+_log = logging.getLogger(__name__)
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
@@ -51,11 +49,15 @@ class DataIteratorHandler(ocp.CheckpointHandler):
   """
 
   def save(self, directory: epath.Path, args: "DataIteratorArgs") -> None:
-    args.iterator.save(str(directory / f"process_{jax.process_index()}"))
+    args.iterator.save(_iterator_prefix(directory))
 
   def restore(self, directory: epath.Path, args: "DataIteratorArgs") -> Any:
-    args.iterator.restore(str(directory / f"process_{jax.process_index()}"))
+    args.iterator.restore(_iterator_prefix(directory))
     return args.iterator
+
+
+def _iterator_prefix(item_dir: epath.Path) -> str:
+  return str(item_dir / f"process_{jax.process_index()}")
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True, for_restore=True)
@@ -163,14 +165,12 @@ class Checkpointer:
     self._manager.close()
 
   def restore(self, step: Optional[int], abstract_state: Any, data_iterator: Any = None) -> Any:
-    """Loads checkpoint `step` (None: the latest that loads) onto the shardings of `abstract_state`.
+    """Loads checkpoint `step` (None: the newest that loads) onto `abstract_state`'s shardings.
 
-    With `step=None`, a step whose files are damaged (truncated, deleted) is skipped with a
-    warning and the previous one is tried, and so on. Once one loads, the damaged newer steps are
-    set aside as `<step>.damaged` (orbax neither lists nor deletes such directories, and the run
-    can save those steps again). When none loads, nothing is moved and `DamagedCheckpointError`
-    lists what failed: a cause common to every step (storage, memory) must not cost them all.
-    A mismatch between the checkpoint and `abstract_state` (another model) raises at once.
+    With `step=None`, a step whose files cannot be read is skipped with a warning, and so on
+    back; once one loads, the newer ones are set aside (`damaged_checkpoints`). If none loads,
+    nothing is moved (a cause common to all, such as storage, must not cost them all). A given
+    `step` is not replaced by another; a mismatch with `abstract_state` is not damage and raises.
 
     Args:
       step: the step, or None for the latest.
@@ -179,95 +179,81 @@ class Checkpointer:
       data_iterator: if given, moved to the position saved with this step.
 
     Returns:
-      The TrainState, with the structure and shardings of `abstract_state`; `restored_step`
-      says which step it is.
+      The TrainState, with the structure and shardings of `abstract_state` (its step: in
+      `restored_step`).
+
+    Raises:
+      DamagedCheckpointError: the step (with `step=None`: every step) could not be read.
     """
     self.wait()  # a save still in flight is not yet listed
+    _require_shardings(abstract_state)
     if step is not None:
       step = _resolve_step(self._manager, step, self.directory)
-      state = self._restore_step(step, abstract_state, data_iterator)
-    else:
-      state, step = self._restore_latest(abstract_state, data_iterator)
-    self.restored_step = step
-    return state
-
-  def _restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[Any, int]:
+      state, problem = self._try_step(step, abstract_state, data_iterator)
+      if problem is not None:
+        raise DamagedCheckpointError(f"checkpoint {self._step_dir(step)} could not be loaded: "
+                                     f"{problem}")
+      self.restored_step = step
+      return state
     failures = []  # (step, what was wrong), newest first
     for step in reversed(self.all_steps()):
-      try:
-        problem = None
-        state = self._restore_step(step, abstract_state, data_iterator)
-      except DamagedCheckpointError as e:
-        problem = str(e)
-      problem = _agree(problem, step)
+      state, problem = self._try_step(step, abstract_state, data_iterator)
       if problem is None:
-        self._set_aside([s for s, _ in failures], step)
-        return state, step
+        moved = set_aside(self.directory, [s for s, _ in failures])
+        self._manager.reload()  # forget the steps set aside
+        if moved:
+          _log.warning("set aside damaged checkpoint(s) %s; resuming from step %d",
+                       ", ".join(moved), step)
+        self.restored_step = step
+        return state
       failures.append((step, problem))
-      logging.warning("checkpoint %s could not be loaded (%s); trying the previous step",
-                      self._step_dir(step), problem)
+      _log.warning("checkpoint %s could not be loaded (%s); trying the previous step",
+                   self._step_dir(step), problem)
     if not failures:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-    listed = "; ".join(f"step {s} ({self._step_dir(s)}): {p}" for s, p in failures)
     raise DamagedCheckpointError(
-        f"no checkpoint in {self.directory} could be loaded: {listed}. Nothing was moved: if "
-        "the files are damaged, move those step directories away (the run then starts from "
-        "the newest remaining step, or from scratch)")
+        f"no checkpoint in {self.directory} could be loaded: "
+        + "; ".join(f"step {s}: {p}" for s, p in failures) + ". Nothing was moved: move the "
+        "damaged step directories away (the run then resumes from an older one, or starts anew)")
 
-  def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
-    """One step; raises `DamagedCheckpointError` when its files cannot be read."""
+  def _try_step(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, Any]:
+    """(state, None), or (None, what could not be read), the same on every process."""
     where = self._step_dir(step)
+    problem = None
     try:
       saved = _saved_tree(self._manager, step)
-    except Exception as e:  # json, tensorstore and OS errors: all mean "unreadable"
-      raise DamagedCheckpointError(f"{STATE}: metadata unreadable: {_brief(e)}") from e
-    if not jax.tree_util.tree_leaves(saved):
-      raise DamagedCheckpointError(f"{STATE}: no array metadata ({STATE}/_METADATA is missing)")
-    # A mismatch is not damage (every step would fail alike): it raises as it is.
-    _check_shapes(self._manager, step, abstract_state, self.directory)
-    if data_iterator is not None and not (where / DATA_ITERATOR).exists():
-      if DATA_ITERATOR in _recorded_items(where):
-        raise DamagedCheckpointError(f"{DATA_ITERATOR}: the item directory is missing")
-      raise FileNotFoundError(f"{where} has no data-iterator position (it was saved without "
-                              "data_iterator)")
-    # One item at a time, so that the error names the item that failed.
-    items = [(STATE, ocp.args.StandardRestore(abstract_state))]
-    if data_iterator is not None:
-      items.append((DATA_ITERATOR, DataIteratorArgs(data_iterator)))
-    for name, args in items:
-      try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
-      except Exception as e:  # orbax, tensorstore and tf raise many types for damaged files
-        raise DamagedCheckpointError(f"{name}: {_brief(e)}") from e
-      if name == STATE:
-        state = restored
-    return state
-
-  def _set_aside(self, damaged: list[int], restored: int) -> None:
-    """Renames damaged steps to `<step>.damaged[-n]`, so that orbax forgets them for good."""
-    if not damaged:
-      return
-    moved = []
-    if jax.process_index() == 0:
-      for step in damaged:
-        source, n = self._step_dir(step), 1
-        target = self.directory / f"{step}.damaged"
-        while target.exists():
-          n += 1
-          target = self.directory / f"{step}.damaged-{n}"
+      if not jax.tree_util.tree_leaves(saved):
+        problem = f"{STATE}: no array metadata ({STATE}/_METADATA is missing)"
+    except Exception as e:  # json, tensorstore and OS errors alike: the metadata is unreadable
+      problem = f"{STATE}: metadata unreadable: {brief(e)}"
+      silence_read_noise()
+    if problem is None:
+      # A mismatch is not damage (every step would fail alike): it raises as it is.
+      _check_shapes(self._manager, step, abstract_state, self.directory)
+    if problem is None and data_iterator is not None:
+      if not (where / DATA_ITERATOR).exists():
+        if DATA_ITERATOR not in recorded_items(where):
+          raise FileNotFoundError(f"{where} has no data-iterator position (it was saved "
+                                  "without data_iterator)")
+        problem = f"{DATA_ITERATOR}: the item directory is missing"
+      else:
+        # Read here rather than through orbax: no barrier, so a process whose own file is
+        # damaged cannot leave the others waiting in one.
         try:
-          source.rename(target)
-        except OSError as e:
-          raise DamagedCheckpointError(
-              f"checkpoint {source} is damaged and could not be moved aside ({e}): move or "
-              "delete it, then restart") from e
-        moved.append(f"{source} -> {target.name}")
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("t5gemma_checkpoint_set_aside")
-    self._manager.reload()
-    if moved:
-      logging.warning("set aside damaged checkpoint(s) %s; resumed from step %d",
-                      ", ".join(moved), restored)
+          data_iterator.restore(_iterator_prefix(where / DATA_ITERATOR))
+        except Exception as e:  # tf raises many types (and IndexError) for damaged files
+          problem = f"{DATA_ITERATOR}: {brief(e)}"
+    problem = agree(problem)
+    if problem is not None:
+      return None, problem
+    try:
+      args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state)})
+      state = self._manager.restore(step, args=args)[STATE]
+    except Exception as e:  # orbax and tensorstore raise many types for damaged files
+      problem = f"{STATE}: {brief(e)}"
+      silence_read_noise()
+    problem = agree(problem)
+    return (None, problem) if problem is not None else (state, None)
 
   def _step_dir(self, step: int) -> epath.Path:
     return self.directory / str(step)
@@ -404,31 +390,6 @@ def _resolve_step(manager: ocp.CheckpointManager, step: Optional[int], directory
   if int(step) not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {directory} (have {steps})")
   return int(step)
-
-
-def _brief(error: BaseException) -> str:
-  """'Type: first line' of an error (tensorstore appends whole specs after the first line)."""
-  text = str(error).strip().splitlines()
-  text = text[0] if text else ""
-  return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
-
-
-def _recorded_items(step_dir: epath.Path) -> set[str]:
-  """The items orbax recorded for a step (empty when its metadata cannot be read)."""
-  try:
-    return set(json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())["item_handlers"])
-  except Exception:  # missing or damaged: no evidence either way
-    return set()
-
-
-def _agree(problem: Optional[str], step: int) -> Optional[str]:
-  """Every process's verdict on `step`: a step that fails on one process fails on all."""
-  if jax.process_count() == 1:
-    return problem
-  failed = multihost_utils.process_allgather(np.int32(problem is not None))
-  if problem is None and np.any(failed):
-    return f"failed to load on process(es) {np.flatnonzero(failed).tolist()}"
-  return problem
 
 
 def _name(path) -> str:
