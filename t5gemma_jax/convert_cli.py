@@ -71,8 +71,8 @@ def _vocabulary(choice: str, run_dir: str) -> Any:
   if choice == "none":
     return None
   if choice == "run":
-    from t5gemma_jax import checkpoint
-    return checkpoint.read_vocabulary(run_dir)
+    from t5gemma_jax import run_files
+    return run_files.read_vocabulary(run_dir)
   if choice.endswith(".model"):
     if not os.path.isfile(choice):
       raise FileNotFoundError(f"--vocabulary: SentencePiece model not found: {choice}")
@@ -121,8 +121,8 @@ def adapt(args: argparse.Namespace) -> int:
 
 
 def _print_run(out: str, cfg) -> None:
-  from t5gemma_jax import checkpoint
-  gin_file = os.path.join(out, checkpoint.MODEL_GIN)
+  from t5gemma_jax import run_files
+  gin_file = os.path.join(out, run_files.MODEL_GIN)
   print(f"wrote {out} ({cfg.encoder.num_layers}+{cfg.decoder.num_layers} layers, "
         f"{cfg.param_dtype})\n"
         f"  fine-tune: t5gemma train --gin_file=runs/finetune.gin --gin_file={gin_file} "

@@ -103,7 +103,7 @@ def train(args: argparse.Namespace) -> int:
   cfg = train_config()
   if not isinstance(cfg, loop.TrainConfig):
     raise ValueError("gin binding train_config.cfg must be @TrainConfig()")
-  summary = loop.run(cfg, run_files={"config.gin": gin.config_str()})
+  summary = loop.run(cfg, extra_files={"config.gin": gin.config_str()})
   print(_summary_text(summary))
   return 0
 

@@ -229,7 +229,7 @@ def test_bad_tensors_are_named(tmp_path):
 
 
 def test_cli_adapt_then_warmup_trains_cross_attention_alone(tmp_path, clean_gin):
-  from t5gemma_jax import checkpoint, evaluation, main
+  from t5gemma_jax import evaluation, main, run_files
   # An unbalanced pair with the built-in vocabulary's size, so it trains on built-in data.
   _gemma2(tmp_path / "wide", seed=6, vocab_size=2048, **{k: v for k, v in WIDE.items()
                                                          if k != "vocab_size"})
@@ -237,7 +237,7 @@ def test_cli_adapt_then_warmup_trains_cross_attention_alone(tmp_path, clean_gin)
   ckpt = str(tmp_path / "adapted")
   assert main.main(["adapt", f"--decoder_only={tmp_path}/wide",
                     f"--decoder_from={tmp_path}/narrow", f"--output_dir={ckpt}"]) == 0
-  cfg = checkpoint.read_model_config(ckpt)
+  cfg = run_files.read_model_config(ckpt)
   before = jax.device_get(evaluation.load_params(cfg, ckpt))
   run = str(tmp_path / "warmup")
   assert main.main([

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from t5gemma_jax import checkpoint, config, evaluation, main, model
+from t5gemma_jax import config, evaluation, main, model, run_files
 from t5gemma_jax.convert import hf, hf_checkpoint, params_checkpoint, safetensors_io
 from t5gemma_jax.model import layout
 from tests import hf_reference as ref
@@ -68,7 +68,7 @@ def test_mesh_trained_scanned_run_exports_to_transformers(mesh_run, tmp_path, cl
       out, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
 
-  cfg = checkpoint.read_model_config(mesh_run)
+  cfg = run_files.read_model_config(mesh_run)
   assert cfg.scan_layers
   params = evaluation.load_params(cfg, mesh_run)  # gathered from the (2, 2, 2) shards
   enc, dec = ref.padded_batch(np.random.default_rng(0), cfg.vocab_size, 3, 20, 12)
@@ -79,7 +79,7 @@ def test_mesh_trained_scanned_run_exports_to_transformers(mesh_run, tmp_path, cl
 
   # The run kept its vocabulary, so the folder carries a tokenizer that encodes as we do.
   assert {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"} <= files
-  vocab = checkpoint.read_vocabulary(mesh_run)
+  vocab = run_files.read_vocabulary(mesh_run)
   tok = transformers.AutoTokenizer.from_pretrained(out)
   text = "translate English to German: Monday <extra_id_0>"
   assert tok(text)["input_ids"] == vocab.encode(text) + [1]
@@ -92,7 +92,7 @@ def test_bfloat16_export_and_restore_in_the_other_layout(mesh_run, tmp_path):
   assert report["scanned"] and report["dtype"] == "bfloat16"
   assert {str(t.dtype) for t in _tensors(out).values()} == {"bfloat16"}
   # The scanned checkpoint restores into the unrolled layout, converted on the device.
-  cfg = checkpoint.read_model_config(mesh_run)
+  cfg = run_files.read_model_config(mesh_run)
   scanned = evaluation.load_params(cfg, mesh_run)
   unrolled = evaluation.load_params(cfg.replace(scan_layers=False), mesh_run)
   expect = layout.unscan_params(jax.device_get(scanned), cfg)
@@ -109,7 +109,7 @@ def test_import_then_export_is_bitwise(tmp_path, scan, param_dtype, clean_gin):
   flags = ["--scan_layers"] if scan else []
   assert main.main(["import_hf", f"--hf_dir={src}", f"--output_dir={run}", *flags]) == 0
   assert set(os.listdir(run)) >= {"checkpoints", "model.gin", "model_config.json"}
-  assert checkpoint.read_model_config(run).scan_layers == scan
+  assert run_files.read_model_config(run).scan_layers == scan
   out = str(tmp_path / "out")
   assert main.main(["export", f"--checkpoint_dir={run}", f"--output_dir={out}",
                     "--vocabulary=none"]) == 0

@@ -5,7 +5,7 @@ import os
 
 import jax
 
-from t5gemma_jax import atomic, checkpoint, config, storage
+from t5gemma_jax import atomic, config, run_files, storage
 from t5gemma_jax.train.metrics_writer import MetricsWriter
 
 
@@ -26,8 +26,8 @@ def test_atomic_writes_and_append_logs_work_on_a_remote_path():
 def test_run_files_and_metrics_on_a_remote_model_dir(tmp_path):
   root = "ram://t5gemma_storage_test/model_dir"
   cfg = config.preset("tiny", scan_layers=True)
-  checkpoint.write_model_files(cfg, root)
-  assert checkpoint.read_model_config(root) == cfg
+  run_files.write_model_files(cfg, root)
+  assert run_files.read_model_config(root) == cfg
   writer = MetricsWriter(root)
   writer.write(1, {"loss": 2.5})
   writer.write(2, {"loss": 2.0, "mfu": None})
@@ -43,8 +43,8 @@ def test_run_files_and_metrics_on_a_remote_model_dir(tmp_path):
   spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "m"),
                                  vocab_size=40, minloglevel=2)
   vocab = seqio.SentencePieceVocabulary(str(tmp_path / "m.model"), extra_ids=3)
-  assert checkpoint.write_vocabulary(vocab, root)
-  again = checkpoint.read_vocabulary(root)
+  assert run_files.write_vocabulary(vocab, root)
+  again = run_files.read_vocabulary(root)
   assert again.extra_ids == 3 and again.encode("sentence number 7") == vocab.encode(
       "sentence number 7")
   assert not os.path.exists("ram:")  # nothing fell through to the local file system

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from t5gemma_jax import checkpoint
+from t5gemma_jax import run_files
 from t5gemma_jax.config import DTYPES, T5GemmaConfig
 from t5gemma_jax.convert import hf, hf_writer, params_checkpoint
 from t5gemma_jax.model import abstract_params, layout
@@ -36,8 +36,8 @@ def checkpoint_config(step_dir: str, cfg: Optional[T5GemmaConfig] = None,
   source = "the given model config"
   if cfg is None:
     run_dir = params_checkpoint.run_dir_of(step_dir)
-    cfg = checkpoint.read_model_config(run_dir)
-    source = os.path.join(run_dir, checkpoint.MODEL_CONFIG)
+    cfg = run_files.read_model_config(run_dir)
+    source = os.path.join(run_dir, run_files.MODEL_CONFIG)
   metadata = metadata if metadata is not None else params_checkpoint.param_metadata(step_dir)
   cfg = cfg.replace(scan_layers=params_checkpoint.is_scanned(metadata))
   expected = {p: tuple(a.shape) for p, a in hf_writer.leaves_of(abstract_params(cfg,

@@ -1,7 +1,7 @@
 """Orbax checkpoints seen as parameter stores: find a step, inspect it, stream it, write one.
 
 A run directory (MODEL_DIR) holds `checkpoints/<step>/state` (the TrainState written by
-`t5gemma_jax.checkpoint.Checkpointer`) and the model files (`checkpoint.write_model_files`,
+`t5gemma_jax.checkpoint.Checkpointer`) and the model files (`run_files.write_model_files`,
 written by `train`, `import_hf` and `adapt`). Export reads the params of one step piece by piece as numpy arrays,
 whatever mesh they were saved on; import and adaptation write a params-only step 0 that
 `train` (`init_from`) and `infer` start from.
@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from t5gemma_jax import checkpoint
+from t5gemma_jax import checkpoint, run_files
 from t5gemma_jax.config import T5GemmaConfig
 
 _COMMITTED = "commit_success.txt"
@@ -180,7 +180,7 @@ def save_params(params: Any, cfg: T5GemmaConfig, out_dir: str, *,
     with checkpoint.Checkpointer(os.path.join(tmp, "checkpoints"), save_every=1,
                                  async_save=False) as ckpt:
       ckpt.save(0, state, force=True)
-    checkpoint.write_model_files(cfg, tmp)
+    run_files.write_model_files(cfg, tmp)
     hf_writer.replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

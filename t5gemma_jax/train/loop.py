@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from t5gemma_jax import atomic, checkpoint, evaluation, sharding, storage
+from t5gemma_jax import atomic, checkpoint, evaluation, run_files, sharding, storage
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.model import abstract_params
@@ -200,12 +200,12 @@ class _StepLog:
       self._bar.close()
 
 
-def run(cfg: TrainConfig, run_files: Optional[Mapping[str, str]] = None) -> dict:
+def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> dict:
   """Trains until `cfg.train_steps` (or SIGTERM) and returns a summary dict.
 
   Args:
     cfg: the run.
-    run_files: {file name: text} written into `model_dir` once the run is set up (e.g. the
+    extra_files: {file name: text} written into `model_dir` once the run is set up (e.g. the
       CLI's config.gin). Nothing is written before: a run that fails while being set up
       (bad data, mesh, vocabulary, checkpoint) leaves no directory behind that it created.
   """
@@ -249,9 +249,9 @@ def run(cfg: TrainConfig, run_files: Optional[Mapping[str, str]] = None) -> dict
       shutil.rmtree(cfg.model_dir, ignore_errors=True)
     raise
   if jax.process_index() == 0:  # the model files are read by export
-    checkpoint.write_model_files(cfg.model, cfg.model_dir)
-    checkpoint.write_vocabulary(_vocabulary(cfg), cfg.model_dir)
-    for name, text in (run_files or {}).items():
+    run_files.write_model_files(cfg.model, cfg.model_dir)
+    run_files.write_vocabulary(_vocabulary(cfg), cfg.model_dir)
+    for name, text in (extra_files or {}).items():
       atomic.write_text(os.path.join(cfg.model_dir, name), text)
   batch_log = (storage.AppendLog(os.path.join(cfg.model_dir,
                                               f"batches_p{jax.process_index()}.jsonl"))
