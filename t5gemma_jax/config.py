@@ -232,7 +232,21 @@ _TINY = ModuleConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_he
                      num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, vocab_size=2048,
                      sliding_window=16)
 
-PRESETS = ("tiny", "s-s", "b-b", "l-l", "ml-ml", "xl-xl", "2b-2b", "9b-2b", "9b-9b")
+# T5Gemma 2 (text), name: (num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads,
+# head_dim, sliding_window). "270m" is confirmed from a public print of the released config
+# (docs/t5gemma2_reference.md §6). "1b" and "4b" are NOT confirmed: they are the Gemma 3 1B / 4B
+# text stacks, which T5Gemma 2 is adapted from; likewise their vocabulary (262144, as 270m;
+# Gemma 3 4B itself has 262208) and the RoPE settings copied from 270m.
+_T5GEMMA2_STACKS = {
+    "270m": (18, 640, 2048, 4, 1, 256, 512),
+    "1b": (26, 1152, 6912, 4, 1, 256, 512),   # unconfirmed
+    "4b": (34, 2560, 10240, 8, 4, 256, 1024),  # unconfirmed
+}
+T5GEMMA2_EOI_ID = 256000
+T5GEMMA2_PERIOD = 6  # every 6th layer is full attention (5 local : 1 global)
+
+PRESETS = ("tiny", "s-s", "b-b", "l-l", "ml-ml", "xl-xl", "2b-2b", "9b-2b", "9b-9b",
+           "270m-270m", "1b-1b", "4b-4b")
 
 
 def stack_preset(name: str) -> ModuleConfig:
@@ -247,8 +261,25 @@ def stack_preset(name: str) -> ModuleConfig:
                       query_pre_attn_scalar=head_dim)
 
 
+def t5gemma2_stack(name: str) -> ModuleConfig:
+  """One T5Gemma 2 text stack ("270m", "1b", "4b"): q/k norms, 5:1 local:global layers, RoPE
+  1e4 on local and 1e6 with linear scaling 8 on global layers, the split encoder window, no
+  softcaps."""
+  if name not in _T5GEMMA2_STACKS:
+    raise ValueError(f"unknown T5Gemma 2 size {name!r}; known: {', '.join(_T5GEMMA2_STACKS)}")
+  layers, hidden, ffn, heads, kv_heads, head_dim, window = _T5GEMMA2_STACKS[name]
+  types = tuple(FULL if (i + 1) % T5GEMMA2_PERIOD == 0 else SLIDING for i in range(layers))
+  return ModuleConfig(hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
+                      num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                      query_pre_attn_scalar=256, vocab_size=262144, attn_logit_softcapping=None,
+                      final_logit_softcapping=None, sliding_window=window, layer_types=types,
+                      rope_theta=1_000_000.0, qk_norm=True, rope_local_theta=10_000.0,
+                      rope_scaling_factor=8.0, encoder_window="split")
+
+
 def preset(name: str, **options) -> T5GemmaConfig:
-  """A named model: "tiny" or a released pair such as "2b-2b" or "9b-2b" (encoder-decoder).
+  """A named model: "tiny", a released T5Gemma pair such as "2b-2b" or "9b-2b"
+  (encoder-decoder), or a T5Gemma 2 pair ("270m-270m", "1b-1b", "4b-4b").
 
   Args:
     name: one of `PRESETS`.
@@ -265,6 +296,10 @@ def preset(name: str, **options) -> T5GemmaConfig:
   if unknown:
     raise ValueError(f"preset: unknown option(s) {unknown}; options are {allowed}")
   enc_name, dec_name = ("tiny", "tiny") if name == "tiny" else name.split("-")
+  if enc_name in _T5GEMMA2_STACKS:
+    return T5GemmaConfig(encoder=t5gemma2_stack(enc_name), decoder=t5gemma2_stack(dec_name),
+                         merged_attention=True, shared_embedding=True, eoi_id=T5GEMMA2_EOI_ID,
+                         **options)
   return T5GemmaConfig(encoder=stack_preset(enc_name), decoder=stack_preset(dec_name), **options)
 
 

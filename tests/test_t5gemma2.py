@@ -99,3 +99,18 @@ def test_generate_refuses_t5gemma2(reference):
   params, cfg = hf.load(folder)
   with pytest.raises(NotImplementedError, match="T5Gemma 2"):
     decoding.generate(params, cfg, _batch()[0], max_new_tokens=2)
+
+
+def test_presets_and_param_counts():
+  """270m-270m matches the released text size (0.37B: one table plus two stacks)."""
+  import flax.linen as nn
+  from t5gemma_jax import config
+  counts = {}
+  for name in ("270m-270m", "1b-1b", "4b-4b"):
+    cfg = config.preset(name, scan_layers=True)
+    assert cfg.encoder.layer_types[5] == L and cfg.encoder.layer_period == 6
+    counts[name] = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
+        nn.meta.unbox(model.abstract_params(cfg))))
+  assert abs(counts["270m-270m"] / 1e9 - 0.37) < 0.01, counts
+  assert abs(counts["1b-1b"] / 1e9 - 1.70) < 0.02, counts
+  assert abs(counts["4b-4b"] / 1e9 - 7.1) < 0.1, counts
