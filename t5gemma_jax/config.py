@@ -16,6 +16,7 @@ FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 REMAT_POLICIES = ("none", "full", "minimal")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+ENCODER_WINDOWS = ("symmetric", "split")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -29,7 +30,16 @@ class ModuleConfig:
   """Hyper-parameters of one stack (the encoder or the decoder).
 
   Field names follow the published T5Gemma configs; `layer_types=None` means the Gemma 2
-  alternation (sliding, full, sliding, ...).
+  alternation (sliding, full, sliding, ...). The defaults of the last four fields are
+  T5Gemma 1; T5Gemma 2 sets them as `t5gemma2_stack` does:
+
+  Attributes:
+    qk_norm: RMSNorm (`1 + w`, over head_dim) on queries and keys before RoPE.
+    rope_local_theta: RoPE base of sliding layers; None = `rope_theta` (T5Gemma 1 uses one).
+    rope_scaling_factor: linear RoPE scaling (inv_freq / factor) of full-attention layers only.
+    encoder_window: how an encoder sliding layer reads `sliding_window` = W: "symmetric" is
+      |j - i| <= W (T5Gemma 1, 2W + 1 keys); "split" is 1 - ceil(W/2) <= j - i <= floor(W/2)
+      (T5Gemma 2, W keys). Causal (decoder) windows are i - W < j <= i either way.
   """
 
   hidden_size: int
@@ -48,6 +58,10 @@ class ModuleConfig:
   rms_norm_eps: float = 1e-6
   dropout_rate: float = 0.0
   attention_dropout: float = 0.0
+  qk_norm: bool = False
+  rope_local_theta: Optional[float] = None
+  rope_scaling_factor: float = 1.0
+  encoder_window: str = "symmetric"
 
   def __post_init__(self):
     if self.layer_types is None:
@@ -72,6 +86,19 @@ class ModuleConfig:
     if SLIDING in self.layer_types and not self.sliding_window:
       raise ValueError("ModuleConfig.sliding_window must be set when layer_types has "
                        f"'{SLIDING}' layers")
+    if self.encoder_window not in ENCODER_WINDOWS:
+      raise ValueError(f"ModuleConfig.encoder_window must be one of {ENCODER_WINDOWS}, "
+                       f"got {self.encoder_window!r}")
+    if not self.rope_scaling_factor > 0:
+      raise ValueError("ModuleConfig.rope_scaling_factor must be positive, got "
+                       f"{self.rope_scaling_factor}")
+
+  def rope_for(self, layer_type: str) -> tuple[float, float]:
+    """(theta, linear scaling factor) of the RoPE table a layer of `layer_type` uses."""
+    if layer_type == SLIDING:
+      theta = self.rope_theta if self.rope_local_theta is None else self.rope_local_theta
+      return theta, 1.0
+    return self.rope_theta, self.rope_scaling_factor
 
   @property
   def layer_period(self) -> int:
@@ -98,6 +125,13 @@ class T5GemmaConfig:
     attention_impl: "xla" (portable, the reference), "cudnn" (GPU flash attention; needs no
       attention softcap) or "splash" (TPU Pallas kernel) for training and teacher forcing;
       decoding always uses "xla".
+    merged_attention: T5Gemma 2 decoder: no cross-attention module; the decoder's `self_attn`
+      also projects the encoder output with its own k/v kernels (and k_norm, but no RoPE) and
+      one softmax runs over [decoder keys; encoder keys]. Needs equal hidden sizes.
+    shared_embedding: one table (the encoder's) embeds both stacks and is the output layer;
+      the decoder then has no `embedder` params.
+    eoi_id: T5Gemma 2's end-of-image token: its embedding is replaced by a learned, unscaled
+      `embedder/eoi_embedding` vector. None (T5Gemma 1): no such parameter.
   """
 
   encoder: ModuleConfig
@@ -110,6 +144,9 @@ class T5GemmaConfig:
   scan_layers: bool = False
   remat_policy: str = "none"
   attention_impl: str = "xla"
+  merged_attention: bool = False
+  shared_embedding: bool = False
+  eoi_id: Optional[int] = None
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):
@@ -132,9 +169,35 @@ class T5GemmaConfig:
           raise ValueError(f"attention_impl='cudnn' cannot softcap attention logits, but "
                            f"{side}.attn_logit_softcapping is {m.attn_logit_softcapping}; use "
                            "'xla' or 'splash', or a config without softcapping")
+    self._check_t5gemma2_options()
     if self.encoder.vocab_size != self.decoder.vocab_size:
       raise ValueError(f"encoder.vocab_size ({self.encoder.vocab_size}) and decoder.vocab_size "
                        f"({self.decoder.vocab_size}) must match")
+
+  def _check_t5gemma2_options(self):
+    if (self.merged_attention or self.shared_embedding) and (
+        self.encoder.hidden_size != self.decoder.hidden_size):
+      raise ValueError("merged_attention and shared_embedding need equal encoder and decoder "
+                       f"hidden sizes, got {self.encoder.hidden_size} and "
+                       f"{self.decoder.hidden_size}")
+    if self.eoi_id is not None and not 0 <= self.eoi_id < self.encoder.vocab_size:
+      raise ValueError(f"T5GemmaConfig.eoi_id {self.eoi_id} is outside the vocabulary "
+                       f"(size {self.encoder.vocab_size})")
+    # The fused kernels know neither the concatenated [self; cross] mask nor the split window.
+    if self.attention_impl != "xla":
+      if self.merged_attention:
+        raise ValueError(f"merged_attention needs attention_impl='xla', got "
+                         f"{self.attention_impl!r}")
+      if self.encoder.encoder_window != "symmetric":
+        raise ValueError(f"encoder_window={self.encoder.encoder_window!r} needs "
+                         f"attention_impl='xla', got {self.attention_impl!r}")
+
+  @property
+  def is_t5gemma2(self) -> bool:
+    """Whether any T5Gemma 2 feature is on (what decoding does not support yet)."""
+    return (self.merged_attention or self.shared_embedding or self.eoi_id is not None
+            or any(m.qk_norm or m.rope_local_theta is not None or m.rope_scaling_factor != 1.0
+                   for m in (self.encoder, self.decoder)))
 
   @property
   def activation_dtype(self):
@@ -169,7 +232,21 @@ _TINY = ModuleConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_he
                      num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, vocab_size=2048,
                      sliding_window=16)
 
-PRESETS = ("tiny", "s-s", "b-b", "l-l", "ml-ml", "xl-xl", "2b-2b", "9b-2b", "9b-9b")
+# T5Gemma 2 (text), name: (num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads,
+# head_dim, sliding_window). "270m" is confirmed from a public print of the released config
+# (docs/t5gemma2_reference.md §6). "1b" and "4b" are NOT confirmed: they are the Gemma 3 1B / 4B
+# text stacks, which T5Gemma 2 is adapted from; likewise their vocabulary (262144, as 270m;
+# Gemma 3 4B itself has 262208) and the RoPE settings copied from 270m.
+_T5GEMMA2_STACKS = {
+    "270m": (18, 640, 2048, 4, 1, 256, 512),
+    "1b": (26, 1152, 6912, 4, 1, 256, 512),   # unconfirmed
+    "4b": (34, 2560, 10240, 8, 4, 256, 1024),  # unconfirmed
+}
+T5GEMMA2_EOI_ID = 256000
+T5GEMMA2_PERIOD = 6  # every 6th layer is full attention (5 local : 1 global)
+
+PRESETS = ("tiny", "s-s", "b-b", "l-l", "ml-ml", "xl-xl", "2b-2b", "9b-2b", "9b-9b",
+           "270m-270m", "1b-1b", "4b-4b")
 
 
 def stack_preset(name: str) -> ModuleConfig:
@@ -184,8 +261,25 @@ def stack_preset(name: str) -> ModuleConfig:
                       query_pre_attn_scalar=head_dim)
 
 
+def t5gemma2_stack(name: str) -> ModuleConfig:
+  """One T5Gemma 2 text stack ("270m", "1b", "4b"): q/k norms, 5:1 local:global layers, RoPE
+  1e4 on local and 1e6 with linear scaling 8 on global layers, the split encoder window, no
+  softcaps."""
+  if name not in _T5GEMMA2_STACKS:
+    raise ValueError(f"unknown T5Gemma 2 size {name!r}; known: {', '.join(_T5GEMMA2_STACKS)}")
+  layers, hidden, ffn, heads, kv_heads, head_dim, window = _T5GEMMA2_STACKS[name]
+  types = tuple(FULL if (i + 1) % T5GEMMA2_PERIOD == 0 else SLIDING for i in range(layers))
+  return ModuleConfig(hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
+                      num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                      query_pre_attn_scalar=256, vocab_size=262144, attn_logit_softcapping=None,
+                      final_logit_softcapping=None, sliding_window=window, layer_types=types,
+                      rope_theta=1_000_000.0, qk_norm=True, rope_local_theta=10_000.0,
+                      rope_scaling_factor=8.0, encoder_window="split")
+
+
 def preset(name: str, **options) -> T5GemmaConfig:
-  """A named model: "tiny" or a released pair such as "2b-2b" or "9b-2b" (encoder-decoder).
+  """A named model: "tiny", a released T5Gemma pair such as "2b-2b" or "9b-2b"
+  (encoder-decoder), or a T5Gemma 2 pair ("270m-270m", "1b-1b", "4b-4b").
 
   Args:
     name: one of `PRESETS`.
@@ -202,6 +296,10 @@ def preset(name: str, **options) -> T5GemmaConfig:
   if unknown:
     raise ValueError(f"preset: unknown option(s) {unknown}; options are {allowed}")
   enc_name, dec_name = ("tiny", "tiny") if name == "tiny" else name.split("-")
+  if enc_name in _T5GEMMA2_STACKS:
+    return T5GemmaConfig(encoder=t5gemma2_stack(enc_name), decoder=t5gemma2_stack(dec_name),
+                         merged_attention=True, shared_embedding=True, eoi_id=T5GEMMA2_EOI_ID,
+                         **options)
   return T5GemmaConfig(encoder=stack_preset(enc_name), decoder=stack_preset(dec_name), **options)
 
 

@@ -267,6 +267,11 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
   Returns:
     int32 [B, max_new_tokens]: generated tokens (BOS excluded), EOS then padding.
   """
+  if cfg.is_t5gemma2:
+    # The cached step below knows neither merged attention, q/k norms, the shared table nor
+    # the per-layer-type RoPE; computing without them would return wrong tokens silently.
+    raise NotImplementedError("decoding T5Gemma 2 configs (merged_attention, shared_embedding, "
+                              "qk_norm, eoi_id, per-layer RoPE) is not implemented yet")
   if strategy not in STRATEGIES:
     raise ValueError(f"unknown decoding strategy {strategy!r}; known: {STRATEGIES}")
   if max_new_tokens < 1:

@@ -56,3 +56,39 @@ def padded_batch(rng: np.random.Generator, vocab: int, batch: int, enc_len: int,
     enc[b, enc_len - 3 * b:] = 0
     dec[b, dec_len - 2 * b:] = 0
   return enc, dec
+
+
+# ------------------------------------------------------------------------------ T5Gemma 2
+
+T5GEMMA2_EOI = 250  # inside the tiny vocabulary, so the unscaled eoi embedding is exercised
+
+
+def random_t5gemma2_model(encoder: dict, decoder: dict, seed: int = 0):
+  """An eager float32 `T5Gemma2ForConditionalGeneration` with every weight random (norms, q/k
+  norms and eoi_embedding included) and a throwaway one-layer SigLIP tower.
+
+  `encoder` / `decoder` override the text fields of a tiny base config (hidden 32, 4 heads,
+  2 KV heads, head_dim 16, qpas 12, window 4, vocab 256, RoPE 1e4 local / 1e6 linear x8 global).
+  """
+  from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration
+
+  base = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+              query_pre_attn_scalar=12, sliding_window=4, max_position_embeddings=64,
+              rope_parameters={
+                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                  "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                     "rope_theta": 1000000.0}})
+  vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+  cfg = T5Gemma2Config(
+      encoder=dict(text_config=dict(base, **encoder), vision_config=vision,
+                   mm_tokens_per_image=4, eoi_token_index=T5GEMMA2_EOI,
+                   boi_token_index=T5GEMMA2_EOI - 1),
+      decoder=dict(base, **decoder), attn_implementation="eager", dtype="float32")
+  torch.manual_seed(seed)
+  model = T5Gemma2ForConditionalGeneration(cfg).eval()
+  with torch.no_grad():  # tied tensors appear once
+    for _, p in model.named_parameters():
+      p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 0.2))
+  return model

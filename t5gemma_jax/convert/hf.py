@@ -1,5 +1,8 @@
 """Our params <-> a Hugging Face `T5GemmaForConditionalGeneration` folder, with numpy alone.
 
+T5Gemma 2 folders (model_type "t5gemma2", text weights only) go through the same functions;
+their names and nested config live in `hf_t5gemma2`.
+
 `load(path)` reads config.json and model.safetensors (or a sharded set with its index);
 `save(params, cfg, path)` writes a folder that transformers loads with no missing or unexpected
 keys. Linear weights are (out, in) in HF and (in, ..., out) kernels here; the LM head is tied to
@@ -15,7 +18,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from t5gemma_jax.config import DTYPES, ModuleConfig, T5GemmaConfig
-from t5gemma_jax.convert import safetensors_io
+from t5gemma_jax.convert import hf_t5gemma2, safetensors_io
 from t5gemma_jax.model import layout
 
 Params = dict[str, Any]
@@ -45,10 +48,13 @@ def config_from_hf(hf: dict, source: str = CONFIG_NAME, **options) -> T5GemmaCon
     **options: run-time fields of T5GemmaConfig (dtype, param_dtype, scan_layers, remat_policy).
   """
   model_type = hf.get("model_type")
+  if model_type == hf_t5gemma2.MODEL_TYPE:
+    return hf_t5gemma2.config_from_hf(hf, source, **options)
   if model_type != "t5gemma":
     hint = (" (a decoder-only Gemma checkpoint: adapt it to an encoder-decoder first)"
             if isinstance(model_type, str) and model_type.startswith("gemma") else "")
-    raise ValueError(f"{source}: model_type is {model_type!r}, expected 't5gemma'{hint}")
+    raise ValueError(f"{source}: model_type is {model_type!r}, expected 't5gemma' or "
+                     f"'t5gemma2'{hint}")
   stacks = {}
   for side in ("encoder", "decoder"):
     if not isinstance(hf.get(side), dict):
@@ -90,7 +96,13 @@ def _module_from_hf(m: dict, top: dict, where: str) -> ModuleConfig:
 
 
 def config_to_hf(cfg: T5GemmaConfig) -> dict:
-  """The config.json dict that transformers' T5GemmaConfig reads back into the same model."""
+  """The config.json dict that transformers' T5GemmaConfig (or T5Gemma2Config) reads back into
+  the same model."""
+  if hf_t5gemma2.matches(cfg):
+    return hf_t5gemma2.config_to_hf(cfg, _HF_DTYPE[cfg.param_dtype])
+  if cfg.is_t5gemma2:
+    raise ValueError("this config mixes T5Gemma 2 features (qk_norm, two RoPE tables, eoi_id) "
+                     "into a T5Gemma 1 model; transformers has no such architecture")
 
   def module(m: ModuleConfig, is_decoder: bool) -> dict:
     d = {
@@ -131,6 +143,9 @@ def config_to_hf(cfg: T5GemmaConfig) -> dict:
 
 def _entries(cfg: T5GemmaConfig) -> Iterator[tuple[str, tuple[str, ...], str, tuple[int, ...]]]:
   """Yields (hf name, our unrolled param path, kind, our shape) for every stored tensor."""
+  if hf_t5gemma2.matches(cfg):
+    yield from hf_t5gemma2.entries(cfg)
+    return
   for side, m in (("encoder", cfg.encoder), ("decoder", cfg.decoder)):
     d, f = m.hidden_size, m.intermediate_size
     h, k, dh = m.num_heads, m.num_kv_heads, m.head_dim
@@ -221,6 +236,10 @@ def load(path: str, **options) -> tuple[Params, T5GemmaConfig]:
     hf_config = json.load(f)
   cfg = config_from_hf(hf_config, config_path)
   tensors = _read_tensors(path)
+  tied = set(TIED_KEYS)
+  if hf_t5gemma2.matches(cfg):
+    tensors = hf_t5gemma2.text_tensors(tensors, path)
+    tied |= set(hf_t5gemma2.TIED_KEYS)
 
   stored = {str(v.dtype) for v, _ in tensors.values()}
   param_dtype = options.pop("param_dtype", None)
@@ -247,7 +266,7 @@ def load(path: str, **options) -> tuple[Params, T5GemmaConfig]:
   if missing:
     raise ValueError(f"{path}: {len(missing)} parameters missing from the checkpoint, e.g. "
                      f"{missing[:5]}")
-  unexpected = sorted(set(tensors) - expected - set(TIED_KEYS))
+  unexpected = sorted(set(tensors) - expected - tied)
   if unexpected:
     raise ValueError(f"{path}: {len(unexpected)} unexpected tensors (not T5Gemma?), e.g. "
                      f"{unexpected[:5]}")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from t5gemma_jax.model import attention_kernels
-from t5gemma_jax.model.layers import Einsum, apply_rope
+from t5gemma_jax.model.layers import Einsum, RMSNorm, apply_rope
 
 Array = jax.Array
 DType = Any
@@ -66,14 +66,17 @@ class MaskSpec:
     q_segments: int [B, T] segment ids of the queries (0 = padding).
     kv_segments: int [B, S] segment ids of the keys.
     causal: keys after the query are hidden (decoder self-attention).
-    window: sliding window, or None. Bidirectional: |i - j| <= window; causal:
-      i - window < j <= i (both as transformers 5.x).
+    window: sliding window W, or None. Causal: i - W < j <= i. Bidirectional: |i - j| <= W
+      (T5Gemma 1), or with `split_window` 1 - ceil(W/2) <= j - i <= floor(W/2) (T5Gemma 2:
+      W keys, one more after the query than before it), all as transformers 5.x.
+    split_window: use T5Gemma 2's bidirectional window (ignored when causal).
   """
 
   q_segments: Array
   kv_segments: Array
   causal: bool = struct.field(pytree_node=False, default=False)
   window: Optional[int] = struct.field(pytree_node=False, default=None)
+  split_window: bool = struct.field(pytree_node=False, default=False)
 
   def dense(self) -> Array:
     """The boolean [B, T, S] mask (True = may attend)."""
@@ -86,6 +89,8 @@ class MaskSpec:
       mask &= (j <= i)[None]
       if self.window is not None:
         mask &= (j > i - self.window)[None]
+    elif self.split_window:
+      mask &= ((j - i >= 1 - (self.window + 1) // 2) & (j - i <= self.window // 2))[None]
     else:
       mask &= (jnp.abs(i - j) <= self.window)[None]
     return mask
@@ -138,7 +143,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: f
 
 
 class Attention(nn.Module):
-  """Gemma 2 attention: self-attention with RoPE, or cross-attention (no RoPE) over `kv_input`.
+  """Gemma attention: self-attention with RoPE, cross-attention (no RoPE) over `kv_input`, or
+  T5Gemma 2's merged attention (self keys with RoPE then `merged_input` keys without).
 
   Attributes:
     num_heads, num_kv_heads, head_dim: head layout (GQA when num_kv_heads < num_heads).
@@ -147,6 +153,8 @@ class Attention(nn.Module):
     rope_theta: RoPE base for self-attention; None for cross-attention.
     kv_features: width of `kv_input` (the encoder width for cross-attention); None = same as x.
     impl: "xla" (`dot_product_attention`), "cudnn" or "splash" (`attention_kernels`).
+    rope_factor: linear RoPE scaling factor.
+    qk_norm: RMSNorm (eps `norm_eps`) over head_dim of queries and keys, before RoPE.
   """
 
   num_heads: int
@@ -158,15 +166,21 @@ class Attention(nn.Module):
   kv_features: Optional[int] = None
   attention_dropout: float = 0.0
   impl: str = "xla"
+  rope_factor: float = 1.0
+  qk_norm: bool = False
+  norm_eps: float = 1e-6
   deterministic: bool = True
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, mask: "MaskSpec | Array", positions: Optional[Array] = None,
-               kv_input: Optional[Array] = None) -> Array:
+               kv_input: Optional[Array] = None, merged_input: Optional[Array] = None,
+               merged_mask: Optional[MaskSpec] = None) -> Array:
     """Args: x [B, T, D]; mask a `MaskSpec` or bool [B, T, S] (XLA path only); positions
-    int [B, T] (self-attention only); kv_input [B, S, D_kv] for cross-attention.
+    int [B, T] (self-attention only); kv_input [B, S, D_kv] for cross-attention;
+    merged_input [B, S, D] (the encoder output) with merged_mask (a MaskSpec [B, T, S]) for
+    merged attention, whose keys are [self (T); merged (S)].
     Returns [B, T, D]."""
     d = x.shape[-1]
     h, kh, dh = self.num_heads, self.num_kv_heads, self.head_dim
@@ -175,15 +189,31 @@ class Attention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q = Einsum((d, h, dh), ("embed", "heads", "head_dim"), out_axis=(1, 2), name="q",
                **kw)("btd,dnh->btnh", x)
-    k = Einsum((d_kv, kh, dh), ("embed", "kv_heads", "head_dim"), out_axis=(1, 2), name="k",
-               **kw)("bsd,dkh->bskh", src)
-    v = Einsum((d_kv, kh, dh), ("embed", "kv_heads", "head_dim"), out_axis=(1, 2), name="v",
-               **kw)("bsd,dkh->bskh", src)
+    kv_proj = {name: Einsum((d_kv, kh, dh), ("embed", "kv_heads", "head_dim"), out_axis=(1, 2),
+                            name=name, **kw) for name in ("k", "v")}
+    k = kv_proj["k"]("bsd,dkh->bskh", src)
+    v = kv_proj["v"]("bsd,dkh->bskh", src)
+    if self.qk_norm:
+      q_norm = RMSNorm(self.norm_eps, axis_name="head_dim", param_dtype=self.param_dtype,
+                       name="q_norm")
+      k_norm = RMSNorm(self.norm_eps, axis_name="head_dim", param_dtype=self.param_dtype,
+                       name="k_norm")
+      q, k = q_norm(q), k_norm(k)
     if self.rope_theta is not None:
       if kv_input is not None:
         raise ValueError("RoPE applies to self-attention only; got kv_input with rope_theta set")
-      q = apply_rope(q, positions, self.rope_theta)
-      k = apply_rope(k, positions, self.rope_theta)
+      q = apply_rope(q, positions, self.rope_theta, self.rope_factor)
+      k = apply_rope(k, positions, self.rope_theta, self.rope_factor)
+    if merged_input is not None:
+      # The encoder keys reuse this layer's k/v kernels and k_norm, without RoPE (HF
+      # T5Gemma2MergedAttention); the concatenation lets one softmax weigh both sources.
+      k_c = kv_proj["k"]("bsd,dkh->bskh", merged_input)
+      if self.qk_norm:
+        k_c = k_norm(k_c)
+      k = jnp.concatenate([k, k_c], axis=1)
+      v = jnp.concatenate([v, kv_proj["v"]("bsd,dkh->bskh", merged_input)], axis=1)
+      self_mask = mask.dense() if isinstance(mask, MaskSpec) else mask
+      mask = jnp.concatenate([self_mask, merged_mask.dense()], axis=-1)
     q = checkpoint_name(q, "query_proj")
     k = checkpoint_name(k, "key_proj")
     v = checkpoint_name(v, "value_proj")

@@ -7,7 +7,7 @@ place it on any mesh without the model knowing about meshes.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -78,10 +78,16 @@ def rms_norm(x: Array, scale: Array, eps: float) -> Array:
 
 
 class Embedder(nn.Module):
-  """Token embedding scaled by sqrt(hidden_size), and its transpose as the tied output layer."""
+  """Token embedding scaled by sqrt(hidden_size), and its transpose as the tied output layer.
+
+  Attributes:
+    eoi_id: T5Gemma 2's end-of-image token, embedded by a learned unscaled vector
+      `eoi_embedding` [D] instead of its table row; None = no such parameter.
+  """
 
   vocab_size: int
   embed_dim: int
+  eoi_id: Optional[int] = None
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
@@ -90,31 +96,61 @@ class Embedder(nn.Module):
     init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0)
     self.embedding = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
                                 (self.vocab_size, self.embed_dim), self.param_dtype)
+    self.eoi_embedding = None
+    if self.eoi_id is not None:
+      self.eoi_embedding = self.param(
+          "eoi_embedding", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+          (self.embed_dim,), self.param_dtype)
 
   def encode(self, tokens: Array) -> Array:
     """int [B, T] -> [B, T, D] in `dtype`, scaled by sqrt(D) cast to `dtype` first (as HF)."""
-    x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
-    return x * jnp.asarray(math.sqrt(self.embed_dim), self.dtype)
+    return embed_tokens(self.embedding, tokens, self.dtype, self.eoi_id, self.eoi_embedding)
 
   def decode(self, x: Array) -> Array:
     """[B, T, D] -> float32 logits [B, T, V] through the (tied) embedding matrix."""
-    return jnp.einsum("btd,vd->btv", x.astype(self.dtype), self.embedding.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return embedding_logits(self.embedding, x, self.dtype)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+def embed_tokens(table: Array, tokens: Array, dtype: DType, eoi_id: Optional[int] = None,
+                 eoi_embedding: Optional[Array] = None) -> Array:
+  """The `Embedder.encode` math on explicit parameters (a stack can read another's table).
+
+  Args:
+    table: [V, D]; tokens: int [B, T]; eoi_embedding: [D], used (unscaled) where
+      tokens == eoi_id.
+
+  Returns:
+    [B, T, D] in `dtype`.
+  """
+  d = table.shape[-1]
+  x = jnp.take(table, tokens, axis=0).astype(dtype) * jnp.asarray(math.sqrt(d), dtype)
+  if eoi_id is not None:
+    x = jnp.where((tokens == eoi_id)[..., None], eoi_embedding.astype(dtype), x)
+  return x
+
+
+def embedding_logits(table: Array, x: Array, dtype: DType) -> Array:
+  """[B, T, D] -> float32 logits [B, T, V] = x @ table^T (no scale, no bias)."""
+  return jnp.einsum("btd,vd->btv", x.astype(dtype), table.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def apply_rope(x: Array, positions: Array, theta: float, factor: float = 1.0) -> Array:
   """Rotary embedding in the split-halves layout (HF `rotate_half`).
 
   Args:
     x: [B, T, N, H] queries or keys.
     positions: int [B, T], counting from 0 in each sequence (segment).
     theta: RoPE base frequency.
+    factor: linear scaling: frequencies are divided by it (HF rope_type "linear").
 
   Returns:
     [B, T, N, H] in x.dtype; angles are computed in float32 and cast to x.dtype as HF does.
   """
   head_dim = x.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if factor != 1.0:  # skipped at 1 so that T5Gemma 1's graph is unchanged
+    inv_freq = inv_freq / factor
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
   cos = jnp.cos(angles).astype(x.dtype)[:, :, None, :]
   sin = jnp.sin(angles).astype(x.dtype)[:, :, None, :]

@@ -3,6 +3,9 @@
 Parameter tree (unscanned):
   encoder/{embedder/embedding, layers_{i}/..., final_norm/scale}
   decoder/{embedder/embedding, layers_{i}/..., final_norm/scale}
+T5Gemma 2 (`shared_embedding`) has no decoder/embedder: the decoder and the output layer read
+encoder/embedder (plus encoder/embedder/eoi_embedding when `eoi_id` is set); with
+`merged_attention` decoder layers have no cross_attn nor cross norms.
 With `scan_layers=True` the leading `R = num_layers // period` repeats of the layer-type pattern
 live under `layers/block_{s}` with a leading [R] axis (logical name "layers"); leftover layers,
 if any, keep their `layers_{i}` names. `t5gemma_jax.model.layout` converts between the two.
@@ -18,7 +21,8 @@ import jax.numpy as jnp
 
 from t5gemma_jax.config import SLIDING, ModuleConfig, T5GemmaConfig
 from t5gemma_jax.model import attention as attn_lib
-from t5gemma_jax.model.layers import Embedder, FeedForward, RMSNorm, constrain
+from t5gemma_jax.model.layers import (Embedder, FeedForward, RMSNorm, constrain, embed_tokens,
+                                      embedding_logits)
 
 Array = jax.Array
 
@@ -53,6 +57,17 @@ class _SubBlock(nn.Module):
     y = nn.Dropout(self.cfg.dropout_rate)(y, deterministic=self.deterministic)
     return x + y
 
+  def attention(self, name: str, layer_type: Optional[str], **kw) -> attn_lib.Attention:
+    """This stack's attention module; `layer_type` None = cross-attention (no RoPE)."""
+    c = self.cfg
+    theta, factor = c.rope_for(layer_type) if layer_type is not None else (None, 1.0)
+    return attn_lib.Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.query_pre_attn_scalar,
+                              c.attn_logit_softcapping, theta, rope_factor=factor,
+                              qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps,
+                              attention_dropout=c.attention_dropout, impl=self.attention_impl,
+                              deterministic=self.deterministic, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name=name, **kw)
+
 
 class EncoderBlock(_SubBlock):
   """Bidirectional self-attention then the MLP."""
@@ -65,10 +80,7 @@ class EncoderBlock(_SubBlock):
     """x [B, S, D]; positions int [B, S]; masks {layer_type: MaskSpec} -> [B, S, D]."""
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
-    self_attn = attn_lib.Attention(c.num_heads, c.num_kv_heads, c.head_dim,
-                                   c.query_pre_attn_scalar, c.attn_logit_softcapping,
-                                   c.rope_theta, attention_dropout=c.attention_dropout,
-                                   impl=self.attention_impl, name="self_attn", **kw)
+    self_attn = self.attention("self_attn", self.layer_type)
     x = self.residual(x, lambda h: self_attn(h, masks[self.layer_type], positions),
                       "pre_self_attn_norm", "post_self_attn_norm")
     mlp = FeedForward(c.hidden_size, c.intermediate_size, c.dropout_rate, name="mlp", **kw)
@@ -77,10 +89,15 @@ class EncoderBlock(_SubBlock):
 
 
 class DecoderBlock(_SubBlock):
-  """Causal self-attention, cross-attention over the encoder output, then the MLP."""
+  """Causal self-attention, cross-attention over the encoder output, then the MLP.
+
+  With `merged` (T5Gemma 2) the two attentions are one: `self_attn` reads
+  [decoder keys; encoder keys] and there is no cross-attention sub-layer.
+  """
 
   layer_type: str = SLIDING
   encoder_hidden_size: int = 0
+  merged: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -89,16 +106,14 @@ class DecoderBlock(_SubBlock):
     """x [B, T, D]; encoded [B, S, D_enc]; cross_mask a MaskSpec -> [B, T, D]."""
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
-    common = (c.num_heads, c.num_kv_heads, c.head_dim, c.query_pre_attn_scalar,
-              c.attn_logit_softcapping)
-    attn_kw = dict(kw, impl=self.attention_impl, attention_dropout=c.attention_dropout)
-    self_attn = attn_lib.Attention(*common, c.rope_theta, name="self_attn", **attn_kw)
-    x = self.residual(x, lambda h: self_attn(h, masks[self.layer_type], positions),
+    self_attn = self.attention("self_attn", self.layer_type)
+    merged = dict(merged_input=encoded, merged_mask=cross_mask) if self.merged else {}
+    x = self.residual(x, lambda h: self_attn(h, masks[self.layer_type], positions, **merged),
                       "pre_self_attn_norm", "post_self_attn_norm")
-    cross_attn = attn_lib.Attention(*common, None, kv_features=self.encoder_hidden_size,
-                                    name="cross_attn", **attn_kw)
-    x = self.residual(x, lambda h: cross_attn(h, cross_mask, kv_input=encoded),
-                      "pre_cross_attn_norm", "post_cross_attn_norm")
+    if not self.merged:
+      cross_attn = self.attention("cross_attn", None, kv_features=self.encoder_hidden_size)
+      x = self.residual(x, lambda h: cross_attn(h, cross_mask, kv_input=encoded),
+                        "pre_cross_attn_norm", "post_cross_attn_norm")
     mlp = FeedForward(c.hidden_size, c.intermediate_size, c.dropout_rate, name="mlp", **kw)
     x = self.residual(x, mlp, "pre_ffw_norm", "post_ffw_norm")
     return constrain(x)
@@ -120,7 +135,8 @@ class _Unit(nn.Module):
 def _self_masks(cfg: ModuleConfig, segment_ids: Array, causal: bool) -> dict:
   """One self-attention `MaskSpec` per layer type used by the stack."""
   return {t: attn_lib.MaskSpec(segment_ids, segment_ids, causal,
-                               cfg.sliding_window if t == SLIDING else None)
+                               cfg.sliding_window if t == SLIDING else None,
+                               split_window=cfg.encoder_window == "split")
           for t in sorted(set(cfg.layer_types))}
 
 
@@ -174,8 +190,9 @@ class _StackRunner(nn.Module):
     return x
 
   def embedder(self, module_cfg: ModuleConfig) -> Embedder:
-    return Embedder(module_cfg.vocab_size, module_cfg.hidden_size, dtype=self.cfg.activation_dtype,
-                    param_dtype=self.cfg.parameter_dtype, name="embedder")
+    return Embedder(module_cfg.vocab_size, module_cfg.hidden_size, eoi_id=self.cfg.eoi_id,
+                    dtype=self.cfg.activation_dtype, param_dtype=self.cfg.parameter_dtype,
+                    name="embedder")
 
 
 class Encoder(_StackRunner):
@@ -199,17 +216,28 @@ class Decoder(_StackRunner):
   @nn.compact
   def __call__(self, encoded: Array, encoder_segment_ids: Array, tokens: Array,
                segment_ids: Optional[Array] = None, positions: Optional[Array] = None,
-               deterministic: bool = True) -> Array:
-    """Returns float32 logits [B, T, V], softcapped by final_logit_softcapping."""
-    mc = self.cfg.decoder
-    segment_ids, positions = _segments_and_positions(tokens, segment_ids, positions,
-                                                     self.cfg.pad_id)
-    embedder = self.embedder(mc)
+               deterministic: bool = True, shared_embedder: Optional[dict] = None) -> Array:
+    """Returns float32 logits [B, T, V], softcapped by final_logit_softcapping.
+
+    `shared_embedder` is the encoder's embedder params (with `cfg.shared_embedding`); this
+    stack then creates no table of its own.
+    """
+    c, mc = self.cfg, self.cfg.decoder
+    segment_ids, positions = _segments_and_positions(tokens, segment_ids, positions, c.pad_id)
+    if c.shared_embedding:
+      table = shared_embedder["embedding"]
+      x = embed_tokens(table, tokens, c.activation_dtype, c.eoi_id,
+                       shared_embedder.get("eoi_embedding"))
+      to_logits = lambda y: embedding_logits(table, y, c.activation_dtype)
+    else:
+      embedder = self.embedder(mc)
+      x, to_logits = embedder.encode(tokens), embedder.decode
     masks = _self_masks(mc, segment_ids, causal=True)
     cross_mask = attn_lib.MaskSpec(segment_ids, encoder_segment_ids)
-    x = self.run(mc, DecoderBlock, {"encoder_hidden_size": self.cfg.encoder.hidden_size},
-                 embedder.encode(tokens), deterministic, positions, masks, encoded, cross_mask)
-    logits = embedder.decode(x)
+    block_kwargs = {"encoder_hidden_size": c.encoder.hidden_size, "merged": c.merged_attention}
+    x = self.run(mc, DecoderBlock, block_kwargs, x, deterministic, positions, masks, encoded,
+                 cross_mask)
+    logits = to_logits(x)
     cap = mc.final_logit_softcapping
     if cap is not None:
       logits = cap * jnp.tanh(logits / cap)
@@ -244,8 +272,12 @@ class T5Gemma(nn.Module):
     if encoder_segment_ids is None:
       encoder_segment_ids = attn_lib.segment_ids_from_tokens(encoder_input_tokens,
                                                              self.cfg.pad_id)
+    shared = None
+    if self.cfg.shared_embedding:
+      # The encoder's table, read from the variables (the encoder need not run in this call).
+      shared = nn.meta.unbox(self.encoder.variables["params"]["embedder"])
     return self.decoder(encoded, encoder_segment_ids, decoder_input_tokens, decoder_segment_ids,
-                        decoder_positions, deterministic)
+                        decoder_positions, deterministic, shared)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                encoder_segment_ids: Optional[Array] = None,

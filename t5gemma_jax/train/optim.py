@@ -39,7 +39,7 @@ def _names(path) -> list[str]:
 
 def _group_of(path) -> str:
   names = _names(path)
-  if names[-2:] == ["embedder", "embedding"]:
+  if names[-2:-1] == ["embedder"]:  # the table, and T5Gemma 2's eoi_embedding
     return "embeddings"
   stack = names[0] if names else None
   if stack == "decoder" and any(n in _CROSS_ATTENTION for n in names):
@@ -58,7 +58,7 @@ def param_groups(params: Params) -> Params:
 
   Returns:
     A tree of the same structure whose leaves are "embeddings" (both stacks'
-    `embedder/embedding`), "cross_attention" (the decoder's `cross_attn` kernels and its
+    `embedder/embedding`, and T5Gemma 2's `embedder/eoi_embedding`), "cross_attention" (the decoder's `cross_attn` kernels and its
     `pre_cross_attn_norm` / `post_cross_attn_norm` scales), "encoder" or "decoder" (the rest).
   """
   return jax.tree_util.tree_map_with_path(lambda path, _: _group_of(path), params)

@@ -1,0 +1,229 @@
+"""The T5Gemma 2 side of `t5gemma_jax.convert.hf`: its nested config.json and tensor names.
+
+Text weights only. `T5Gemma2ForConditionalGeneration` always has a SigLIP vision tower and a
+multimodal projector; they are skipped on load (with one logged notice) and absent from what we
+save. transformers then loads our folder with those tensors reported missing and initialised at
+random, which leaves text logits untouched. config.json gets a tiny placeholder
+`vision_config` so that this random tower costs nothing (the default SigLIP has 86M
+parameters); see docs/t5gemma2_reference.md §1 and §4.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import numpy as np
+
+from t5gemma_jax.config import FULL, SLIDING, ModuleConfig, T5GemmaConfig
+
+MODEL_TYPE = "t5gemma2"
+# Tied to model.encoder.embed_tokens.*: transformers neither writes nor needs them.
+TIED_KEYS = ("model.decoder.embed_tokens.weight", "model.decoder.embed_tokens.eoi_embedding",
+             "lm_head.out_proj.weight")
+_VISION_PARTS = ("vision_tower.", "multi_modal_projector.")
+_LONG_PREFIX, _SHORT_PREFIX = "model.encoder.text_model.", "model.encoder."
+_ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+_NORMS = {"pre_self_attn_norm": "pre_self_attn_layernorm",
+          "post_self_attn_norm": "post_self_attn_layernorm",
+          "pre_ffw_norm": "pre_feedforward_layernorm",
+          "post_ffw_norm": "post_feedforward_layernorm"}
+# transformers' T5Gemma2TextConfig defaults, for fields a config.json may leave out.
+_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+                      num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                      head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+                      rms_norm_eps=1e-6, final_logit_softcapping=None)
+_DEFAULT_THETA = {"full": 1_000_000.0, "local": 10_000.0}
+_SLIDING_PERIOD = 6  # HF default layer_types: every 6th layer is full attention
+_PLACEHOLDER_VISION = dict(model_type="siglip_vision_model", hidden_size=16,
+                           intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14, vision_use_head=False)
+_PLACEHOLDER_MM_TOKENS = 4  # (28 / 14)^2 patches pooled to 2 x 2 tokens
+log = logging.getLogger(__name__)
+
+
+def matches(cfg: T5GemmaConfig) -> bool:
+  """Whether `cfg` is stored in the T5Gemma 2 format (merged attention, one shared table)."""
+  return cfg.merged_attention or cfg.shared_embedding
+
+
+def check(cfg: T5GemmaConfig) -> None:
+  """Raises unless transformers' T5Gemma 2 can express `cfg` exactly."""
+  problems = []
+  if not (cfg.merged_attention and cfg.shared_embedding and cfg.eoi_id is not None):
+    problems.append("merged_attention, shared_embedding and eoi_id must all be set")
+  for side in ("encoder", "decoder"):
+    m = getattr(cfg, side)
+    if not m.qk_norm:
+      problems.append(f"{side}.qk_norm must be true")
+    if m.attn_logit_softcapping is not None:
+      problems.append(f"{side}.attn_logit_softcapping must be None (HF never applies it)")
+  if cfg.encoder.encoder_window != "split":
+    problems.append("encoder.encoder_window must be 'split'")
+  if problems:
+    raise ValueError("not a T5Gemma 2 config: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict, source: str, **options) -> T5GemmaConfig:
+  """Builds our config from a transformers `T5Gemma2Config` dict (model_type "t5gemma2")."""
+  enc = hf.get("encoder")
+  if not isinstance(enc, dict) or not isinstance(enc.get("text_config", {}), dict):
+    raise ValueError(f"{source}: missing the 'encoder' sub-config")
+  if not isinstance(hf.get("decoder"), dict):
+    raise ValueError(f"{source}: missing the 'decoder' sub-config")
+  stacks = {"encoder": _module_from_hf(enc.get("text_config") or {}, hf, f"{source}: encoder"),
+            "decoder": _module_from_hf(hf["decoder"], hf, f"{source}: decoder")}
+  eoi = hf.get("eoi_token_index")
+  eoi = enc.get("eoi_token_index", 256_000) if eoi is None else eoi
+  dec = hf["decoder"]
+  ids = {k: hf.get(k, dec.get(k, default)) for k, default in
+         (("pad_token_id", 0), ("eos_token_id", 1), ("bos_token_id", 2))}
+  eos = ids["eos_token_id"]
+  return T5GemmaConfig(**stacks, pad_id=int(ids["pad_token_id"]),
+                       eos_id=int(eos[0] if isinstance(eos, (list, tuple)) else eos),
+                       bos_id=int(ids["bos_token_id"]), merged_attention=True,
+                       shared_embedding=True, eoi_id=int(eoi), **options)
+
+
+def _rope_from_hf(m: dict, where: str) -> tuple[float, float, float]:
+  """(full theta, sliding theta, full linear factor) from either rope spelling."""
+  rope = m.get("rope_parameters")
+  if isinstance(rope, dict) and (FULL in rope or SLIDING in rope):
+    full, local = rope.get(FULL) or {}, rope.get(SLIDING) or {}
+  else:  # Gemma-3 style keys; a legacy rope_scaling applies to full layers only
+    full = dict(m.get("rope_scaling") or {}, rope_theta=m.get("rope_theta",
+                                                               _DEFAULT_THETA["full"]))
+    local = {"rope_theta": m.get("rope_local_base_freq", _DEFAULT_THETA["local"])}
+  if local.get("rope_type", "default") != "default":
+    raise ValueError(f"{where}: sliding-layer rope_type {local.get('rope_type')!r} is not "
+                     "supported (default)")
+  full_type = full.get("rope_type", full.get("type", "default"))
+  if full_type not in ("default", "linear"):
+    raise ValueError(f"{where}: full-layer rope_type {full_type!r} is not supported "
+                     "(default, linear)")
+  factor = float(full.get("factor", 1.0)) if full_type == "linear" else 1.0
+  return (float(full.get("rope_theta", _DEFAULT_THETA["full"])),
+          float(local.get("rope_theta", _DEFAULT_THETA["local"])), factor)
+
+
+def _module_from_hf(m: dict, top: dict, where: str) -> ModuleConfig:
+  act = m.get("hidden_activation", "gelu_pytorch_tanh")
+  if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+    raise ValueError(f"{where}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
+  if m.get("attention_bias", False):
+    raise ValueError(f"{where}: attention_bias=true is not supported")
+  if m.get("attn_logit_softcapping") is not None:
+    raise ValueError(f"{where}: attn_logit_softcapping={m['attn_logit_softcapping']} is set, "
+                     "but transformers' T5Gemma 2 never applies it; refusing an ambiguous model")
+  if m.get("use_bidirectional_attention"):
+    raise ValueError(f"{where}: use_bidirectional_attention=true (transformers then saves a "
+                     "doubled sliding_window); refusing an ambiguous window")
+  f = dict(_TEXT_DEFAULTS, **{k: v for k, v in m.items() if v is not None or k in
+                              ("final_logit_softcapping",)})
+  layer_types = m.get("layer_types") or [
+      FULL if (i + 1) % _SLIDING_PERIOD == 0 else SLIDING for i in range(f["num_hidden_layers"])]
+  full_theta, local_theta, factor = _rope_from_hf(m, where)
+  return ModuleConfig(
+      hidden_size=f["hidden_size"], intermediate_size=f["intermediate_size"],
+      num_layers=f["num_hidden_layers"], num_heads=f["num_attention_heads"],
+      num_kv_heads=f["num_key_value_heads"], head_dim=f["head_dim"],
+      query_pre_attn_scalar=f["query_pre_attn_scalar"], vocab_size=f["vocab_size"],
+      attn_logit_softcapping=None, final_logit_softcapping=f["final_logit_softcapping"],
+      sliding_window=f["sliding_window"], layer_types=layer_types, rope_theta=full_theta,
+      rms_norm_eps=float(f["rms_norm_eps"]),
+      dropout_rate=float(top.get("dropout_rate", m.get("dropout_rate", 0.0))),
+      attention_dropout=float(top.get("attention_dropout", m.get("attention_dropout", 0.0))),
+      qk_norm=True, rope_local_theta=local_theta, rope_scaling_factor=factor,
+      encoder_window="split")
+
+
+def config_to_hf(cfg: T5GemmaConfig, dtype: str) -> dict:
+  """The config.json dict that transformers' `T5Gemma2Config` reads back into `cfg`."""
+  check(cfg)
+  if (cfg.encoder.dropout_rate, cfg.encoder.attention_dropout) != (
+      cfg.decoder.dropout_rate, cfg.decoder.attention_dropout):
+    raise ValueError("HF T5Gemma 2 has one dropout_rate / attention_dropout for both stacks; "
+                     "the encoder and decoder configs differ")
+  ids = {"pad_token_id": cfg.pad_id, "eos_token_id": cfg.eos_id, "bos_token_id": cfg.bos_id}
+
+  def text(m: ModuleConfig, model_type: str) -> dict:
+    theta, factor = m.rope_for(FULL)
+    full = {"rope_type": "default", "rope_theta": theta}
+    if factor != 1.0:
+      full = {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+    return {
+        "model_type": model_type, "hidden_size": m.hidden_size,
+        "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
+        "head_dim": m.head_dim, "query_pre_attn_scalar": m.query_pre_attn_scalar,
+        "vocab_size": m.vocab_size, "attn_logit_softcapping": None,
+        "final_logit_softcapping": m.final_logit_softcapping,
+        "sliding_window": m.sliding_window, "layer_types": list(m.layer_types),
+        "rope_parameters": {
+            SLIDING: {"rope_type": "default", "rope_theta": m.rope_for(SLIDING)[0]}, FULL: full},
+        "rms_norm_eps": m.rms_norm_eps, "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False, "dropout_rate": m.dropout_rate,
+        "attention_dropout": m.attention_dropout, "tie_word_embeddings": True, **ids}
+
+  encoder = {"model_type": "t5gemma2_encoder",
+             "text_config": text(cfg.encoder, "t5gemma2_text"),
+             "vision_config": dict(_PLACEHOLDER_VISION),
+             "mm_tokens_per_image": _PLACEHOLDER_MM_TOKENS, "eoi_token_index": cfg.eoi_id,
+             "boi_token_index": cfg.eoi_id - 1, "tie_word_embeddings": True}
+  return {
+      "architectures": ["T5Gemma2ForConditionalGeneration"], "model_type": MODEL_TYPE,
+      "is_encoder_decoder": True, "encoder": encoder,
+      "decoder": text(cfg.decoder, "t5gemma2_decoder"), "eoi_token_index": cfg.eoi_id,
+      "dropout_rate": cfg.decoder.dropout_rate,
+      "attention_dropout": cfg.decoder.attention_dropout, "classifier_dropout_rate": 0.0,
+      "tie_word_embeddings": True, "vocab_size": cfg.vocab_size, "dtype": dtype, **ids}
+
+
+# ------------------------------------------------------------------------------- names
+
+
+def entries(cfg: T5GemmaConfig) -> Iterator[tuple[str, tuple[str, ...], str, tuple[int, ...]]]:
+  """(hf name, our unrolled path, kind, our shape) of every tensor, names in the short on-disk
+  form that `save_pretrained` writes (`model.encoder.layers...`, not `...text_model...`)."""
+  check(cfg)
+  d = cfg.encoder.hidden_size
+  yield "model.encoder.embed_tokens.weight", ("encoder", "embedder", "embedding"), "copy", (
+      cfg.vocab_size, d)
+  yield "model.encoder.embed_tokens.eoi_embedding", ("encoder", "embedder", "eoi_embedding"), \
+      "copy", (d,)
+  for side, m in (("encoder", cfg.encoder), ("decoder", cfg.decoder)):
+    f, h, k, dh = m.intermediate_size, m.num_heads, m.num_kv_heads, m.head_dim
+    yield f"model.{side}.norm.weight", (side, "final_norm", "scale"), "copy", (d,)
+    for i in range(m.num_layers):
+      pre, ours = f"model.{side}.layers.{i}", (side, f"layers_{i}")
+      attn, ours_attn = f"{pre}.self_attn", ours + ("self_attn",)
+      yield f"{attn}.q_proj.weight", ours_attn + ("q", "kernel"), "in", (d, h, dh)
+      yield f"{attn}.k_proj.weight", ours_attn + ("k", "kernel"), "in", (d, k, dh)
+      yield f"{attn}.v_proj.weight", ours_attn + ("v", "kernel"), "in", (d, k, dh)
+      yield f"{attn}.o_proj.weight", ours_attn + ("o", "kernel"), "out", (h, dh, d)
+      for norm in ("q_norm", "k_norm"):
+        yield f"{attn}.{norm}.weight", ours_attn + (norm, "scale"), "copy", (dh,)
+      for name, shape in (("gate", (d, f)), ("up", (d, f)), ("down", (f, d))):
+        yield f"{pre}.mlp.{name}_proj.weight", ours + ("mlp", name, "kernel"), "in", shape
+      for norm, hf_norm in _NORMS.items():
+        yield f"{pre}.{hf_norm}.weight", ours + (norm, "scale"), "copy", (d,)
+
+
+def text_tensors(tensors: dict[str, tuple[np.ndarray, str]], path: str) -> dict:
+  """Drops the vision tensors (one notice) and maps `model.encoder.text_model.*` names, which
+  transformers also accepts, to the short form `entries` uses."""
+  out, skipped = {}, 0
+  for name, value in tensors.items():
+    if any(part in name for part in _VISION_PARTS):
+      skipped += 1
+      continue
+    if name.startswith(_LONG_PREFIX):
+      name = _SHORT_PREFIX + name[len(_LONG_PREFIX):]
+    out[name] = value
+  if skipped:
+    log.warning("%s: skipped %d vision tower / multimodal projector tensors (text weights "
+                "only)", path, skipped)
+  return out
