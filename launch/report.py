@@ -22,40 +22,15 @@ import statistics
 import sys
 from typing import Optional, Sequence
 
-from t5gemma_jax import atomic
+from t5gemma_jax import atomic, storage
 
 STATUS = "sweep_status.json"  # written by launch/sweep.py's local mode
 BINDING_LINE = re.compile(r"^([A-Za-z_][\w./]*) = (.*)$")
 NO_VALUE = "–"
 
 
-def _is_url(path: str) -> bool:
-  return "://" in path
-
-
-def _gfile():
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiets most of TF's C++ start-up logs
-  import tensorflow as tf
-  return tf.io.gfile
-
-
-def read_text(path: str) -> Optional[str]:
-  if _is_url(path):
-    gfile = _gfile()
-    return gfile.GFile(path).read() if gfile.exists(path) else None
-  try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  except FileNotFoundError:
-    return None
-
-
-def write_bytes(path: str, data: bytes) -> None:
-  if _is_url(path):
-    with _gfile().GFile(path, "wb") as f:
-      f.write(data)
-  else:
-    atomic.write_bytes(path, data)
+read_text = storage.read_text_if_exists
+write_bytes = atomic.write_bytes  # local or gs:// (through tf.io.gfile)
 
 
 def _jsonl(path: str) -> list[dict]:
@@ -205,7 +180,7 @@ def report(paths: Sequence[str], out: Optional[str] = None) -> tuple[str, str]:
   """Writes report.md and loss_curves.png; returns their paths."""
   runs, columns, root = load_runs(paths)
   if out is None:
-    if root is None and any(_is_url(p) for p in paths):
+    if root is None and any(storage.is_remote(p) for p in paths):
       raise ValueError("give --out for runs in object storage")
     out = root or os.path.commonpath([os.path.abspath(p) for p in paths])
   for r in runs:

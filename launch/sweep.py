@@ -47,7 +47,7 @@ import time
 from collections import Counter
 from typing import Any, NamedTuple, Optional, Sequence
 
-from t5gemma_jax import atomic
+from t5gemma_jax import atomic, storage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GIN_DIR = os.path.join(os.path.dirname(HERE), "gin")
@@ -78,33 +78,8 @@ class Run:
     return [*self.args, f"--gin.MODEL_DIR={json.dumps(self.model_dir, ensure_ascii=False)}"]
 
 
-def _is_url(path: str) -> bool:
-  return "://" in path
-
-
-def _gfile():
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiets most of TF's C++ start-up logs
-  import tensorflow as tf
-  return tf.io.gfile
-
-
-def read_text(path: str) -> Optional[str]:
-  """The file's text, or None when there is none (gs:// and the like through TF)."""
-  if _is_url(path):
-    gfile = _gfile()
-    return gfile.GFile(path).read() if gfile.exists(path) else None
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    return f.read()
-
-
-def write_text(path: str, text: str) -> None:
-  """Temp file + rename on disk; object stores publish whole objects anyway."""
-  if not _is_url(path):
-    return atomic.write_text(path, text)
-  with _gfile().GFile(path, "w") as f:
-    f.write(text)
+read_text = storage.read_text_if_exists
+write_text = atomic.write_text  # local or gs:// (through tf.io.gfile)
 
 
 def digest(text: str) -> str:
@@ -414,7 +389,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if twice:
       raise ValueError(f"two axes are labelled {twice[0]!r}")
     check_shadowing(axes, base)
-    root = args.root if _is_url(args.root) else os.path.abspath(args.root)
+    root = args.root if storage.is_remote(args.root) else os.path.abspath(args.root)
     zip_axes = args.zip or spec["zip"]
     runs = expand(axes, base, root, zip_axes)
   except (ValueError, OSError) as e:
@@ -425,7 +400,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_text(os.path.join(root, "sweep.json"), json.dumps(
         describe(runs, axes, base, root, name, zip_axes), indent=2, ensure_ascii=False) + "\n")
   except Exception as e:  # e.g. no gs:// credentials on this machine: the commands still hold
-    if not _is_url(root):
+    if not storage.is_remote(root):
       raise
     print(f"sweep: warning: could not write {root}/sweep.json ({type(e).__name__}); "
           "launch/report.py needs it", file=sys.stderr)

@@ -18,6 +18,7 @@ def is_remote(path: str) -> bool:
 
 
 def _gfile():
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiets most of TF's C++ start-up logs
   import tensorflow as tf
   return tf.io.gfile
 
@@ -63,6 +64,11 @@ def read_bytes(path: str) -> bytes:
 
 def read_text(path: str) -> str:
   return read_bytes(path).decode("utf-8")
+
+
+def read_text_if_exists(path: str) -> Optional[str]:
+  """The file's text, or None when it does not exist."""
+  return read_text(path) if exists(path) else None
 
 
 class AppendLog:

@@ -69,12 +69,17 @@ def _first(v) -> int:
   return int(v[0] if isinstance(v, (list, tuple)) else v)
 
 
-def _module_from_hf(m: dict, top: dict, where: str) -> ModuleConfig:
+def check_supported(m: dict, where: str) -> None:
+  """Refuses sub-config options our Gemma blocks do not implement (either model type)."""
   act = m.get("hidden_activation", "gelu_pytorch_tanh")
   if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
     raise ValueError(f"{where}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
   if m.get("attention_bias", False):
     raise ValueError(f"{where}: attention_bias=true is not supported")
+
+
+def _module_from_hf(m: dict, top: dict, where: str) -> ModuleConfig:
+  check_supported(m, where)
   rope = m.get("rope_parameters") or {}
   if rope.get("rope_type", "default") != "default":
     raise ValueError(f"{where}: rope_type {rope.get('rope_type')!r} is not supported")

@@ -110,11 +110,8 @@ def _rope_from_hf(m: dict, where: str) -> tuple[float, float, float]:
 
 
 def _module_from_hf(m: dict, top: dict, where: str) -> ModuleConfig:
-  act = m.get("hidden_activation", "gelu_pytorch_tanh")
-  if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-    raise ValueError(f"{where}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
-  if m.get("attention_bias", False):
-    raise ValueError(f"{where}: attention_bias=true is not supported")
+  from t5gemma_jax.convert import hf  # hf dispatches to this module at import time
+  hf.check_supported(m, where)
   if m.get("attn_logit_softcapping") is not None:
     raise ValueError(f"{where}: attn_logit_softcapping={m['attn_logit_softcapping']} is set, "
                      "but transformers' T5Gemma 2 never applies it; refusing an ambiguous model")
