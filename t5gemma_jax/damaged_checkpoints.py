@@ -10,6 +10,7 @@ for whoever wants to look at them.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 from typing import Optional
@@ -37,8 +38,11 @@ def silence_read_noise() -> None:
   When one array of a step cannot be read, orbax's event loop closes while tensorstore still
   completes the other reads: their callbacks then raise 'Event loop is closed' (or a coroutine
   dies with the read error), often at interpreter exit, printed as tracebacks after the real,
-  already reported, error. Other unraisable errors still reach the previous hook.
+  already reported, error. Other unraisable errors still reach the previous hook. The same
+  reads' tasks, garbage-collected with their exception unretrieved, make asyncio log "Task
+  exception was never retrieved" with a traceback: asyncio's logger is limited to CRITICAL.
   """
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   previous = sys.unraisablehook
   if getattr(previous, "_drops_read_noise", False):
     return
