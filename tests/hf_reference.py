@@ -25,7 +25,12 @@ def random_model(encoder: dict, decoder: dict, seed: int = 0) -> T5GemmaForCondi
   cfg = T5GemmaConfig(encoder=module_config(**encoder), decoder=module_config(**decoder),
                       vocab_size=encoder.get("vocab_size", 512), attn_implementation="eager")
   torch.manual_seed(seed)
-  model = T5GemmaForConditionalGeneration(cfg).eval()
+  return randomize_(T5GemmaForConditionalGeneration(cfg).eval())
+
+
+def randomize_(model):
+  """Draws every weight of a torch model in place (see `random_model` for the scales); tied
+  weights are drawn once. Returns the model."""
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name:

@@ -27,16 +27,8 @@ WIDE = dict(SMALL, hidden_size=96, intermediate_size=160, num_hidden_layers=6,
 def _gemma2(path, seed=0, max_shard_size=None, **overrides):
   """Saves a float32 eager Gemma2ForCausalLM with every weight random, norms included."""
   torch.manual_seed(seed)
-  hf_model = Gemma2ForCausalLM(Gemma2Config(**dict(SMALL, **overrides),
-                                            attn_implementation="eager")).eval()
-  with torch.no_grad():
-    for name, p in hf_model.named_parameters():  # the tied lm_head is the embedding: drawn once
-      if "norm" in name:
-        p.normal_(0.0, 0.5)
-      elif "embed_tokens" in name:
-        p.normal_(0.0, 2.0 / np.sqrt(p.shape[1]))
-      else:
-        p.normal_(0.0, 1.5 / np.sqrt(p.shape[1]))
+  hf_model = ref.randomize_(Gemma2ForCausalLM(Gemma2Config(**dict(SMALL, **overrides),
+                                                         attn_implementation="eager")).eval())
   kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
   hf_model.save_pretrained(path, **kw)
   return hf_model
