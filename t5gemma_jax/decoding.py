@@ -1,11 +1,13 @@
-"""Autoregressive decoding with caches: encode once, cross-attention K/V projected once, and a
-self-attention KV cache per decoder layer (a ring of `sliding_window` slots for sliding layers).
+"""Autoregressive decoding with caches: encode once, the encoder's K/V projected once per
+decoder layer, and a self-attention KV cache per decoder layer (a ring of `sliding_window`
+slots for sliding layers). T5Gemma 2's merged attention attends over [ring | encoder K/V] in one
+softmax, the encoder part being the layer's own k/v (and k_norm) applied to the encoder output.
 
     tokens = decoding.generate(params, cfg, encoder_input_tokens, max_new_tokens=32)
 
 The whole loop is one jitted `lax.while_loop` that stops as soon as every row has emitted EOS.
 The per-token math uses the same functions as the model (`rms_norm`, `geglu`, `apply_rope`,
-`dot_product_attention`), and tests pin it to the teacher-forced forward pass.
+`embed_tokens`, `dot_product_attention`), and tests pin it to the teacher-forced forward pass.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 from t5gemma_jax.config import SLIDING, T5GemmaConfig
 from t5gemma_jax.model import T5Gemma, layout
 from t5gemma_jax.model.attention import dot_product_attention
-from t5gemma_jax.model.layers import apply_rope, geglu, rms_norm
+from t5gemma_jax.model.layers import apply_rope, embed_tokens, embedding_logits, geglu, rms_norm
 
 Array = jax.Array
 STRATEGIES = ("greedy", "sample", "beam")
@@ -35,8 +37,26 @@ def _cache_sizes(cfg: T5GemmaConfig, max_len: int) -> list[int]:
   return [min(m.sliding_window, max_len) if t == SLIDING else max_len for t in m.layer_types]
 
 
+def _decoder_embedding(params: dict, cfg: T5GemmaConfig) -> dict:
+  """The embedder params the decoder reads: its own, or the encoder's shared table."""
+  return params["encoder" if cfg.shared_embedding else "decoder"]["embedder"]
+
+
+def _encoder_kv(attn: dict, cfg: T5GemmaConfig, encoded: Array) -> tuple[Array, Array]:
+  """Keys and values of the encoder output for one decoder layer, computed once per input.
+
+  `attn` is the layer's cross_attn params or, with merged attention, its self_attn params (the
+  encoder keys reuse the self-attention k/v kernels and k_norm, without RoPE).
+  """
+  m, dt = cfg.decoder, cfg.activation_dtype
+  k = _dense("bsd,dkh->bskh", encoded, attn["k"]["kernel"], dt)
+  if m.qk_norm:
+    k = rms_norm(k, attn["k_norm"]["scale"], m.rms_norm_eps)
+  return k, _dense("bsd,dkh->bskh", encoded, attn["v"]["kernel"], dt)
+
+
 def init_cache(params: dict, cfg: T5GemmaConfig, encoded: Array, max_len: int) -> list[dict]:
-  """Per decoder layer: empty self-attention K/V slots and the cross-attention K/V.
+  """Per decoder layer: empty self-attention K/V slots and the encoder K/V.
 
   Args:
     params: unscanned model params.
@@ -45,21 +65,71 @@ def init_cache(params: dict, cfg: T5GemmaConfig, encoded: Array, max_len: int) -
 
   Returns:
     A list of {"k", "v": [B, slots, K, Dh], "pos": int32 [slots] (-1 = empty),
-    "cross_k", "cross_v": [B, S, K, Dh]}.
+    "cross_k", "cross_v": [B, S, K, Dh]} (for merged attention, the encoder part of the
+    layer's keys and values).
   """
   m, dt = cfg.decoder, cfg.activation_dtype
   b = encoded.shape[0]
   cache = []
   for i, slots in enumerate(_cache_sizes(cfg, max_len)):
-    cross = params["decoder"][f"layers_{i}"]["cross_attn"]
+    layer = params["decoder"][f"layers_{i}"]
+    cross_k, cross_v = _encoder_kv(
+        layer["self_attn" if cfg.merged_attention else "cross_attn"], cfg, encoded)
     cache.append({
         "k": jnp.zeros((b, slots, m.num_kv_heads, m.head_dim), dt),
         "v": jnp.zeros((b, slots, m.num_kv_heads, m.head_dim), dt),
         "pos": jnp.full((slots,), -1, jnp.int32),
-        "cross_k": _dense("bsd,dkh->bskh", encoded, cross["k"]["kernel"], dt),
-        "cross_v": _dense("bsd,dkh->bskh", encoded, cross["v"]["kernel"], dt),
+        "cross_k": cross_k,
+        "cross_v": cross_v,
     })
   return cache
+
+
+def _queries(attn: dict, cfg: T5GemmaConfig, h: Array) -> Array:
+  m = cfg.decoder
+  q = _dense("btd,dnh->btnh", h, attn["q"]["kernel"], cfg.activation_dtype)
+  return rms_norm(q, attn["q_norm"]["scale"], m.rms_norm_eps) if m.qk_norm else q
+
+
+def _self_attention(sa: dict, cfg: T5GemmaConfig, c: dict, h: Array, t: Array,
+                    layer_type: str, encoder_mask: Array) -> tuple[Array, dict]:
+  """One position's self-attention (merged with the encoder keys for T5Gemma 2).
+
+  Args:
+    sa: the layer's self_attn params; c: its cache; h: normed input [B, 1, D]; t: position;
+    encoder_mask: bool [B, S] (real encoder tokens).
+
+  Returns:
+    (attention output [B, 1, H, Dh], updated cache).
+  """
+  m, dt = cfg.decoder, cfg.activation_dtype
+  b = h.shape[0]
+  theta, factor = m.rope_for(layer_type)
+  positions = jnp.full((b, 1), t, jnp.int32)
+  q = apply_rope(_queries(sa, cfg, h), positions, theta, factor)
+  k = _dense("btd,dkh->btkh", h, sa["k"]["kernel"], dt)
+  if m.qk_norm:
+    k = rms_norm(k, sa["k_norm"]["scale"], m.rms_norm_eps)
+  k = apply_rope(k, positions, theta, factor)
+  v = _dense("btd,dkh->btkh", h, sa["v"]["kernel"], dt)
+  slots = c["pos"].shape[0]
+  slot = t % slots  # full layers never wrap; sliding layers keep their last `window` keys
+  c = dict(c, k=jax.lax.dynamic_update_slice_in_dim(c["k"], k, slot, axis=1),
+           v=jax.lax.dynamic_update_slice_in_dim(c["v"], v, slot, axis=1),
+           pos=c["pos"].at[slot].set(t))
+  valid = (c["pos"] >= 0) & (c["pos"] <= t)
+  if layer_type == SLIDING:
+    valid &= c["pos"] > t - m.sliding_window
+  mask = jnp.broadcast_to(valid[None, None, :], (b, 1, slots))
+  keys, values = c["k"], c["v"]
+  if cfg.merged_attention:
+    # One softmax over [cached decoder keys | encoder keys], as the teacher-forced model.
+    keys = jnp.concatenate([keys, c["cross_k"]], axis=1)
+    values = jnp.concatenate([values, c["cross_v"]], axis=1)
+    mask = jnp.concatenate([mask, encoder_mask[:, None, :]], axis=-1)
+  out = dot_product_attention(q, keys, values, mask, scale=m.query_pre_attn_scalar ** -0.5,
+                              softcap=m.attn_logit_softcapping)
+  return out, c
 
 
 def decode_step(params: dict, cfg: T5GemmaConfig, cache: list[dict], tokens: Array, t: Array,
@@ -75,39 +145,24 @@ def decode_step(params: dict, cfg: T5GemmaConfig, cache: list[dict], tokens: Arr
   """
   m, dt = cfg.decoder, cfg.activation_dtype
   dec = params["decoder"]
-  scale = m.query_pre_attn_scalar ** -0.5
-  emb = dec["embedder"]["embedding"]
-  x = jnp.take(emb, tokens, axis=0).astype(dt)[:, None, :]
-  x = x * jnp.asarray(m.hidden_size ** 0.5, dt)  # [B, 1, D]
-  positions = jnp.full((tokens.shape[0], 1), t, jnp.int32)
-  cross_mask = encoder_mask[:, None, :]
+  embedder = _decoder_embedding(params, cfg)
+  emb = embedder["embedding"]
+  x = embed_tokens(emb, tokens[:, None], dt, cfg.eoi_id, embedder.get("eoi_embedding"))
   new_cache = []
   for i, (layer_type, c) in enumerate(zip(m.layer_types, cache)):
     p = dec[f"layers_{i}"]
     norm = lambda name, h, p=p: rms_norm(h, p[name]["scale"], m.rms_norm_eps)
     sa = p["self_attn"]
-    h = norm("pre_self_attn_norm", x)
-    q = apply_rope(_dense("btd,dnh->btnh", h, sa["q"]["kernel"], dt), positions, m.rope_theta)
-    k = apply_rope(_dense("btd,dkh->btkh", h, sa["k"]["kernel"], dt), positions, m.rope_theta)
-    v = _dense("btd,dkh->btkh", h, sa["v"]["kernel"], dt)
-    slots = c["pos"].shape[0]
-    slot = t % slots  # full layers never wrap; sliding layers keep their last `window` keys
-    c = dict(c, k=jax.lax.dynamic_update_slice_in_dim(c["k"], k, slot, axis=1),
-             v=jax.lax.dynamic_update_slice_in_dim(c["v"], v, slot, axis=1),
-             pos=c["pos"].at[slot].set(t))
-    valid = (c["pos"] >= 0) & (c["pos"] <= t)
-    if layer_type == SLIDING:
-      valid &= c["pos"] > t - m.sliding_window
-    mask = jnp.broadcast_to(valid[None, None, :], (tokens.shape[0], 1, slots))
-    out = dot_product_attention(q, c["k"], c["v"], mask, scale=scale,
-                                softcap=m.attn_logit_softcapping)
+    out, c = _self_attention(sa, cfg, c, norm("pre_self_attn_norm", x), t, layer_type,
+                             encoder_mask)
     x = x + norm("post_self_attn_norm", _dense("btnh,nhd->btd", out, sa["o"]["kernel"], dt))
-    ca = p["cross_attn"]
-    h = norm("pre_cross_attn_norm", x)
-    q = _dense("btd,dnh->btnh", h, ca["q"]["kernel"], dt)
-    out = dot_product_attention(q, c["cross_k"], c["cross_v"], cross_mask, scale=scale,
-                                softcap=m.attn_logit_softcapping)
-    x = x + norm("post_cross_attn_norm", _dense("btnh,nhd->btd", out, ca["o"]["kernel"], dt))
+    if not cfg.merged_attention:
+      ca = p["cross_attn"]
+      q = _queries(ca, cfg, norm("pre_cross_attn_norm", x))
+      out = dot_product_attention(q, c["cross_k"], c["cross_v"], encoder_mask[:, None, :],
+                                  scale=m.query_pre_attn_scalar ** -0.5,
+                                  softcap=m.attn_logit_softcapping)
+      x = x + norm("post_cross_attn_norm", _dense("btnh,nhd->btd", out, ca["o"]["kernel"], dt))
     mlp = p["mlp"]
     h = norm("pre_ffw_norm", x)
     h = geglu(_dense("btd,df->btf", h, mlp["gate"]["kernel"], dt),
@@ -115,7 +170,7 @@ def decode_step(params: dict, cfg: T5GemmaConfig, cache: list[dict], tokens: Arr
     x = x + norm("post_ffw_norm", _dense("btf,fd->btd", h, mlp["down"]["kernel"], dt))
     new_cache.append(c)
   x = rms_norm(x, dec["final_norm"]["scale"], m.rms_norm_eps)
-  logits = jnp.einsum("btd,vd->btv", x, emb.astype(dt), preferred_element_type=jnp.float32)
+  logits = embedding_logits(emb, x, dt)
   if m.final_logit_softcapping is not None:
     cap = m.final_logit_softcapping
     logits = cap * jnp.tanh(logits / cap)
@@ -267,11 +322,6 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
   Returns:
     int32 [B, max_new_tokens]: generated tokens (BOS excluded), EOS then padding.
   """
-  if cfg.is_t5gemma2:
-    # The cached step below knows neither merged attention, q/k norms, the shared table nor
-    # the per-layer-type RoPE; computing without them would return wrong tokens silently.
-    raise NotImplementedError("decoding T5Gemma 2 configs (merged_attention, shared_embedding, "
-                              "qk_norm, eoi_id, per-layer RoPE) is not implemented yet")
   if strategy not in STRATEGIES:
     raise ValueError(f"unknown decoding strategy {strategy!r}; known: {STRATEGIES}")
   if max_new_tokens < 1:
