@@ -17,6 +17,7 @@ LAYER_TYPES = (SLIDING, FULL)
 REMAT_POLICIES = ("none", "full", "minimal")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 ENCODER_WINDOWS = ("symmetric", "split")
+CROSS_ATTENTION_LAYERS = ("all", "global")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -132,6 +133,12 @@ class T5GemmaConfig:
       the decoder then has no `embedder` params.
     eoi_id: T5Gemma 2's end-of-image token: its embedding is replaced by a learned, unscaled
       `embedder/eoi_embedding` vector. None (T5Gemma 1): no such parameter.
+    share_blocks: beyond the reference: decoder layer i runs with encoder layer i's weights (its
+      own final norm only). Needs merged_attention and stacks of equal shape; the decoder then
+      has no `layers` params. Exported to transformers as two equal copies.
+    cross_attention_layers: beyond the reference: "all" decoder layers read the encoder, or only
+      the "global" (full-attention) ones; sliding layers then have no cross-attention module
+      (merged attention: their softmax holds decoder keys only). Not expressible in transformers.
   """
 
   encoder: ModuleConfig
@@ -147,6 +154,8 @@ class T5GemmaConfig:
   merged_attention: bool = False
   shared_embedding: bool = False
   eoi_id: Optional[int] = None
+  share_blocks: bool = False
+  cross_attention_layers: str = "all"
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):
@@ -180,6 +189,19 @@ class T5GemmaConfig:
       raise ValueError("merged_attention and shared_embedding need equal encoder and decoder "
                        f"hidden sizes, got {self.encoder.hidden_size} and "
                        f"{self.decoder.hidden_size}")
+    if self.cross_attention_layers not in CROSS_ATTENTION_LAYERS:
+      raise ValueError(f"T5GemmaConfig.cross_attention_layers must be one of "
+                       f"{CROSS_ATTENTION_LAYERS}, got {self.cross_attention_layers!r}")
+    if self.share_blocks:
+      if not self.merged_attention:
+        raise ValueError("share_blocks needs merged_attention (a decoder block must have the "
+                         "encoder block's parameters: no separate cross-attention)")
+      shape = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim", "layer_types", "qk_norm")
+      differ = [f for f in shape if getattr(self.encoder, f) != getattr(self.decoder, f)]
+      if differ:
+        raise ValueError(f"share_blocks needs encoder and decoder stacks of the same shape; "
+                         f"they differ in {differ}")
     if self.eoi_id is not None and not 0 <= self.eoi_id < self.encoder.vocab_size:
       raise ValueError(f"T5GemmaConfig.eoi_id {self.eoi_id} is outside the vocabulary "
                        f"(size {self.encoder.vocab_size})")
@@ -194,7 +216,7 @@ class T5GemmaConfig:
 
   @property
   def is_t5gemma2(self) -> bool:
-    """Whether any T5Gemma 2 feature is on (what decoding does not support yet)."""
+    """Whether any T5Gemma 2 feature is on (what the T5Gemma 1 checkpoint format cannot hold)."""
     return (self.merged_attention or self.shared_embedding or self.eoi_id is not None
             or any(m.qk_norm or m.rope_local_theta is not None or m.rope_scaling_factor != 1.0
                    for m in (self.encoder, self.decoder)))
@@ -210,6 +232,10 @@ class T5GemmaConfig:
   @property
   def vocab_size(self) -> int:
     return self.decoder.vocab_size
+
+  def reads_encoder(self, layer_type: str) -> bool:
+    """Whether a decoder layer of `layer_type` attends to the encoder output."""
+    return self.cross_attention_layers == "all" or layer_type == FULL
 
   def replace(self, **changes) -> "T5GemmaConfig":
     return dataclasses.replace(self, **changes)
@@ -245,8 +271,12 @@ _T5GEMMA2_STACKS = {
 T5GEMMA2_EOI_ID = 256000
 T5GEMMA2_PERIOD = 6  # every 6th layer is full attention (5 local : 1 global)
 
+# "tiny2": T5Gemma 2 in miniature for tests and its offline demo: the tiny stack with 6 layers
+# in the 5:1 pattern; vocab 2048 of the built-in vocabulary plus 128 ids it never produces, the
+# first of which is eoi (as 256000 is outside the text pieces of Gemma 3's tokenizer).
+_TINY2_EOI_ID = 2048
 PRESETS = ("tiny", "s-s", "b-b", "l-l", "ml-ml", "xl-xl", "2b-2b", "9b-2b", "9b-9b",
-           "270m-270m", "1b-1b", "4b-4b")
+           "270m-270m", "1b-1b", "4b-4b", "tiny2")
 
 
 def stack_preset(name: str) -> ModuleConfig:
@@ -277,9 +307,13 @@ def t5gemma2_stack(name: str) -> ModuleConfig:
                       rope_scaling_factor=8.0, encoder_window="split")
 
 
+def _t5gemma2_options(eoi_id: int) -> dict:
+  return dict(merged_attention=True, shared_embedding=True, eoi_id=eoi_id)
+
+
 def preset(name: str, **options) -> T5GemmaConfig:
   """A named model: "tiny", a released T5Gemma pair such as "2b-2b" or "9b-2b"
-  (encoder-decoder), or a T5Gemma 2 pair ("270m-270m", "1b-1b", "4b-4b").
+  (encoder-decoder), a T5Gemma 2 pair ("270m-270m", "1b-1b", "4b-4b") or "tiny2".
 
   Args:
     name: one of `PRESETS`.
@@ -295,11 +329,19 @@ def preset(name: str, **options) -> T5GemmaConfig:
   unknown = sorted(set(options) - set(allowed))
   if unknown:
     raise ValueError(f"preset: unknown option(s) {unknown}; options are {allowed}")
+  if name == "tiny2":
+    stack = dataclasses.replace(
+        t5gemma2_stack("270m"), **{f: getattr(_TINY, f) for f in (
+            "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+            "query_pre_attn_scalar", "sliding_window")},
+        num_layers=T5GEMMA2_PERIOD, vocab_size=_TINY.vocab_size + 128,
+        layer_types=(SLIDING,) * (T5GEMMA2_PERIOD - 1) + (FULL,))
+    return T5GemmaConfig(encoder=stack, decoder=stack,
+                         **{**_t5gemma2_options(_TINY2_EOI_ID), **options})
   enc_name, dec_name = ("tiny", "tiny") if name == "tiny" else name.split("-")
   if enc_name in _T5GEMMA2_STACKS:
     return T5GemmaConfig(encoder=t5gemma2_stack(enc_name), decoder=t5gemma2_stack(dec_name),
-                         merged_attention=True, shared_embedding=True, eoi_id=T5GEMMA2_EOI_ID,
-                         **options)
+                         **{**_t5gemma2_options(T5GEMMA2_EOI_ID), **options})
   return T5GemmaConfig(encoder=stack_preset(enc_name), decoder=stack_preset(dec_name), **options)
 
 

@@ -4,6 +4,7 @@
       [--verify] [--overwrite] [--vocabulary=run|builtin|gemma|none|PATH.model]
   t5gemma import_hf --hf_dir=IN --output_dir=CKPT [--scan_layers] [--param_dtype=...]
   t5gemma adapt --decoder_only=GEMMA2_DIR [--decoder_from=OTHER_GEMMA2_DIR] --output_dir=CKPT
+  t5gemma adapt --decoder_only=GEMMA3_DIR [--eoi_id=256000] --output_dir=CKPT   (T5Gemma 2)
 
 The model of an exported checkpoint comes from `--gin_file` when one binds
 `model_config.cfg`, otherwise from the run's `model_config.json`. `import_hf` and `adapt`
@@ -44,11 +45,16 @@ def import_args(p: argparse.ArgumentParser) -> None:
 def adapt_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--decoder_only", required=True,
                  help="Gemma 2 (Gemma2ForCausalLM) folder: the encoder, and the decoder "
-                      "unless --decoder_from")
-  p.add_argument("--decoder_from", default=None, help="another Gemma 2 folder for the decoder")
+                      "unless --decoder_from; or a Gemma 3 folder (Gemma3ForCausalLM or "
+                      "Gemma3ForConditionalGeneration), adapted to T5Gemma 2")
+  p.add_argument("--decoder_from", default=None,
+                 help="another Gemma 2 folder for the decoder (Gemma 2 only)")
   p.add_argument("--output_dir", required=True, help="the run directory to create")
   p.add_argument("--cross_attention", choices=("auto", "copy", "random"), default="auto",
-                 help="auto: copy self-attention when the widths match, else random")
+                 help="auto: copy self-attention when the widths match, else random "
+                      "(Gemma 2 only)")
+  p.add_argument("--eoi_id", type=int, default=None,
+                 help="T5Gemma 2's end-of-image token id (Gemma 3 only; default 256000)")
   p.add_argument("--seed", type=int, default=0, help="seed of randomly initialised weights")
   p.add_argument("--scan_layers", action="store_true")
   p.add_argument("--param_dtype", choices=("float32", "bfloat16", "float16"), default=None)
@@ -109,12 +115,28 @@ def import_hf(args: argparse.Namespace) -> int:
 
 
 def adapt(args: argparse.Namespace) -> int:
-  """Gemma 2 decoder-only folder(s) -> a T5Gemma run directory (params-only step 0)."""
-  from t5gemma_jax.convert import adapt as adapt_lib, hf_writer, params_checkpoint
+  """Gemma 2 decoder-only folder(s) -> a T5Gemma run directory, or a Gemma 3 folder -> a
+  T5Gemma 2 one (params-only step 0), chosen by config.json's model_type."""
+  from t5gemma_jax.convert import adapt as adapt_lib, adapt_gemma3, hf_writer, params_checkpoint
   hf_writer.check_destination(args.output_dir, args.overwrite)
-  params, cfg = adapt_lib.from_gemma2(
-      args.decoder_only, args.decoder_from, seed=args.seed, param_dtype=args.param_dtype,
-      cross_attention=args.cross_attention, scan_layers=args.scan_layers)
+  _, hf_config = adapt_gemma3.read_config(args.decoder_only)
+  if hf_config.get("model_type") in adapt_gemma3.MODEL_TYPES:
+    gemma2_only = [flag for flag, given in (("--decoder_from", args.decoder_from is not None),
+                                            ("--cross_attention", args.cross_attention != "auto"))
+                   if given]
+    if gemma2_only:
+      raise ValueError(f"{' and '.join(gemma2_only)}: Gemma 2 only; {args.decoder_only} is a "
+                       "Gemma 3 checkpoint, adapted alone to T5Gemma 2 (merged attention, no "
+                       "cross-attention)")
+    eoi = {} if args.eoi_id is None else {"eoi_id": args.eoi_id}
+    params, cfg = adapt_gemma3.from_gemma3(args.decoder_only, param_dtype=args.param_dtype,
+                                           scan_layers=args.scan_layers, **eoi)
+  else:
+    if args.eoi_id is not None:
+      raise ValueError(f"--eoi_id only applies to Gemma 3; {args.decoder_only} is not Gemma 3")
+    params, cfg = adapt_lib.from_gemma2(
+        args.decoder_only, args.decoder_from, seed=args.seed, param_dtype=args.param_dtype,
+        cross_attention=args.cross_attention, scan_layers=args.scan_layers)
   params_checkpoint.save_params(params, cfg, args.output_dir, overwrite=args.overwrite)
   _print_run(args.output_dir, cfg)
   return 0

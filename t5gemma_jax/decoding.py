@@ -66,22 +66,20 @@ def init_cache(params: dict, cfg: T5GemmaConfig, encoded: Array, max_len: int) -
   Returns:
     A list of {"k", "v": [B, slots, K, Dh], "pos": int32 [slots] (-1 = empty),
     "cross_k", "cross_v": [B, S, K, Dh]} (for merged attention, the encoder part of the
-    layer's keys and values).
+    layer's keys and values; absent on layers that do not read the encoder).
   """
   m, dt = cfg.decoder, cfg.activation_dtype
   b = encoded.shape[0]
   cache = []
-  for i, slots in enumerate(_cache_sizes(cfg, max_len)):
-    layer = params["decoder"][f"layers_{i}"]
-    cross_k, cross_v = _encoder_kv(
-        layer["self_attn" if cfg.merged_attention else "cross_attn"], cfg, encoded)
-    cache.append({
-        "k": jnp.zeros((b, slots, m.num_kv_heads, m.head_dim), dt),
-        "v": jnp.zeros((b, slots, m.num_kv_heads, m.head_dim), dt),
-        "pos": jnp.full((slots,), -1, jnp.int32),
-        "cross_k": cross_k,
-        "cross_v": cross_v,
-    })
+  for i, (slots, layer_type) in enumerate(zip(_cache_sizes(cfg, max_len), m.layer_types)):
+    c = {"k": jnp.zeros((b, slots, m.num_kv_heads, m.head_dim), dt),
+         "v": jnp.zeros((b, slots, m.num_kv_heads, m.head_dim), dt),
+         "pos": jnp.full((slots,), -1, jnp.int32)}
+    if cfg.reads_encoder(layer_type):
+      layer = params["decoder"][f"layers_{i}"]
+      c["cross_k"], c["cross_v"] = _encoder_kv(
+          layer["self_attn" if cfg.merged_attention else "cross_attn"], cfg, encoded)
+    cache.append(c)
   return cache
 
 
@@ -122,7 +120,7 @@ def _self_attention(sa: dict, cfg: T5GemmaConfig, c: dict, h: Array, t: Array,
     valid &= c["pos"] > t - m.sliding_window
   mask = jnp.broadcast_to(valid[None, None, :], (b, 1, slots))
   keys, values = c["k"], c["v"]
-  if cfg.merged_attention:
+  if cfg.merged_attention and "cross_k" in c:
     # One softmax over [cached decoder keys | encoder keys], as the teacher-forced model.
     keys = jnp.concatenate([keys, c["cross_k"]], axis=1)
     values = jnp.concatenate([values, c["cross_v"]], axis=1)
@@ -156,7 +154,7 @@ def decode_step(params: dict, cfg: T5GemmaConfig, cache: list[dict], tokens: Arr
     out, c = _self_attention(sa, cfg, c, norm("pre_self_attn_norm", x), t, layer_type,
                              encoder_mask)
     x = x + norm("post_self_attn_norm", _dense("btnh,nhd->btd", out, sa["o"]["kernel"], dt))
-    if not cfg.merged_attention:
+    if not cfg.merged_attention and "cross_k" in c:
       ca = p["cross_attn"]
       q = _queries(ca, cfg, norm("pre_cross_attn_norm", x))
       out = dot_product_attention(q, c["cross_k"], c["cross_v"], encoder_mask[:, None, :],
@@ -331,6 +329,9 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
   if strategy == "sample" and temperature <= 0:
     raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
   params = layout.unscan_params(params, cfg)
+  if cfg.share_blocks:  # decoder layer i runs with encoder layer i's weights
+    shared = {k: v for k, v in params["encoder"].items() if k.startswith("layers_")}
+    params = dict(params, decoder={**params["decoder"], **shared})
   # Decoding runs the layers one by one; remat only matters for gradients.
   cfg = cfg.replace(scan_layers=False, remat_policy="none")
   fn = _compiled(cfg, strategy, int(max_new_tokens), float(temperature), int(top_k),

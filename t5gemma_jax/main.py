@@ -22,6 +22,11 @@ from typing import Callable, Optional, Sequence
 
 import gin
 
+if __name__ == "__main__":
+  # `python -m t5gemma_jax.main`: let `from t5gemma_jax import main` (convert_cli) find this
+  # module instead of importing a second copy that would register every configurable again.
+  sys.modules.setdefault("t5gemma_jax.main", sys.modules[__name__])
+
 from t5gemma_jax import config, convert_cli
 
 _registered: set[str] = set()

@@ -23,7 +23,7 @@ from tasks import objectives, vocabularies
 
 FEATURES = vocabularies.features(vocabularies.BUILTIN)
 TEXT_TASKS = {"python_text_span_corruption": "span_corruption", "python_text_ul2": "ul2",
-              "python_text_prefix_lm": "prefix_lm"}
+              "python_text_prefix_lm": "prefix_lm", "python_text_t5gemma2": "t5gemma2"}
 TRANSLATION = {"cldr_translate_en_ru": ("cldr_en_ru", "Russian"),
                "cldr_translate_en_de": ("cldr_en_de", "German")}
 DEFAULT_MIXTURE_RATES = {"python_text_span_corruption": 1.0, "python_text_ul2": 1.0,

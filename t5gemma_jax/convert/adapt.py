@@ -13,7 +13,8 @@
 
 Names and (out, in) -> kernel reshapes come from `hf._entries`: a Gemma 2 tensor name is the
 T5Gemma one with the `encoder.` / `decoder.` level dropped and two norms renamed. Everything is
-numpy on memory-mapped files; nothing touches an accelerator.
+numpy on memory-mapped files; nothing touches an accelerator. Gemma 3 folders are adapted to
+T5Gemma 2 by `adapt_gemma3.from_gemma3`.
 """
 
 from __future__ import annotations
@@ -151,13 +152,15 @@ def _open(path: str) -> _Source:
     hf_config = json.load(f)
   model_type = hf_config.get("model_type")
   if model_type != "gemma2":
-    if model_type == "t5gemma":
+    if model_type in ("t5gemma", "t5gemma2"):
       hint = ("it is already an encoder-decoder T5Gemma checkpoint: load it with "
               "t5gemma_jax.convert.hf.load (import_hf) instead of adapting it")
     elif model_type in ("gemma3", "gemma3_text"):
-      hint = "adapting Gemma 3 is not supported yet"
+      hint = ("Gemma 3 is not supported by from_gemma2: use "
+              "t5gemma_jax.convert.adapt_gemma3.from_gemma3 (`t5gemma adapt` picks it)")
     else:
-      hint = "only Gemma 2 decoder-only checkpoints can be adapted"
+      hint = ("only Gemma 2 (here) and Gemma 3 (adapt_gemma3.from_gemma3) decoder-only "
+              "checkpoints can be adapted")
     raise ValueError(f"{config_path}: model_type is {model_type!r}, expected 'gemma2'; {hint}")
   m = dict(hf_config)
   if m.get("hidden_activation") is None:  # older Gemma configs only name it hidden_act

@@ -108,6 +108,9 @@ def config_to_hf(cfg: T5GemmaConfig) -> dict:
   if cfg.is_t5gemma2:
     raise ValueError("this config mixes T5Gemma 2 features (qk_norm, two RoPE tables, eoi_id) "
                      "into a T5Gemma 1 model; transformers has no such architecture")
+  if cfg.cross_attention_layers != "all":
+    raise ValueError("cross_attention_layers must be 'all' for transformers (every T5Gemma "
+                     "decoder layer has cross-attention)")
 
   def module(m: ModuleConfig, is_decoder: bool) -> dict:
     d = {

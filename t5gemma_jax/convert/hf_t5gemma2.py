@@ -60,6 +60,9 @@ def check(cfg: T5GemmaConfig) -> None:
       problems.append(f"{side}.attn_logit_softcapping must be None (HF never applies it)")
   if cfg.encoder.encoder_window != "split":
     problems.append("encoder.encoder_window must be 'split'")
+  if cfg.cross_attention_layers != "all":
+    problems.append("cross_attention_layers must be 'all' (every decoder layer reads the "
+                    "encoder in transformers)")
   if problems:
     raise ValueError("not a T5Gemma 2 config: " + "; ".join(problems))
 
@@ -184,7 +187,10 @@ def config_to_hf(cfg: T5GemmaConfig, dtype: str) -> dict:
 
 def entries(cfg: T5GemmaConfig) -> Iterator[tuple[str, tuple[str, ...], str, tuple[int, ...]]]:
   """(hf name, our unrolled path, kind, our shape) of every tensor, names in the short on-disk
-  form that `save_pretrained` writes (`model.encoder.layers...`, not `...text_model...`)."""
+  form that `save_pretrained` writes (`model.encoder.layers...`, not `...text_model...`).
+
+  With `share_blocks` the decoder's layer tensors name the encoder's paths: transformers gets
+  two equal copies, which compute exactly what the shared model does."""
   check(cfg)
   d = cfg.encoder.hidden_size
   yield "model.encoder.embed_tokens.weight", ("encoder", "embedder", "embedding"), "copy", (
@@ -195,7 +201,8 @@ def entries(cfg: T5GemmaConfig) -> Iterator[tuple[str, tuple[str, ...], str, tup
     f, h, k, dh = m.intermediate_size, m.num_heads, m.num_kv_heads, m.head_dim
     yield f"model.{side}.norm.weight", (side, "final_norm", "scale"), "copy", (d,)
     for i in range(m.num_layers):
-      pre, ours = f"model.{side}.layers.{i}", (side, f"layers_{i}")
+      owner = "encoder" if cfg.share_blocks else side
+      pre, ours = f"model.{side}.layers.{i}", (owner, f"layers_{i}")
       attn, ours_attn = f"{pre}.self_attn", ours + ("self_attn",)
       yield f"{attn}.q_proj.weight", ours_attn + ("q", "kernel"), "in", (d, h, dh)
       yield f"{attn}.k_proj.weight", ours_attn + ("k", "kernel"), "in", (d, k, dh)
@@ -209,12 +216,17 @@ def entries(cfg: T5GemmaConfig) -> Iterator[tuple[str, tuple[str, ...], str, tup
         yield f"{pre}.{hf_norm}.weight", ours + (norm, "scale"), "copy", (d,)
 
 
+def is_vision(name: str) -> bool:
+  """Whether a transformers parameter name belongs to the vision tower or its projector."""
+  return any(part in name for part in _VISION_PARTS)
+
+
 def text_tensors(tensors: dict[str, tuple[np.ndarray, str]], path: str) -> dict:
   """Drops the vision tensors (one notice) and maps `model.encoder.text_model.*` names, which
   transformers also accepts, to the short form `entries` uses."""
   out, skipped = {}, 0
   for name, value in tensors.items():
-    if any(part in name for part in _VISION_PARTS):
+    if is_vision(name):
       skipped += 1
       continue
     if name.startswith(_LONG_PREFIX):

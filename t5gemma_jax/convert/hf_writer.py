@@ -59,10 +59,11 @@ class FolderWriter:
     check_destination(path, overwrite)
     self.cfg, self.path = cfg.replace(param_dtype=dtype), path
     np_dtype = np.dtype(DTYPES[dtype])
-    self._targets = {}  # our unrolled path -> (hf name, kind, our shape)
+    # our unrolled path -> [(hf name, kind, our shape)]: several names when blocks are shared
+    self._targets = {}
     plan = []
     for name, ours, kind, shape in hf._entries(cfg):
-      self._targets[ours] = (name, kind, shape)
+      self._targets.setdefault(ours, []).append((name, kind, shape))
       plan.append((name, np_dtype, hf._hf_shape(kind, shape)))
     shards = _shard(plan, max_shard_bytes)
     parent = os.path.dirname(os.path.abspath(path))
@@ -87,12 +88,12 @@ class FolderWriter:
     "up", "kernel"), in our (in, ..., out) layout and any dtype."""
     if ours not in self._targets:
       raise ValueError(f"parameter {'/'.join(ours)} is not part of this T5Gemma config")
-    name, kind, shape = self._targets[ours]
     x = np.asarray(array)
-    if tuple(x.shape) != shape:
-      raise ValueError(f"parameter {'/'.join(ours)}: shape {tuple(x.shape)} does not match "
-                       f"{shape} implied by the config")
-    self._file_of[name][1].write(name, hf._to_hf(kind, x))
+    for name, kind, shape in self._targets[ours]:
+      if tuple(x.shape) != shape:
+        raise ValueError(f"parameter {'/'.join(ours)}: shape {tuple(x.shape)} does not match "
+                         f"{shape} implied by the config")
+      self._file_of[name][1].write(name, hf._to_hf(kind, x))
 
   def put_tree(self, params: Any) -> None:
     """Writes every parameter of a tree (scanned or unrolled; numpy or jax arrays), one leaf

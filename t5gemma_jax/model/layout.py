@@ -59,7 +59,8 @@ def _unscan_stack(stack: Params, cfg: ModuleConfig) -> Params:
 def _both(params: Params, cfg: T5GemmaConfig, fn: Callable) -> Params:
   out = dict(params)
   out["encoder"] = fn(params["encoder"], cfg.encoder)
-  out["decoder"] = fn(params["decoder"], cfg.decoder)
+  if not cfg.share_blocks:  # otherwise the decoder has no layers of its own
+    out["decoder"] = fn(params["decoder"], cfg.decoder)
   return out
 
 

@@ -5,7 +5,9 @@ Parameter tree (unscanned):
   decoder/{embedder/embedding, layers_{i}/..., final_norm/scale}
 T5Gemma 2 (`shared_embedding`) has no decoder/embedder: the decoder and the output layer read
 encoder/embedder (plus encoder/embedder/eoi_embedding when `eoi_id` is set); with
-`merged_attention` decoder layers have no cross_attn nor cross norms.
+`merged_attention` decoder layers have no cross_attn nor cross norms; with `share_blocks` the
+decoder has no layers at all (it runs the encoder's); with `cross_attention_layers="global"`
+only full-attention decoder layers have cross-attention.
 With `scan_layers=True` the leading `R = num_layers // period` repeats of the layer-type pattern
 live under `layers/block_{s}` with a leading [R] axis (logical name "layers"); leftover layers,
 if any, keep their `layers_{i}` names. `t5gemma_jax.model.layout` converts between the two.
@@ -19,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5gemma_jax.config import SLIDING, ModuleConfig, T5GemmaConfig
+from t5gemma_jax.config import FULL, SLIDING, ModuleConfig, T5GemmaConfig
 from t5gemma_jax.model import attention as attn_lib
 from t5gemma_jax.model.layers import (Embedder, FeedForward, RMSNorm, constrain, embed_tokens,
                                       embedding_logits)
@@ -92,12 +94,14 @@ class DecoderBlock(_SubBlock):
   """Causal self-attention, cross-attention over the encoder output, then the MLP.
 
   With `merged` (T5Gemma 2) the two attentions are one: `self_attn` reads
-  [decoder keys; encoder keys] and there is no cross-attention sub-layer.
+  [decoder keys; encoder keys] and there is no cross-attention sub-layer. With
+  `cross_attention_layers="global"` a sliding layer does not read the encoder at all.
   """
 
   layer_type: str = SLIDING
   encoder_hidden_size: int = 0
   merged: bool = False
+  cross_attention_layers: str = "all"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -106,11 +110,14 @@ class DecoderBlock(_SubBlock):
     """x [B, T, D]; encoded [B, S, D_enc]; cross_mask a MaskSpec -> [B, T, D]."""
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
+    reads_encoder = self.cross_attention_layers == "all" or self.layer_type == FULL
     self_attn = self.attention("self_attn", self.layer_type)
-    merged = dict(merged_input=encoded, merged_mask=cross_mask) if self.merged else {}
+    merged = {}
+    if self.merged and reads_encoder:
+      merged = dict(merged_input=encoded, merged_mask=cross_mask)
     x = self.residual(x, lambda h: self_attn(h, masks[self.layer_type], positions, **merged),
                       "pre_self_attn_norm", "post_self_attn_norm")
-    if not self.merged:
+    if not self.merged and reads_encoder:
       cross_attn = self.attention("cross_attn", None, kv_features=self.encoder_hidden_size)
       x = self.residual(x, lambda h: cross_attn(h, cross_mask, kv_input=encoded),
                         "pre_cross_attn_norm", "post_cross_attn_norm")
@@ -156,20 +163,21 @@ class _StackRunner(nn.Module):
   cfg: T5GemmaConfig
 
   def run(self, module_cfg: ModuleConfig, block_cls: type, extra_block_kwargs: dict,
-          x: Array, deterministic: bool, *args) -> Array:
+          x: Array, deterministic: bool, *args, shared_layers: Optional[dict] = None) -> Array:
     c = self.cfg
     x = nn.Dropout(module_cfg.dropout_rate)(x, deterministic=deterministic)
     x = constrain(x)
     block_kwargs = dict(cfg=module_cfg, deterministic=deterministic, dtype=c.activation_dtype,
                         param_dtype=c.parameter_dtype, attention_impl=c.attention_impl,
                         **extra_block_kwargs)
-    x = self.run_layers(module_cfg, block_cls, block_kwargs, x, *args)
+    if shared_layers is None:
+      x = self.run_layers(module_cfg, block_cls, block_kwargs, x, *args)
+    else:
+      x = self.run_shared_layers(module_cfg, block_cls, block_kwargs, shared_layers, x, *args)
     x = RMSNorm(module_cfg.rms_norm_eps, param_dtype=c.parameter_dtype, name="final_norm")(x)
     return nn.Dropout(module_cfg.dropout_rate)(x, deterministic=deterministic)
 
-  def run_layers(self, module_cfg: ModuleConfig, block_cls: type, block_kwargs: dict, x: Array,
-                 *args) -> Array:
-    """Runs every layer, unrolled or scanned over the repeating unit of layer types."""
+  def _block_factory(self, module_cfg: ModuleConfig, block_cls: type, block_kwargs: dict):
     policy = remat_policy(self.cfg.remat_policy)
     if policy is not None:
       block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.cfg.scan_layers)
@@ -179,6 +187,46 @@ class _StackRunner(nn.Module):
 
     types, period = module_cfg.layer_types, module_cfg.layer_period
     repeats = len(types) // period if self.cfg.scan_layers else 0
+    return make_block, types, period, repeats
+
+  def run_shared_layers(self, module_cfg: ModuleConfig, block_cls: type, block_kwargs: dict,
+                        shared: dict, x: Array, *args) -> Array:
+    """Runs every layer with parameters owned by another stack (`share_blocks`).
+
+    `shared` is that stack's params in the same layout (`layers/block_{s}` with a leading [R]
+    axis and/or `layers_{i}`). The blocks are applied as pure functions of those arrays, so
+    gradients flow to the owner and this stack creates no layer params.
+    """
+    make_block, types, period, repeats = self._block_factory(module_cfg, block_cls,
+                                                             block_kwargs)
+    rng = None if block_kwargs["deterministic"] else self.make_rng("dropout")
+
+    def apply(module, params, x, rng):
+      rngs = {} if rng is None else {"dropout": rng}
+      return module.apply({"params": params}, x, *args, rngs=rngs)
+
+    def next_rng(rng):
+      return (None, None) if rng is None else tuple(jax.random.split(rng))
+
+    if repeats:
+      unit = _Unit(make_block, types[:period], parent=None)
+
+      def body(carry, unit_params):
+        x, rng = carry
+        rng, sub = next_rng(rng)
+        return (apply(unit, unit_params, x, sub)[0], rng), None
+
+      (x, rng), _ = jax.lax.scan(body, (x, rng), shared["layers"])
+    for i in range(repeats * period, len(types)):
+      rng, sub = next_rng(rng)
+      x = apply(make_block(layer_type=types[i], parent=None), shared[f"layers_{i}"], x, sub)
+    return x
+
+  def run_layers(self, module_cfg: ModuleConfig, block_cls: type, block_kwargs: dict, x: Array,
+                 *args) -> Array:
+    """Runs every layer, unrolled or scanned over the repeating unit of layer types."""
+    make_block, types, period, repeats = self._block_factory(module_cfg, block_cls,
+                                                             block_kwargs)
     if repeats:
       scanned = nn.scan(_Unit, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},
@@ -216,11 +264,13 @@ class Decoder(_StackRunner):
   @nn.compact
   def __call__(self, encoded: Array, encoder_segment_ids: Array, tokens: Array,
                segment_ids: Optional[Array] = None, positions: Optional[Array] = None,
-               deterministic: bool = True, shared_embedder: Optional[dict] = None) -> Array:
+               deterministic: bool = True, shared_embedder: Optional[dict] = None,
+               shared_layers: Optional[dict] = None) -> Array:
     """Returns float32 logits [B, T, V], softcapped by final_logit_softcapping.
 
-    `shared_embedder` is the encoder's embedder params (with `cfg.shared_embedding`); this
-    stack then creates no table of its own.
+    `shared_embedder` is the encoder's embedder params (with `cfg.shared_embedding`) and
+    `shared_layers` its layer params (with `cfg.share_blocks`); this stack then creates no
+    table / no layers of its own.
     """
     c, mc = self.cfg, self.cfg.decoder
     segment_ids, positions = _segments_and_positions(tokens, segment_ids, positions, c.pad_id)
@@ -234,9 +284,10 @@ class Decoder(_StackRunner):
       x, to_logits = embedder.encode(tokens), embedder.decode
     masks = _self_masks(mc, segment_ids, causal=True)
     cross_mask = attn_lib.MaskSpec(segment_ids, encoder_segment_ids)
-    block_kwargs = {"encoder_hidden_size": c.encoder.hidden_size, "merged": c.merged_attention}
+    block_kwargs = {"encoder_hidden_size": c.encoder.hidden_size, "merged": c.merged_attention,
+                    "cross_attention_layers": c.cross_attention_layers}
     x = self.run(mc, DecoderBlock, block_kwargs, x, deterministic, positions, masks, encoded,
-                 cross_mask)
+                 cross_mask, shared_layers=shared_layers)
     logits = to_logits(x)
     cap = mc.final_logit_softcapping
     if cap is not None:
@@ -272,12 +323,16 @@ class T5Gemma(nn.Module):
     if encoder_segment_ids is None:
       encoder_segment_ids = attn_lib.segment_ids_from_tokens(encoder_input_tokens,
                                                              self.cfg.pad_id)
-    shared = None
-    if self.cfg.shared_embedding:
-      # The encoder's table, read from the variables (the encoder need not run in this call).
-      shared = nn.meta.unbox(self.encoder.variables["params"]["embedder"])
+    # The encoder's table / blocks, read from the variables (the encoder need not run here).
+    encoder_params = None
+    if self.cfg.shared_embedding or self.cfg.share_blocks:
+      encoder_params = nn.meta.unbox(self.encoder.variables["params"])
+    shared_embedder = encoder_params["embedder"] if self.cfg.shared_embedding else None
+    shared_layers = None
+    if self.cfg.share_blocks:
+      shared_layers = {k: v for k, v in encoder_params.items() if k.startswith("layers")}
     return self.decoder(encoded, encoder_segment_ids, decoder_input_tokens, decoder_segment_ids,
-                        decoder_positions, deterministic, shared)
+                        decoder_positions, deterministic, shared_embedder, shared_layers)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                encoder_segment_ids: Optional[Array] = None,

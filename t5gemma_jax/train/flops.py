@@ -147,6 +147,7 @@ def flops_breakdown(cfg: T5GemmaConfig, batch: int, inputs_length: int, targets_
   enc_tokens, dec_tokens = batch * s, batch * t
   enc_pairs = sum(bidirectional_pairs(s, _layer_window(enc, lt)) for lt in enc.layer_types)
   dec_pairs = sum(causal_pairs(t, _layer_window(dec, lt)) for lt in dec.layer_types)
+  cross_layers = sum(cfg.reads_encoder(lt) for lt in dec.layer_types)
   forward = {
       "encoder_projections": enc.num_layers * (
           qo_projection_flops(enc, enc_tokens)
@@ -157,11 +158,12 @@ def flops_breakdown(cfg: T5GemmaConfig, batch: int, inputs_length: int, targets_
           qo_projection_flops(dec, dec_tokens)
           + kv_projection_flops(dec, dec_tokens, dec.hidden_size)),
       "decoder_self_attention": batch * attention_flops(dec, dec_pairs),
-      # Queries come from the decoder; keys and values from every encoder position.
-      "cross_attention_projections": dec.num_layers * (
-          qo_projection_flops(dec, dec_tokens)
+      # Queries come from the decoder; keys and values from every encoder position. Merged
+      # attention reuses the self-attention queries and output projection.
+      "cross_attention_projections": cross_layers * (
+          (0 if cfg.merged_attention else qo_projection_flops(dec, dec_tokens))
           + kv_projection_flops(dec, enc_tokens, enc.hidden_size)),
-      "cross_attention": dec.num_layers * batch * attention_flops(dec, t * s),
+      "cross_attention": cross_layers * batch * attention_flops(dec, t * s),
       "decoder_mlp": dec.num_layers * mlp_flops(dec, dec_tokens),
       "lm_head": lm_head_flops(cfg, dec_tokens),
   }
