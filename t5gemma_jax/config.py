@@ -205,14 +205,6 @@ class T5GemmaConfig:
     if self.eoi_id is not None and not 0 <= self.eoi_id < self.encoder.vocab_size:
       raise ValueError(f"T5GemmaConfig.eoi_id {self.eoi_id} is outside the vocabulary "
                        f"(size {self.encoder.vocab_size})")
-    # The fused kernels know neither the concatenated [self; cross] mask nor the split window.
-    if self.attention_impl != "xla":
-      if self.merged_attention:
-        raise ValueError(f"merged_attention needs attention_impl='xla', got "
-                         f"{self.attention_impl!r}")
-      if self.encoder.encoder_window != "symmetric":
-        raise ValueError(f"encoder_window={self.encoder.encoder_window!r} needs "
-                         f"attention_impl='xla', got {self.attention_impl!r}")
 
   @property
   def is_t5gemma2(self) -> bool:

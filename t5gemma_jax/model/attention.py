@@ -96,6 +96,23 @@ class MaskSpec:
     return mask
 
 
+@struct.dataclass
+class MergedMaskSpec:
+  """T5Gemma 2's merged attention: keys are [decoder (T); encoder (S)], one softmax.
+
+  Attributes:
+    self_mask: the decoder part ([B, T, T], causal, maybe windowed).
+    cross_mask: the encoder part ([B, T, S], segment-matched only).
+  """
+
+  self_mask: MaskSpec
+  cross_mask: MaskSpec
+
+  def dense(self) -> Array:
+    """The boolean [B, T, T + S] mask (True = may attend)."""
+    return jnp.concatenate([self.self_mask.dense(), self.cross_mask.dense()], axis=-1)
+
+
 def self_attention_mask(segment_ids: Array, *, causal: bool,
                         sliding_window: Optional[int] = None) -> Array:
   """Boolean [B, T, T] mask for self-attention (see `MaskSpec`)."""
@@ -212,8 +229,10 @@ class Attention(nn.Module):
         k_c = k_norm(k_c)
       k = jnp.concatenate([k, k_c], axis=1)
       v = jnp.concatenate([v, kv_proj["v"]("bsd,dkh->bskh", merged_input)], axis=1)
-      self_mask = mask.dense() if isinstance(mask, MaskSpec) else mask
-      mask = jnp.concatenate([self_mask, merged_mask.dense()], axis=-1)
+      if isinstance(mask, MaskSpec):
+        mask = MergedMaskSpec(mask, merged_mask)
+      else:
+        mask = jnp.concatenate([mask, merged_mask.dense()], axis=-1)
     q = checkpoint_name(q, "query_proj")
     k = checkpoint_name(k, "key_proj")
     v = checkpoint_name(v, "value_proj")
@@ -222,8 +241,9 @@ class Attention(nn.Module):
     if self.attention_dropout > 0.0 and not self.deterministic:
       dropout_rng = self.make_rng("dropout")
     scale = self.query_pre_attn_scalar ** -0.5
-    if self.impl == "xla" or not isinstance(mask, MaskSpec):
-      dense = mask.dense() if isinstance(mask, MaskSpec) else mask
+    symbolic = isinstance(mask, (MaskSpec, MergedMaskSpec))
+    if self.impl == "xla" or not symbolic:
+      dense = mask.dense() if symbolic else mask
       out = dot_product_attention(q, k, v, dense, scale=scale, softcap=self.softcap,
                                   dropout_rate=self.attention_dropout,
                                   deterministic=self.deterministic, dropout_rng=dropout_rng)

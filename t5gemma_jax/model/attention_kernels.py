@@ -7,9 +7,13 @@ other keys than in the XLA path (their outputs are never used).
   cudnn:  `jax.nn.dot_product_attention(implementation="cudnn")`; no logit softcap (cuDNN has
           none), so for T5Gemma 2-style configs, not Gemma 2's. GQA natively.
   splash: the Pallas splash-attention kernel for TPU, with Gemma 2's softcap, segment ids for
-          packing, causal and sliding-window masks built from the layer's pattern; off TPU it
-          runs in Pallas interpret mode (slow, for tests). Sequence lengths must divide into
-          its blocks: multiples of 128.
+          packing, causal and sliding-window masks built from the layer's pattern (T5Gemma 2's
+          split encoder window and merged [decoder | encoder] keys included); off TPU it runs
+          in Pallas interpret mode (slow, for tests). Sequence lengths must divide into its
+          blocks: multiples of 128.
+
+Masks arrive as `attention.MaskSpec` or, for merged attention, `attention.MergedMaskSpec`;
+cuDNN takes their dense form, splash their static structure plus segment ids.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 
 def fused_attention(impl: str, q: Array, k: Array, v: Array, mask: Any, *, scale: float,
                     softcap: Optional[float]) -> Array:
-  """q [B, T, H, Dh], k/v [B, S, K, Dh], mask an `attention.MaskSpec` -> [B, T, H, Dh]."""
+  """q [B, T, H, Dh], k/v [B, S, K, Dh], mask a `MaskSpec` or `MergedMaskSpec` (then S = T +
+  encoder length) -> [B, T, H, Dh]."""
   if impl == "cudnn":
     if softcap is not None:
       raise ValueError("attention_impl='cudnn' cannot apply an attention logit softcap; use "
@@ -53,18 +58,31 @@ def _block(n: int) -> int:
                    f"got {n} (set TASK_FEATURE_LENGTHS accordingly, or use 'xla')")
 
 
+def _pattern(masks, shape: tuple[int, int], causal: bool, window: Optional[int],
+             split: bool):
+  """The splash mask of one `MaskSpec` pattern (segments are applied separately)."""
+  if window is None:
+    return masks.CausalMask(shape) if causal else masks.FullMask(shape)
+  if causal:  # i - window < j <= i
+    return masks.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+  if split:  # 1 - ceil(W/2) <= j - i <= floor(W/2)
+    return masks.LocalMask(shape, window_size=((window + 1) // 2 - 1, window // 2), offset=0)
+  return masks.LocalMask(shape, window_size=(window, window), offset=0)  # |i - j| <= window
+
+
 @functools.lru_cache(maxsize=None)
 def _splash_kernel(t: int, s: int, group: int, causal: bool, window: Optional[int],
-                   softcap: Optional[float], interpret: bool):
+                   softcap: Optional[float], interpret: bool, split: bool = False,
+                   merged: int = 0):
+  """`merged` > 0: the keys are s decoder keys (the pattern) then `merged` encoder keys that
+  every query may see (segments aside)."""
+  import numpy as np
   from jax.experimental.pallas.ops.tpu.splash_attention import (
       splash_attention_kernel as kernel, splash_attention_mask as masks)
-  shape = (t, s)
-  if window is None:
-    base = masks.CausalMask(shape) if causal else masks.FullMask(shape)
-  elif causal:  # i - window < j <= i
-    base = masks.LocalMask(shape, window_size=(window - 1, 0), offset=0)
-  else:  # |i - j| <= window
-    base = masks.LocalMask(shape, window_size=(window, window), offset=0)
+  base = _pattern(masks, (t, s), causal, window, split)
+  if merged:
+    dense = np.concatenate([base[:, :], np.ones((t, merged), bool)], axis=1)
+    base, s = masks.NumpyMask(dense), s + merged
   bq, bkv = _block(t), _block(s)
   sizes = kernel.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
                             block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
@@ -82,11 +100,21 @@ def splash_attention(q: Array, k: Array, v: Array, mask: Any, *, scale: float,
                      softcap: Optional[float]) -> Array:
   """Splash attention with GQA: q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh]."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+  from t5gemma_jax.model.attention import MergedMaskSpec
   b, t, h, dh = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
   group = h // kv_heads
-  fn = _splash_kernel(t, s, group, mask.causal, mask.window, softcap,
-                      jax.default_backend() != "tpu")
+  interpret = jax.default_backend() != "tpu"
+  if isinstance(mask, MergedMaskSpec):
+    pattern, encoder = mask.self_mask, mask.cross_mask.kv_segments
+    fn = _splash_kernel(t, s - encoder.shape[1], group, pattern.causal, pattern.window,
+                        softcap, interpret, pattern.split_window, encoder.shape[1])
+    q_segments = pattern.q_segments
+    kv_segments = jnp.concatenate([pattern.kv_segments, encoder], axis=1)
+  else:
+    fn = _splash_kernel(t, s, group, mask.causal, mask.window, softcap, interpret,
+                        mask.split_window and not mask.causal)
+    q_segments, kv_segments = mask.q_segments, mask.kv_segments
   # The kernel takes the scale folded into q (the softcap then sees scaled scores, as ours).
   qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kv_heads, group, dh)
   qg = qg.transpose(0, 2, 3, 1, 4)                     # [B, K, G, T, Dh]
@@ -96,6 +124,6 @@ def splash_attention(q: Array, k: Array, v: Array, mask: Any, *, scale: float,
     segments = splash_attention_kernel.SegmentIds(q=q_seg, kv=kv_seg)
     return jax.vmap(lambda a, b_, c: fn(a, b_, c, segment_ids=segments))(qr, kr, vr)
 
-  out = jax.vmap(one_row)(qg, kg, vg, mask.q_segments.astype(jnp.int32),
-                          mask.kv_segments.astype(jnp.int32))  # [B, K, G, T, Dh]
+  out = jax.vmap(one_row)(qg, kg, vg, q_segments.astype(jnp.int32),
+                          kv_segments.astype(jnp.int32))  # [B, K, G, T, Dh]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh).astype(q.dtype)
