@@ -2,6 +2,7 @@
 on the same random weights, in one run.
 
   .venv/bin/python benchmarks/decode_vs_transformers.py [--presets tiny s-s] [--new_tokens 32]
+  .venv/bin/python benchmarks/decode_vs_transformers.py --presets tiny2 270m-270m  # T5Gemma 2
 
 Both decode exactly `new_tokens` tokens per row (EOS disabled on both sides). Our compile time
 is reported separately from the steady-state speed (median of `--repeats` runs).
@@ -24,7 +25,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import T5GemmaForConditionalGeneration  # noqa: E402
+from transformers import (T5Gemma2ForConditionalGeneration,  # noqa: E402
+                          T5GemmaForConditionalGeneration)
 
 from t5gemma_jax import config, decoding, model  # noqa: E402
 from t5gemma_jax.convert import hf  # noqa: E402
@@ -73,8 +75,9 @@ def main() -> int:
     params = random_params(cfg)
     with tempfile.TemporaryDirectory() as d:
       hf.save(params, cfg, d)
-      hf_model = T5GemmaForConditionalGeneration.from_pretrained(
-          d, attn_implementation="eager").eval()
+      cls = (T5Gemma2ForConditionalGeneration if cfg.merged_attention
+             else T5GemmaForConditionalGeneration)
+      hf_model = cls.from_pretrained(d, attn_implementation="eager").eval()
     params = jax.device_put(params)  # weights live on the device, as in real use
     no_eos = cfg.replace(eos_id=-1)  # never stop early: both sides decode every token
     for batch in args.batches:

@@ -119,7 +119,7 @@ def adapt(args: argparse.Namespace) -> int:
   T5Gemma 2 one (params-only step 0), chosen by config.json's model_type."""
   from t5gemma_jax.convert import adapt as adapt_lib, adapt_gemma3, hf_writer, params_checkpoint
   hf_writer.check_destination(args.output_dir, args.overwrite)
-  _, hf_config = adapt_gemma3.read_config(args.decoder_only)
+  _, hf_config = adapt_lib.read_config(args.decoder_only)
   if hf_config.get("model_type") in adapt_gemma3.MODEL_TYPES:
     gemma2_only = [flag for flag, given in (("--decoder_from", args.decoder_from is not None),
                                             ("--cross_attention", args.cross_attention != "auto"))

@@ -23,23 +23,32 @@ def _batch(length=128):
   return enc, dec
 
 
-def test_splash_matches_xla_in_logits_and_gradients():
-  stack = dataclasses.replace(config.stack_preset("tiny"), sliding_window=5)  # GQA 4q / 2kv
-  cfg = config.T5GemmaConfig(encoder=stack, decoder=stack)
+def _assert_matches_xla(cfg, fused_cfg, position: int) -> float:
+  """Logits (max |diff| < 1e-4, returned) and gradients (1e-5 relative) of `fused_cfg` equal
+  those of the XLA reference `cfg` on a padded batch of length 128."""
   params = random_params(cfg, seed=0)
   enc, dec = _batch()
   real = dec != 0
 
   def loss(p, c):
     logits = model.T5Gemma(c).apply({"params": p}, enc, dec)
-    return jnp.sum(jnp.where(real[..., None], jax.nn.log_softmax(logits), 0.0)[..., 5]), logits
+    return (jnp.sum(jnp.where(real[..., None], jax.nn.log_softmax(logits), 0.0)[..., position]),
+            logits)
 
   grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
   g_xla, l_xla = grad(params, cfg)
-  g_splash, l_splash = grad(params, cfg.replace(attention_impl="splash"))
-  assert np.max(np.abs(np.asarray(l_splash) - np.asarray(l_xla))[real]) < 1e-4
-  for a, b in zip(jax.tree_util.tree_leaves(g_xla), jax.tree_util.tree_leaves(g_splash)):
+  g_fused, l_fused = grad(params, fused_cfg)
+  diff = float(np.max(np.abs(np.asarray(l_fused) - np.asarray(l_xla))[real]))
+  assert diff < 1e-4
+  for a, b in zip(jax.tree_util.tree_leaves(g_xla), jax.tree_util.tree_leaves(g_fused)):
     np.testing.assert_allclose(b, a, atol=1e-5 * float(np.max(np.abs(a))) + 1e-7)
+  return diff
+
+
+def test_splash_matches_xla_in_logits_and_gradients():
+  stack = dataclasses.replace(config.stack_preset("tiny"), sliding_window=5)  # GQA 4q / 2kv
+  cfg = config.T5GemmaConfig(encoder=stack, decoder=stack)
+  _assert_matches_xla(cfg, cfg.replace(attention_impl="splash"), position=5)
 
 
 def _t5gemma2_cfg(**options):
@@ -55,29 +64,15 @@ def test_fused_merged_attention_matches_xla(impl):
   """T5Gemma 2: merged [decoder | encoder] keys and the split encoder window in both kernels
   (cuDNN's call run by XLA here: `jax.nn.dot_product_attention`, implementation=None)."""
   cfg = _t5gemma2_cfg()
-  params = random_params(cfg, seed=1)
-  enc, dec = _batch()
-  real = dec != 0
-
-  def loss(p, c):
-    logits = model.T5Gemma(c).apply({"params": p}, enc, dec)
-    return jnp.sum(jnp.where(real[..., None], jax.nn.log_softmax(logits), 0.0)[..., 7]), logits
-
-  grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
-  g_xla, l_xla = grad(params, cfg)
   if impl == "cudnn":
     original = attention_kernels.cudnn_attention
     attention_kernels.cudnn_attention = lambda *a, **k: original(*a, **k, implementation=None)
   try:
-    g_fused, l_fused = grad(params, cfg.replace(attention_impl=impl))
+    diff = _assert_matches_xla(cfg, cfg.replace(attention_impl=impl), position=7)
   finally:
     if impl == "cudnn":
       attention_kernels.cudnn_attention = original
-  diff = np.max(np.abs(np.asarray(l_fused) - np.asarray(l_xla))[real])
   print(f"{impl} merged attention: max |logit diff| {diff:.2e}")
-  assert diff < 1e-4
-  for a, b in zip(jax.tree_util.tree_leaves(g_xla), jax.tree_util.tree_leaves(g_fused)):
-    np.testing.assert_allclose(b, a, atol=1e-5 * float(np.max(np.abs(a))) + 1e-7)
 
 
 def test_splash_masks_bite():

@@ -2,14 +2,14 @@
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 import torch
 
-from t5gemma_jax import config, decoding, model
+from t5gemma_jax import config, decoding
 from t5gemma_jax.convert import hf
 from tests import hf_reference as ref
+from tests.greedy_checks import assert_greedy_is_teacher_forced
 from tests.random_params import random_params
 
 
@@ -29,15 +29,6 @@ def _inputs(b=3, s=12, seed=0):
   return enc
 
 
-def _teacher_forced_argmax(cfg, params, enc, tokens):
-  b, n = tokens.shape
-  dec = np.concatenate([np.full((b, 1), cfg.bos_id, np.int32), tokens[:, :-1]], axis=1)
-  logits = jax.jit(model.T5Gemma(cfg).apply)(
-      {"params": params}, enc, dec, encoder_segment_ids=(enc > 0).astype(np.int32),
-      decoder_segment_ids=np.ones_like(dec))
-  return np.asarray(logits.argmax(-1))
-
-
 @pytest.mark.parametrize("scan", [False, True])
 def test_greedy_equals_teacher_forced_argmax(scan):
   cfg = _cfg(scan_layers=scan)
@@ -45,11 +36,7 @@ def test_greedy_equals_teacher_forced_argmax(scan):
   enc = _inputs()
   out = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=24))
   assert out.shape == (3, 24)
-  expected = _teacher_forced_argmax(cfg, params, enc, out)
-  for row in range(3):
-    eos = np.flatnonzero(out[row] == cfg.eos_id)
-    end = eos[0] + 1 if len(eos) else 24
-    np.testing.assert_array_equal(out[row, :end], expected[row, :end])
+  assert_greedy_is_teacher_forced(cfg, params, enc, out)
 
 
 def test_finished_rows_emit_only_padding():

@@ -18,41 +18,14 @@ EIGHT = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
 
 STEP_SCRIPT = textwrap.dedent("""
-    import math
-    import jax, numpy as np, flax.linen as nn
+    import jax, numpy as np
     from jax.sharding import PartitionSpec as P
-    from t5gemma_jax import config, sharding
-    from t5gemma_jax.model import abstract_params
-    from t5gemma_jax.train import optim, step as step_lib
-    from t5gemma_jax.train.losses import LossConfig
+    from t5gemma_jax import config
+    from tests.mesh_training import random_batches, train_losses
 
     assert jax.device_count() == 8
-    opt_cfg = optim.OptimizerConfig(name="adamw", schedule=optim.ScheduleConfig(
-        name="constant", learning_rate=3e-3, warmup_steps=0), clip_grad_norm=1.0)
-    rng = np.random.default_rng(0)
-    def batch():
-      enc = rng.integers(3, 2048, (8, 40)).astype(np.int32)
-      tgt = rng.integers(3, 2048, (8, 24)).astype(np.int32)
-      enc[:, -7:] = 0; tgt[:, -3:] = 0
-      dec = np.concatenate([np.full((8, 1), 2, np.int32), tgt[:, :-1]], axis=1)
-      dec[tgt == 0] = 0
-      return {"encoder_input_tokens": enc, "decoder_input_tokens": dec,
-              "decoder_target_tokens": tgt, "decoder_loss_weights": (tgt > 0).astype(np.int32)}
-    batches = [batch() for _ in range(2)]
-
-    def run(cfg, ici, devices):
-      mesh = sharding.make_mesh(sharding.MeshConfig(ici=ici), devices)
-      optimizer = optim.make_optimizer(opt_cfg, abstract_params(cfg, boxed=False))
-      state, shardings = step_lib.init_state(cfg, optimizer, mesh, seed=0)
-      train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, LossConfig()),
-                                    step_lib.make_eval_step(cfg, LossConfig()), shardings, mesh)
-      out = []
-      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        for b in batches:
-          b = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
-          state, m = train(state, b, jax.random.PRNGKey(1))
-          out.append(float(m["loss"]))
-      return out, state
+    batches = random_batches(2, 40, 24, enc_pad=7, dec_pad=3)
+    run = lambda cfg, ici, devices: train_losses(cfg, batches, ici, devices)[:2]
 
     for share in (False, True):
       cfg = config.preset("tiny2", scan_layers=True, remat_policy="minimal", share_blocks=share)

@@ -14,6 +14,7 @@ from t5gemma_jax.convert import hf
 from t5gemma_jax.model import layout
 from t5gemma_jax.train import flops
 from tests import hf_reference as ref
+from tests.greedy_checks import assert_greedy_is_teacher_forced
 from tests.random_params import random_params
 
 
@@ -121,14 +122,7 @@ def test_greedy_equals_teacher_forced_argmax(options):
   params = random_params(cfg, seed=4)
   enc = _batch()[0]
   out = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=20))
-  dec = np.concatenate([np.full((3, 1), cfg.bos_id, np.int32), out[:, :-1]], axis=1)
-  expected = np.asarray(jax.jit(model.T5Gemma(cfg).apply)(
-      {"params": params}, enc, dec, encoder_segment_ids=(enc > 0).astype(np.int32),
-      decoder_segment_ids=np.ones_like(dec)).argmax(-1))
-  for row in range(3):
-    eos = np.flatnonzero(out[row] == cfg.eos_id)
-    end = eos[0] + 1 if len(eos) else 20
-    np.testing.assert_array_equal(out[row, :end], expected[row, :end])
+  assert_greedy_is_teacher_forced(cfg, params, enc, out)
 
 
 def test_flops_count_merged_and_global_cross_attention():

@@ -12,44 +12,17 @@ SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import dataclasses, math
-    import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+    import jax, numpy as np
     from jax.sharding import PartitionSpec as P
-    from t5gemma_jax import config, sharding
-    from t5gemma_jax.model import abstract_params
-    from t5gemma_jax.train import optim, step as step_lib
-    from t5gemma_jax.train.losses import LossConfig
+    from t5gemma_jax import config
+    from tests.mesh_training import random_batches, train_losses
 
     # Every sharded dimension divisible by 8: heads, kv heads, mlp, vocab and embed.
     stack = dataclasses.replace(config.stack_preset("tiny"), num_heads=8, num_kv_heads=8,
                                 head_dim=8, sliding_window=6)
     cfg = config.T5GemmaConfig(encoder=stack, decoder=stack)
-    opt_cfg = optim.OptimizerConfig(name="adamw", schedule=optim.ScheduleConfig(
-        name="constant", learning_rate=3e-3, warmup_steps=0), clip_grad_norm=1.0)
-    rng = np.random.default_rng(0)
-    def batch():
-      enc = rng.integers(3, 2048, (8, 24)).astype(np.int32)
-      tgt = rng.integers(3, 2048, (8, 12)).astype(np.int32)
-      enc[:, -5:] = 0; tgt[:, -3:] = 0
-      dec = np.concatenate([np.full((8, 1), 2, np.int32), tgt[:, :-1]], axis=1)
-      dec[tgt == 0] = 0
-      return {"encoder_input_tokens": enc, "decoder_input_tokens": dec,
-              "decoder_target_tokens": tgt, "decoder_loss_weights": (tgt > 0).astype(np.int32)}
-    batches = [batch() for _ in range(3)]
-
-    def losses(ici, devices):
-      mesh = sharding.make_mesh(sharding.MeshConfig(ici=ici), devices)
-      params_shape = abstract_params(cfg, boxed=False)
-      optimizer = optim.make_optimizer(opt_cfg, params_shape)
-      state, shardings = step_lib.init_state(cfg, optimizer, mesh, seed=0)
-      train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, LossConfig()),
-                                    step_lib.make_eval_step(cfg, LossConfig()), shardings, mesh)
-      out = []
-      with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        for b in batches:
-          b = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
-          state, m = train(state, b, jax.random.PRNGKey(1))
-          out.append(float(m["loss"]))
-      return out, state, mesh
+    batches = random_batches(3, 24, 12, enc_pad=5, dec_pad=3)
+    losses = lambda ici, devices: train_losses(cfg, batches, ici, devices)
 
     reference, _, _ = losses((1, 1, 1), jax.devices()[:1])
     for ici in ((8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2)):

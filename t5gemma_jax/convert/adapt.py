@@ -141,15 +141,30 @@ def from_gemma2(decoder_only: str, decoder_from: Optional[str] = None, *, seed: 
   return layout.to_layout(params, cfg), cfg
 
 
-def _open(path: str) -> _Source:
-  """Reads and validates a Gemma 2 folder's config.json (tensors are read later)."""
+def read_config(path: str) -> tuple[str, dict]:
+  """(config.json path, parsed config) of a decoder-only folder, with errors naming the file.
+
+  The `t5gemma adapt` CLI reads it to choose between Gemma 2 and Gemma 3 adaptation
+  (`adapt_gemma3`).
+  """
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"Gemma 2 checkpoint folder not found: {path}")
+    raise FileNotFoundError(f"decoder-only checkpoint folder not found: {path}")
   config_path = os.path.join(path, hf.CONFIG_NAME)
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"no {hf.CONFIG_NAME} in {path}")
   with open(config_path) as f:
-    hf_config = json.load(f)
+    try:
+      hf_config = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+  if not isinstance(hf_config, dict):
+    raise ValueError(f"{config_path}: expected a JSON object")
+  return config_path, hf_config
+
+
+def _open(path: str) -> _Source:
+  """Reads and validates a Gemma 2 folder's config.json (tensors are read later)."""
+  config_path, hf_config = read_config(path)
   model_type = hf_config.get("model_type")
   if model_type != "gemma2":
     if model_type in ("t5gemma", "t5gemma2"):

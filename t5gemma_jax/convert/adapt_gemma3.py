@@ -19,10 +19,8 @@ self-attention norms renamed, as for Gemma 2. Everything is numpy on memory-mapp
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from typing import Any, Optional
 
 import numpy as np
@@ -42,26 +40,6 @@ _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tow
                     "model.multi_modal_projector.")
 _EOI = "model.encoder.embed_tokens.eoi_embedding"
 log = logging.getLogger(__name__)
-
-
-def read_config(path: str) -> tuple[str, dict]:
-  """(config.json path, parsed config) of a decoder-only folder, with errors naming the file.
-
-  The `t5gemma adapt` CLI reads it to choose between Gemma 2 and Gemma 3 adaptation.
-  """
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"decoder-only checkpoint folder not found: {path}")
-  config_path = os.path.join(path, hf.CONFIG_NAME)
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"no {hf.CONFIG_NAME} in {path}")
-  with open(config_path) as f:
-    try:
-      hf_config = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-  if not isinstance(hf_config, dict):
-    raise ValueError(f"{config_path}: expected a JSON object")
-  return config_path, hf_config
 
 
 def from_gemma3(decoder_only: str, *, eoi_id: int = T5GEMMA2_EOI_ID,
@@ -92,7 +70,7 @@ def from_gemma3(decoder_only: str, *, eoi_id: int = T5GEMMA2_EOI_ID,
       vocabulary, tensors missing, unexpected or mis-shaped, or an untied LM head.
   """
   del seed  # see Args
-  config_path, hf_config = read_config(decoder_only)
+  config_path, hf_config = adapt.read_config(decoder_only)
   text, where = _text_config(hf_config, config_path)
   module = hf_t5gemma2._module_from_hf(text, text, where)
   if not 0 <= eoi_id < module.vocab_size:
