@@ -202,7 +202,7 @@ def data_settings(gemma_tokenizer: Optional[str] = None, builtin_vocab_size: int
     builtin_vocab_size, builtin_sentinels: size of the vocabulary trained on the built-in
       corpus (must equal the model's vocab_size) and how many of its ids are sentinels.
     builtin_mixture_rates, c4_pretrain_rates: {task: rate} for builtin_mixture and
-      c4_t5gemma_pretrain (None keeps the defaults).
+      c4_t5gemma_pretrain (None: the defaults).
     user_tasks: `@file_task()` references; evaluating them registers the tasks.
   """
   import tasks  # registers the built-in, TFDS and file-based tasks
@@ -210,9 +210,12 @@ def data_settings(gemma_tokenizer: Optional[str] = None, builtin_vocab_size: int
   if gemma_tokenizer:
     vocab.set_gemma_tokenizer(gemma_tokenizer)
   tasks.vocabularies.BUILTIN.configure(builtin_vocab_size, builtin_sentinels)
-  if builtin_mixture_rates is not None:
-    tasks.builtin.register_mixture(builtin_mixture_rates)
-  if c4_pretrain_rates is not None:
+  # Always (re)registered, so that a second command in one process (tests, notebooks) does not
+  # inherit the previous one's rates.
+  tasks.builtin.register_mixture(builtin_mixture_rates or tasks.builtin.DEFAULT_MIXTURE_RATES)
+  if c4_pretrain_rates is None:
+    tasks.tfds_tasks.register_pretraining_mixture()
+  else:
     tasks.tfds_tasks.register_pretraining_mixture(tuple(c4_pretrain_rates.items()))
   del user_tasks  # registered as a side effect of gin evaluating the references
 
