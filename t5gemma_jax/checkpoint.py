@@ -213,13 +213,14 @@ class Checkpointer:
     """(state, None), or (None, what could not be read), the same on every process."""
     where = self._step_dir(step)
     problem = None
+    # Before reading: a failing read's echoes can be printed by other threads while it fails.
+    silence_read_noise()
     try:
       saved = _saved_tree(self._manager, step)
       if not jax.tree_util.tree_leaves(saved):
         problem = f"{STATE}: no array metadata ({STATE}/_METADATA is missing)"
     except Exception as e:  # json, tensorstore and OS errors alike: the metadata is unreadable
       problem = f"{STATE}: metadata unreadable: {brief(e)}"
-      silence_read_noise()
     if problem is None:
       # A mismatch is not damage (every step would fail alike): it raises as it is.
       _check_shapes(self._manager, step, abstract_state, self.directory)
@@ -244,7 +245,6 @@ class Checkpointer:
       state = self._manager.restore(step, args=args)[STATE]
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
       problem = f"{STATE}: {brief(e)}"
-      silence_read_noise()
     problem = agree(problem)
     return (None, problem) if problem is not None else (state, None)
 

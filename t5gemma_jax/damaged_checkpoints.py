@@ -41,6 +41,9 @@ def silence_read_noise() -> None:
   already reported, error. Other unraisable errors still reach the previous hook. The same
   reads' tasks, garbage-collected with their exception unretrieved, make asyncio log "Task
   exception was never retrieved" with a traceback: asyncio's logger is limited to CRITICAL.
+  A callback that tensorstore runs on its own thread reports the same 'Event loop is closed'
+  through `PyErr_Print`, i.e. `sys.excepthook`, which gets the same filter. Installed before
+  each step is read: those threads may print while the read is still failing.
   """
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   previous = sys.unraisablehook
@@ -49,14 +52,24 @@ def silence_read_noise() -> None:
 
   def hook(unraisable):
     error, source = unraisable.exc_value, unraisable.object
-    closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
     code = getattr(source, "cr_code", None)
-    if closed or (code is not None and "orbax" in code.co_filename):
+    if _loop_closed(error) or (code is not None and "orbax" in code.co_filename):
       return
     previous(unraisable)
 
+  previous_excepthook = sys.excepthook
+
+  def excepthook(kind, error, tb):
+    if not _loop_closed(error):
+      previous_excepthook(kind, error, tb)
+
   hook._drops_read_noise = True
   sys.unraisablehook = hook
+  sys.excepthook = excepthook
+
+
+def _loop_closed(error: BaseException) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
 def recorded_items(step_dir: epath.Path) -> set[str]:
