@@ -26,6 +26,11 @@ def alternating_layer_types(num_layers: int) -> tuple[str, ...]:
   return tuple(SLIDING if i % 2 == 0 else FULL for i in range(num_layers))
 
 
+def layer_reads_encoder(cross_attention_layers: str, layer_type: str) -> bool:
+  """Whether a decoder layer of `layer_type` reads the encoder ("all" or only "global")."""
+  return cross_attention_layers == "all" or layer_type == FULL
+
+
 @dataclasses.dataclass(frozen=True)
 class ModuleConfig:
   """Hyper-parameters of one stack (the encoder or the decoder).
@@ -227,7 +232,7 @@ class T5GemmaConfig:
 
   def reads_encoder(self, layer_type: str) -> bool:
     """Whether a decoder layer of `layer_type` attends to the encoder output."""
-    return self.cross_attention_layers == "all" or layer_type == FULL
+    return layer_reads_encoder(self.cross_attention_layers, layer_type)
 
   def replace(self, **changes) -> "T5GemmaConfig":
     return dataclasses.replace(self, **changes)

@@ -42,17 +42,18 @@ def _decoder_embedding(params: dict, cfg: T5GemmaConfig) -> dict:
   return params["encoder" if cfg.shared_embedding else "decoder"]["embedder"]
 
 
-def _encoder_kv(attn: dict, cfg: T5GemmaConfig, encoded: Array) -> tuple[Array, Array]:
-  """Keys and values of the encoder output for one decoder layer, computed once per input.
+def _keys_values(attn: dict, cfg: T5GemmaConfig, x: Array) -> tuple[Array, Array]:
+  """[B, S, D] -> keys (k_norm applied, no RoPE) and values [B, S, K, Dh] of `attn`'s kernels.
 
-  `attn` is the layer's cross_attn params or, with merged attention, its self_attn params (the
-  encoder keys reuse the self-attention k/v kernels and k_norm, without RoPE).
+  For the encoder output (computed once per input) `attn` is the layer's cross_attn params or,
+  with merged attention, its self_attn params (the encoder keys reuse the self-attention k/v
+  kernels and k_norm, without RoPE).
   """
   m, dt = cfg.decoder, cfg.activation_dtype
-  k = _dense("bsd,dkh->bskh", encoded, attn["k"]["kernel"], dt)
+  k = _dense("bsd,dkh->bskh", x, attn["k"]["kernel"], dt)
   if m.qk_norm:
     k = rms_norm(k, attn["k_norm"]["scale"], m.rms_norm_eps)
-  return k, _dense("bsd,dkh->bskh", encoded, attn["v"]["kernel"], dt)
+  return k, _dense("bsd,dkh->bskh", x, attn["v"]["kernel"], dt)
 
 
 def init_cache(params: dict, cfg: T5GemmaConfig, encoded: Array, max_len: int) -> list[dict]:
@@ -77,7 +78,7 @@ def init_cache(params: dict, cfg: T5GemmaConfig, encoded: Array, max_len: int) -
          "pos": jnp.full((slots,), -1, jnp.int32)}
     if cfg.reads_encoder(layer_type):
       layer = params["decoder"][f"layers_{i}"]
-      c["cross_k"], c["cross_v"] = _encoder_kv(
+      c["cross_k"], c["cross_v"] = _keys_values(
           layer["self_attn" if cfg.merged_attention else "cross_attn"], cfg, encoded)
     cache.append(c)
   return cache
@@ -100,16 +101,13 @@ def _self_attention(sa: dict, cfg: T5GemmaConfig, c: dict, h: Array, t: Array,
   Returns:
     (attention output [B, 1, H, Dh], updated cache).
   """
-  m, dt = cfg.decoder, cfg.activation_dtype
+  m = cfg.decoder
   b = h.shape[0]
   theta, factor = m.rope_for(layer_type)
   positions = jnp.full((b, 1), t, jnp.int32)
   q = apply_rope(_queries(sa, cfg, h), positions, theta, factor)
-  k = _dense("btd,dkh->btkh", h, sa["k"]["kernel"], dt)
-  if m.qk_norm:
-    k = rms_norm(k, sa["k_norm"]["scale"], m.rms_norm_eps)
+  k, v = _keys_values(sa, cfg, h)
   k = apply_rope(k, positions, theta, factor)
-  v = _dense("btd,dkh->btkh", h, sa["v"]["kernel"], dt)
   slots = c["pos"].shape[0]
   slot = t % slots  # full layers never wrap; sliding layers keep their last `window` keys
   c = dict(c, k=jax.lax.dynamic_update_slice_in_dim(c["k"], k, slot, axis=1),
@@ -328,10 +326,8 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
     raise ValueError(f"num_beams must be >= 1, got {num_beams}")
   if strategy == "sample" and temperature <= 0:
     raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-  params = layout.unscan_params(params, cfg)
-  if cfg.share_blocks:  # decoder layer i runs with encoder layer i's weights
-    shared = {k: v for k, v in params["encoder"].items() if k.startswith("layers_")}
-    params = dict(params, decoder={**params["decoder"], **shared})
+  # Decoder layer i reads layers_i: with share_blocks, the encoder's.
+  params = layout.untie_blocks(layout.unscan_params(params, cfg), cfg)
   # Decoding runs the layers one by one; remat only matters for gradients.
   cfg = cfg.replace(scan_layers=False, remat_policy="none")
   fn = _compiled(cfg, strategy, int(max_new_tokens), float(temperature), int(top_k),

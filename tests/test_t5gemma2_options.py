@@ -32,9 +32,7 @@ def _logits(cfg, params, enc, dec):
 
 def _untied(params, cfg):
   """Unrolled params of the equivalent unshared model: decoder layers = encoder layers."""
-  params = layout.unscan_params(jax.device_get(params), cfg)
-  layers = {k: v for k, v in params["encoder"].items() if k.startswith("layers_")}
-  return dict(params, decoder={**params["decoder"], **layers})
+  return layout.untie_blocks(layout.unscan_params(jax.device_get(params), cfg), cfg)
 
 
 def test_tiny2_preset_has_the_t5gemma2_layout():

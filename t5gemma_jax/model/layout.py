@@ -64,6 +64,19 @@ def _both(params: Params, cfg: T5GemmaConfig, fn: Callable) -> Params:
   return out
 
 
+def layer_params(stack: Params) -> Params:
+  """The layer entries of one stack's params (`layers` and/or `layers_{i}`), nothing else."""
+  return {k: v for k, v in stack.items() if k == "layers" or k.startswith("layers_")}
+
+
+def untie_blocks(params: Params, cfg: T5GemmaConfig) -> Params:
+  """With `cfg.share_blocks`, params whose decoder holds the encoder's layers (the same arrays,
+  in the same layout): what an unshared model computing the same function reads."""
+  if not cfg.share_blocks:
+    return params
+  return dict(params, decoder={**params["decoder"], **layer_params(params["encoder"])})
+
+
 def scan_params(params: Params, cfg: T5GemmaConfig) -> Params:
   """Unrolled params -> scanned layout (a no-op on params that are already scanned)."""
   return _both(params, cfg, _scan_stack)

@@ -21,8 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5gemma_jax.config import FULL, SLIDING, ModuleConfig, T5GemmaConfig
+from t5gemma_jax.config import SLIDING, ModuleConfig, T5GemmaConfig, layer_reads_encoder
 from t5gemma_jax.model import attention as attn_lib
+from t5gemma_jax.model import layout
 from t5gemma_jax.model.layers import (Embedder, FeedForward, RMSNorm, constrain, embed_tokens,
                                       embedding_logits)
 
@@ -110,7 +111,7 @@ class DecoderBlock(_SubBlock):
     """x [B, T, D]; encoded [B, S, D_enc]; cross_mask a MaskSpec -> [B, T, D]."""
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
-    reads_encoder = self.cross_attention_layers == "all" or self.layer_type == FULL
+    reads_encoder = layer_reads_encoder(self.cross_attention_layers, self.layer_type)
     self_attn = self.attention("self_attn", self.layer_type)
     merged = {}
     if self.merged and reads_encoder:
@@ -328,9 +329,7 @@ class T5Gemma(nn.Module):
     if self.cfg.shared_embedding or self.cfg.share_blocks:
       encoder_params = nn.meta.unbox(self.encoder.variables["params"])
     shared_embedder = encoder_params["embedder"] if self.cfg.shared_embedding else None
-    shared_layers = None
-    if self.cfg.share_blocks:
-      shared_layers = {k: v for k, v in encoder_params.items() if k.startswith("layers")}
+    shared_layers = layout.layer_params(encoder_params) if self.cfg.share_blocks else None
     return self.decoder(encoded, encoder_segment_ids, decoder_input_tokens, decoder_segment_ids,
                         decoder_positions, deterministic, shared_embedder, shared_layers)
 
