@@ -42,17 +42,13 @@ import tarfile
 import tempfile
 from typing import Optional, Sequence
 
+from t5gemma_jax import chips
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# generation: (accelerator type prefix, default runtime version, size counts TensorCores)
-GENERATIONS = {
-    "v4": ("v4", "tpu-ubuntu2204-base", True),
-    "v5e": ("v5litepod", "v2-alpha-tpuv5-lite", False),
-    "v5p": ("v5p", "v2-alpha-tpuv5", True),
-    "v6e": ("v6e", "v2-alpha-tpuv6e", False),
-}
-_PREFIXES = {prefix: gen for gen, (prefix, _, _) in GENERATIONS.items()}
-_CHIP_SLICE_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)  # v5e and v6e slices
+# generation: default runtime version (the slice shapes and chip figures: t5gemma_jax.chips)
+RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite",
+                    "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 
 
 def _pinned_jax(default: str = "0.10.2") -> str:
@@ -71,23 +67,9 @@ def accelerator(accelerator_type: str) -> dict:
   Raises:
     ValueError: an unknown generation or a size that generation does not come in.
   """
-  m = re.fullmatch(r"(v4|v5e|v5litepod|v5p|v6e)-(\d+)", accelerator_type.strip().lower())
-  if not m:
-    raise ValueError(f"unknown accelerator type {accelerator_type!r}; expected one of "
-                     "v4-N, v5litepod-N (or v5e-N), v5p-N, v6e-N")
-  gen = "v5e" if m.group(1) == "v5e" else _PREFIXES[m.group(1)]
-  prefix, version, counts_cores = GENERATIONS[gen]
-  n = int(m.group(2))
-  if counts_cores:
-    if n < 8 or n % 8:
-      raise ValueError(f"{accelerator_type}: {gen} sizes count TensorCores, a multiple of 8")
-    chips, hosts = n // 2, n // 8
-  else:
-    if n not in _CHIP_SLICE_SIZES:
-      raise ValueError(f"{accelerator_type}: {gen} slices have {_CHIP_SLICE_SIZES} chips")
-    chips, hosts = n, (1 if n <= 8 else n // 4)
-  return {"generation": gen, "type": f"{prefix}-{n}", "chips": chips, "hosts": hosts,
-          "version": version}
+  found = chips.parse(accelerator_type)
+  return {"generation": found.chip.generation, "type": found.type, "chips": found.chips,
+          "hosts": found.hosts, "version": RUNTIME_VERSIONS[found.chip.generation]}
 
 
 def split_train_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:

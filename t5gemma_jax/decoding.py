@@ -265,6 +265,17 @@ def _beam_search(params, cfg: T5GemmaConfig, encoded: Array, encoder_mask: Array
 @functools.lru_cache(maxsize=32)
 def _compiled(cfg: T5GemmaConfig, strategy: str, max_new_tokens: int, temperature: float,
               top_k: int, top_p: float, num_beams: int, length_penalty: float):
+  return jax.jit(generate_function(cfg, strategy, max_new_tokens, temperature, top_k, top_p,
+                                   num_beams, length_penalty))
+
+
+def generate_function(cfg: T5GemmaConfig, strategy: str = "greedy", max_new_tokens: int = 32,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      num_beams: int = 4, length_penalty: float = 0.6):
+  """The whole decoding loop, not yet jitted: `run(params, encoder_input_tokens, rng)` with
+  unscanned, untied params (`layout.unscan_params`, `layout.untie_blocks`) and a config with
+  `scan_layers=False` -> int32 [B, max_new_tokens]. `generate` jits it; `t5gemma compile`
+  lowers it for a TPU topology."""
   net = T5Gemma(cfg)
 
   def run(params, encoder_input_tokens, rng):
@@ -294,7 +305,7 @@ def _compiled(cfg: T5GemmaConfig, strategy: str, max_new_tokens: int, temperatur
 
     return jax.lax.while_loop(cond, body, start)[2]
 
-  return jax.jit(run)
+  return run
 
 
 def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,

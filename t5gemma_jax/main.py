@@ -27,7 +27,7 @@ if __name__ == "__main__":
   # module instead of importing a second copy that would register every configurable again.
   sys.modules.setdefault("t5gemma_jax.main", sys.modules[__name__])
 
-from t5gemma_jax import config, convert_cli
+from t5gemma_jax import compile_cli, config, convert_cli
 
 _registered: set[str] = set()
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -135,6 +135,15 @@ def _summary_text(s: dict) -> str:
   return "\n".join(lines)
 
 
+def compile_run(args: argparse.Namespace) -> int:
+  """Compiles the run described by gin for a TPU topology (no TPU needed); see compile_cli."""
+  from t5gemma_jax.train import loop
+  cfg = train_config()
+  if not isinstance(cfg, loop.TrainConfig):
+    raise ValueError("gin binding train_config.cfg must be @TrainConfig()")
+  return compile_cli.run(args, cfg)
+
+
 @gin.configurable
 def infer_config(cfg=gin.REQUIRED):
   """`t5gemma infer` runs this; gin binds `infer_config.cfg = @InferConfig()`."""
@@ -183,6 +192,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int],
     "show_config": (show_config, lambda p: None),
     "show_task": (show_task, _show_task_args),
     "train": (train, lambda p: None),
+    "compile": (compile_run, compile_cli.add_args),
     "infer": (infer, lambda p: None),
     "eval": (evaluate, lambda p: None),
     "export": (convert_cli.export, convert_cli.export_args),
@@ -259,7 +269,7 @@ def _load_gin(args: argparse.Namespace, bindings: list[str]) -> None:
   if "file_task" not in _registered:
     gin.external_configurable(tasks.files.file_task, "file_task")
     _registered.add("file_task")
-  if args.command in ("train", "infer", "eval"):
+  if args.command in ("train", "compile", "infer", "eval"):
     _register_train_configurables()
   search = [".", *args.gin_search_path, GIN_DIR]
   for path in search[1:]:

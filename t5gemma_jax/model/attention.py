@@ -54,6 +54,27 @@ def _segment_mask(q_segments: Array, k_segments: Array) -> Array:
   return (k > 0) & ((q == k) | (q == 0))
 
 
+def window_offsets(window: Optional[int], causal: bool,
+                   split: bool = False) -> tuple[Optional[int], Optional[int]]:
+  """The keys a query i sees as offsets: lo <= j - i <= hi (None = unbounded that way).
+
+  The one statement of the window rule; the XLA mask, the splash pattern and the FLOP count
+  all read it (transformers 5.x semantics):
+    causal, no window:        j <= i                     (None, 0)
+    causal, window W:         i - W < j <= i             (1 - W, 0)
+    bidirectional, no window: every key                  (None, None)
+    symmetric window W:       |i - j| <= W               (-W, W)       T5Gemma 1
+    split window W:           1 - ceil(W/2) <= j - i <= floor(W/2)      T5Gemma 2 (W keys)
+  """
+  if causal:
+    return (None if window is None else 1 - window), 0
+  if window is None:
+    return None, None
+  if split:
+    return 1 - (window + 1) // 2, window // 2
+  return -window, window
+
+
 @struct.dataclass
 class MaskSpec:
   """Who may attend to whom, as segment ids plus the layer's pattern (no [B, T, S] array).
@@ -81,19 +102,21 @@ class MaskSpec:
   def dense(self) -> Array:
     """The boolean [B, T, S] mask (True = may attend)."""
     mask = _segment_mask(self.q_segments, self.kv_segments)
-    if not self.causal and self.window is None:
+    lo, hi = self.offsets
+    if lo is None and hi is None:
       return mask
     i = jnp.arange(self.q_segments.shape[-1])[:, None]
     j = jnp.arange(self.kv_segments.shape[-1])[None, :]
-    if self.causal:
-      mask &= (j <= i)[None]
-      if self.window is not None:
-        mask &= (j > i - self.window)[None]
-    elif self.split_window:
-      mask &= ((j - i >= 1 - (self.window + 1) // 2) & (j - i <= self.window // 2))[None]
-    else:
-      mask &= (jnp.abs(i - j) <= self.window)[None]
+    if lo is not None:
+      mask &= (j - i >= lo)[None]
+    if hi is not None:
+      mask &= (j - i <= hi)[None]
     return mask
+
+  @property
+  def offsets(self) -> tuple[Optional[int], Optional[int]]:
+    """`window_offsets` of this pattern."""
+    return window_offsets(self.window, self.causal, self.split_window)
 
 
 @struct.dataclass

@@ -61,16 +61,15 @@ def _block(n: int) -> int:
 def _pattern(masks, shape: tuple[int, int], causal: bool, window: Optional[int],
              split: bool):
   """The splash mask of one `MaskSpec` pattern (segments are applied separately)."""
-  if window is None:
-    return masks.CausalMask(shape) if causal else masks.FullMask(shape)
-  if causal:  # i - window < j <= i
-    return masks.LocalMask(shape, window_size=(window - 1, 0), offset=0)
-  if split:  # 1 - ceil(W/2) <= j - i <= floor(W/2)
-    return masks.LocalMask(shape, window_size=((window + 1) // 2 - 1, window // 2), offset=0)
-  return masks.LocalMask(shape, window_size=(window, window), offset=0)  # |i - j| <= window
+  from t5gemma_jax.model.attention import window_offsets
+  lo, hi = window_offsets(window, causal, split)
+  if lo is None and hi is None:
+    return masks.FullMask(shape)
+  if lo is None:  # causal without a window
+    return masks.CausalMask(shape)
+  return masks.LocalMask(shape, window_size=(-lo, hi), offset=0)
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(t: int, s: int, group: int, causal: bool, window: Optional[int],
                    softcap: Optional[float], interpret: bool, split: bool = False,
                    merged: int = 0):
@@ -88,23 +87,70 @@ def _splash_kernel(t: int, s: int, group: int, causal: bool, window: Optional[in
                             block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
                             block_kv_dq=bkv)
   # One kv head shared by `group` query heads: the MQA kernel, mapped over kv heads. Built
-  # eagerly (its mask tables are constants) even when first asked for inside a jit trace, so
-  # the cached kernel holds no tracers.
-  with jax.ensure_compile_time_eval():
-    return kernel.make_splash_mqa_single_device(
-        mask=masks.MultiHeadMask([base] * group), block_sizes=sizes,
-        attn_logits_soft_cap=softcap, interpret=interpret)
+  # afresh inside each trace: its mask tables then enter the program as constants. (Built once
+  # eagerly instead, they would be device arrays on the host's backend, which an
+  # ahead-of-time compile for TPU devices cannot take.) The numpy mask processing is cached.
+  return kernel.make_splash_mqa_single_device(
+      mask=_heads_mask(masks, base, group), block_sizes=sizes, attn_logits_soft_cap=softcap,
+      interpret=interpret)
+
+
+def _heads_mask(masks, base, group: int):
+  return masks.MultiHeadMask([base] * group)
+
+
+def target_platform() -> str:
+  """The platform the program is being built for: the context mesh's devices (under
+  `jax.set_mesh`, abstract TPU devices of an ahead-of-time compile included), else the host's
+  default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def _sharded(fn, q: Array, k: Array, v: Array, q_segments: Array, kv_segments: Array) -> Array:
+  """Runs `fn` on each device's shard: rows over the batch axes, heads over the tensor axis.
+
+  A Mosaic kernel is an opaque custom call the SPMD partitioner cannot split, so under a mesh
+  it must run inside `shard_map`, where every chip sees only its own rows and heads. Mesh
+  axes come from the logical names (the model stays mesh-agnostic); without a mesh in
+  context `fn` runs as it is. Heads are split only when the kv heads divide over the tensor
+  axis (query head j must stay with kv head j // group).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(q, k, v, q_segments, kv_segments)
+  from flax import linen as nn
+  from jax.sharding import PartitionSpec as P
+  batch = nn.logical_to_mesh_axes(("batch",))[0]
+  heads = nn.logical_to_mesh_axes(("kv_heads",))[0]
+  names = () if heads is None else (heads if isinstance(heads, tuple) else (heads,))
+  size = 1
+  for name in names:
+    size *= mesh.shape[name]
+  if k.shape[2] % size:
+    heads = None
+  rows = 1
+  for name in (() if batch is None else batch if isinstance(batch, tuple) else (batch,)):
+    rows *= mesh.shape[name]
+  if q.shape[0] % rows:
+    raise ValueError(f"attention_impl='splash': a batch of {q.shape[0]} rows does not split "
+                     f"over the {rows} devices of the batch axes {batch}")
+  tokens, rows_spec = P(batch, None, heads, None), P(batch, None)
+  return jax.shard_map(fn, in_specs=(tokens, tokens, tokens, rows_spec, rows_spec),
+                       out_specs=tokens, check_vma=False)(q, k, v, q_segments, kv_segments)
 
 
 def splash_attention(q: Array, k: Array, v: Array, mask: Any, *, scale: float,
                      softcap: Optional[float]) -> Array:
-  """Splash attention with GQA: q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh]."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+  """Splash attention with GQA: q [B, T, H, Dh], k/v [B, S, K, Dh] -> [B, T, H, Dh].
+
+  Pallas interpret mode (slow, exact) whenever the compile target is not a TPU.
+  """
   from t5gemma_jax.model.attention import MergedMaskSpec
-  b, t, h, dh = q.shape
-  s, kv_heads = k.shape[1], k.shape[2]
-  group = h // kv_heads
-  interpret = jax.default_backend() != "tpu"
+  t, s = q.shape[1], k.shape[1]
+  group = q.shape[2] // k.shape[2]
+  interpret = target_platform() != "tpu"
   if isinstance(mask, MergedMaskSpec):
     pattern, encoder = mask.self_mask, mask.cross_mask.kv_segments
     fn = _splash_kernel(t, s - encoder.shape[1], group, pattern.causal, pattern.window,
@@ -116,14 +162,23 @@ def splash_attention(q: Array, k: Array, v: Array, mask: Any, *, scale: float,
                         mask.split_window and not mask.causal)
     q_segments, kv_segments = mask.q_segments, mask.kv_segments
   # The kernel takes the scale folded into q (the softcap then sees scaled scores, as ours).
-  qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kv_heads, group, dh)
-  qg = qg.transpose(0, 2, 3, 1, 4)                     # [B, K, G, T, Dh]
-  kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, Dh]
+  q = q * jnp.asarray(scale, q.dtype)
+  return _sharded(functools.partial(_local_splash, fn), q, k, v, q_segments.astype(jnp.int32),
+                  kv_segments.astype(jnp.int32))
+
+
+def _local_splash(fn, q: Array, k: Array, v: Array, q_segments: Array,
+                  kv_segments: Array) -> Array:
+  """The kernel over one device's rows and heads: q [b, T, h, Dh], k/v [b, S, k, Dh]."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+  b, t, h, dh = q.shape
+  kv_heads = k.shape[2]
+  qg = q.reshape(b, t, kv_heads, h // kv_heads, dh).transpose(0, 2, 3, 1, 4)  # [b, k, G, T, Dh]
+  kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                    # [b, k, S, Dh]
 
   def one_row(qr, kr, vr, q_seg, kv_seg):
     segments = splash_attention_kernel.SegmentIds(q=q_seg, kv=kv_seg)
     return jax.vmap(lambda a, b_, c: fn(a, b_, c, segment_ids=segments))(qr, kr, vr)
 
-  out = jax.vmap(one_row)(qg, kg, vg, q_segments.astype(jnp.int32),
-                          kv_segments.astype(jnp.int32))  # [B, K, G, T, Dh]
+  out = jax.vmap(one_row)(qg, kg, vg, q_segments, kv_segments)  # [b, k, G, T, Dh]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh).astype(q.dtype)

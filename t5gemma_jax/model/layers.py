@@ -27,6 +27,18 @@ def constrain(x: Array) -> Array:
   return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
+def cast_param(param: Array, dtype: DType, axes: Sequence[str]) -> Array:
+  """`param` in the compute dtype, pinned to the parameter's own sharding.
+
+  The pin is what makes FSDP communicate as it should. Without it XLA is free to cast after
+  gathering: the forward all-gathers float32 weights, and in the backward the weight gradient
+  (a sum over the batch shards) is all-reduced whole and sliced afterwards. With it the cast
+  runs on the local shard, the forward gathers the compute dtype and the gradient of the pin
+  is itself a sharding constraint, so the backward reduce-scatters. A no-op without rules.
+  """
+  return nn.with_logical_constraint(param.astype(dtype), tuple(axes))
+
+
 class Einsum(nn.Module):
   """A bias-free projection whose kernel has an arbitrary shape, applied with an einsum.
 
@@ -49,7 +61,7 @@ class Einsum(nn.Module):
                                             in_axis=self.in_axis, out_axis=self.out_axis)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape,
                         self.param_dtype)
-    return jnp.einsum(eqn, x.astype(self.dtype), kernel.astype(self.dtype))
+    return jnp.einsum(eqn, x.astype(self.dtype), cast_param(kernel, self.dtype, self.axes))
 
 
 class RMSNorm(nn.Module):

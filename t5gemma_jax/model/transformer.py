@@ -15,6 +15,7 @@ if any, keep their `layers_{i}` names. `t5gemma_jax.model.layout` converts betwe
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -359,6 +360,17 @@ class T5Gemma(nn.Module):
                        decoder_segment_ids, decoder_positions, deterministic)
 
 
+def init_params(cfg: T5GemmaConfig, rng: Array) -> Any:
+  """Fresh parameters (boxed with their logical axis names; jit or eval_shape it).
+
+  Initialisation traces the model on one-token inputs. Parameters do not depend on the
+  attention implementation, and fused kernels (splash) take only whole blocks of tokens, so
+  the XLA path is traced here whatever `cfg.attention_impl` says.
+  """
+  tokens = jnp.ones((1, 1), jnp.int32)
+  return T5Gemma(cfg.replace(attention_impl="xla")).init(rng, tokens, tokens)["params"]
+
+
 def abstract_params(cfg: T5GemmaConfig, boxed: bool = True) -> Any:
   """Parameter shapes (`jax.ShapeDtypeStruct`s) without allocating anything.
 
@@ -366,8 +378,7 @@ def abstract_params(cfg: T5GemmaConfig, boxed: bool = True) -> Any:
     cfg: the model config.
     boxed: keep flax's `nn.Partitioned` boxes (logical axis names, for sharding rules).
   """
-  tokens = jnp.ones((1, 1), jnp.int32)
-  shapes = jax.eval_shape(T5Gemma(cfg).init, jax.random.PRNGKey(0), tokens, tokens)["params"]
+  shapes = jax.eval_shape(functools.partial(init_params, cfg), jax.random.PRNGKey(0))
   return shapes if boxed else nn.meta.unbox(shapes)
 
 

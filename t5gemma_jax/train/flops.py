@@ -21,17 +21,15 @@ from typing import Any, Optional, Union
 
 import jax
 
+from t5gemma_jax.chips import CHIPS
 from t5gemma_jax.config import SLIDING, ModuleConfig, T5GemmaConfig
+from t5gemma_jax.model.attention import window_offsets
 
 # Dense (not 2:4 sparse) bf16 matmul peak per chip in FLOP/s. Keys are `device_kind` strings.
+# TPUs come from `chips.CHIPS` (figures and sources there), also under "TPU v5e"-style names.
 PEAK_BF16_FLOPS = {
-    "TPU v4": 275e12,  # Cloud TPU v4 docs: 275 TFLOPS bf16 per chip.
-    "TPU v5 lite": 197e12,  # Cloud TPU v5e docs: 197 TFLOPS bf16 per chip.
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,  # v5p reports device_kind "TPU v5"; Cloud TPU v5p docs: 459 TFLOPS bf16.
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,  # Cloud TPU v6e (Trillium) docs: 918 TFLOPS bf16 per chip.
-    "TPU v6e": 918e12,
+    **{chip.device_kind: chip.peak_bf16_flops for chip in CHIPS.values()},
+    **{f"TPU {chip.generation}": chip.peak_bf16_flops for chip in CHIPS.values()},
     "NVIDIA A100": 312e12,  # A100 datasheet: 312 TFLOPS bf16 dense (624 sparse), SXM and PCIe.
     "NVIDIA H100": 989e12,  # H100 SXM datasheet: 1979 TFLOPS bf16 with sparsity, half dense.
     "NVIDIA H100 PCIe": 756e12,  # H100 PCIe datasheet: 1513 sparse, half dense.
@@ -48,38 +46,45 @@ _PREFIX_MATCHED = ("nvidia ",)
 # ------------------------------------------------------------------------------ key counts
 
 
-def bidirectional_pairs(length: int, window: Optional[int] = None) -> int:
-  """Number of (query, key) pairs an encoder self-attention layer computes.
-
-  Args:
-    length: sequence length S.
-    window: None for full attention; else keys with |i - j| <= window.
+def window_pairs(q_length: int, kv_length: int, lo: Optional[int], hi: Optional[int]) -> int:
+  """(query, key) pairs with lo <= j - i <= hi (None: unbounded) for i < q_length, j < kv_length.
 
   Returns:
-    S * S for full attention, else the sum over queries of their keys inside the window.
+    The sum over queries of the keys inside the window (clipped at the sequence ends).
   """
-  if window is None:
+  total = 0
+  for i in range(q_length):
+    first = 0 if lo is None else max(0, i + lo)
+    last = kv_length - 1 if hi is None else min(kv_length - 1, i + hi)
+    total += max(0, last - first + 1)
+  return total
+
+
+def layer_pairs(module: ModuleConfig, layer_type: str, length: int, causal: bool,
+                dense: bool = False) -> int:
+  """Pairs one self-attention layer of `module` computes on a sequence of `length`.
+
+  Args:
+    causal: decoder self-attention (else the encoder's bidirectional attention).
+    dense: count what the XLA path executes, the full length x length score matrix (the mask
+      is applied to it, not used to skip work), instead of the pairs the mask lets through.
+  """
+  if dense:
     return length * length
-  return sum(min(i, window) + min(length - 1 - i, window) + 1 for i in range(length))
+  window = module.sliding_window if layer_type == SLIDING else None
+  lo, hi = window_offsets(window, causal, module.encoder_window == "split")
+  return window_pairs(length, length, lo, hi)
+
+
+def bidirectional_pairs(length: int, window: Optional[int] = None, split: bool = False) -> int:
+  """Pairs of an encoder self-attention layer: S * S, or the keys inside the window
+  (|i - j| <= W; with `split`, T5Gemma 2's W-key window)."""
+  return window_pairs(length, length, *window_offsets(window, False, split))
 
 
 def causal_pairs(length: int, window: Optional[int] = None) -> int:
-  """Number of (query, key) pairs a decoder self-attention layer computes.
-
-  Args:
-    length: sequence length T.
-    window: None for full causal attention; else keys with i - window < j <= i.
-
-  Returns:
-    T (T + 1) / 2 for full causal attention, else the sum over queries of min(i + 1, window).
-  """
-  if window is None:
-    return length * (length + 1) // 2
-  return sum(min(i + 1, window) for i in range(length))
-
-
-def _layer_window(module: ModuleConfig, layer_type: str) -> Optional[int]:
-  return module.sliding_window if layer_type == SLIDING else None
+  """Pairs of a decoder self-attention layer: T (T + 1) / 2, or sum_i min(i + 1, W)."""
+  return window_pairs(length, length, *window_offsets(window, True))
 
 
 # ------------------------------------------------------------------- forward FLOPs per family
@@ -127,7 +132,7 @@ def lm_head_flops(cfg: T5GemmaConfig, tokens: int) -> int:
 
 
 def flops_breakdown(cfg: T5GemmaConfig, batch: int, inputs_length: int, targets_length: int,
-                    training: bool = True) -> dict[str, float]:
+                    training: bool = True, dense_attention: bool = False) -> dict[str, float]:
   """FLOPs of one step on a [batch, inputs_length] -> [batch, targets_length] batch, by family.
 
   Args:
@@ -136,6 +141,8 @@ def flops_breakdown(cfg: T5GemmaConfig, batch: int, inputs_length: int, targets_
     inputs_length: encoder length S.
     targets_length: decoder length T.
     training: 3x forward (forward + backward) when True, the forward pass alone when False.
+    dense_attention: count every score of the [T, S] matrices, as the XLA attention path
+      executes them, instead of the pairs the masks let through (the model FLOPs).
 
   Returns:
     FLOPs keyed by encoder_projections, encoder_attention, encoder_mlp, decoder_projections,
@@ -145,8 +152,8 @@ def flops_breakdown(cfg: T5GemmaConfig, batch: int, inputs_length: int, targets_
   enc, dec = cfg.encoder, cfg.decoder
   s, t = inputs_length, targets_length
   enc_tokens, dec_tokens = batch * s, batch * t
-  enc_pairs = sum(bidirectional_pairs(s, _layer_window(enc, lt)) for lt in enc.layer_types)
-  dec_pairs = sum(causal_pairs(t, _layer_window(dec, lt)) for lt in dec.layer_types)
+  enc_pairs = sum(layer_pairs(enc, lt, s, False, dense_attention) for lt in enc.layer_types)
+  dec_pairs = sum(layer_pairs(dec, lt, t, True, dense_attention) for lt in dec.layer_types)
   cross_layers = sum(cfg.reads_encoder(lt) for lt in dec.layer_types)
   forward = {
       "encoder_projections": enc.num_layers * (
@@ -172,7 +179,7 @@ def flops_breakdown(cfg: T5GemmaConfig, batch: int, inputs_length: int, targets_
 
 
 def training_flops_per_step(cfg: T5GemmaConfig, batch: int, inputs_length: int,
-                            targets_length: int) -> float:
+                            targets_length: int, dense_attention: bool = False) -> float:
   """Model FLOPs of one training step (forward + backward = 3x forward).
 
   Args:
@@ -180,11 +187,13 @@ def training_flops_per_step(cfg: T5GemmaConfig, batch: int, inputs_length: int,
     batch: global batch size.
     inputs_length: encoder length S.
     targets_length: decoder length T.
+    dense_attention: see `flops_breakdown`.
 
   Returns:
     The sum of `flops_breakdown(..., training=True)`.
   """
-  return sum(flops_breakdown(cfg, batch, inputs_length, targets_length).values())
+  return sum(flops_breakdown(cfg, batch, inputs_length, targets_length,
+                             dense_attention=dense_attention).values())
 
 
 # ------------------------------------------------------------------------------------ MFU

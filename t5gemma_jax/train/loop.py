@@ -200,6 +200,51 @@ class _StepLog:
       self._bar.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The jitted steps of a run and the state layout they expect.
+
+  Attributes:
+    train: `train(state, batch, rng) -> (state, metrics)`, state donated.
+    evaluate: `evaluate(params, batch) -> loss sums`.
+    abstract: the TrainState as ShapeDtypeStructs with shardings; shardings: its shardings.
+    optimizer: the optax transformation.
+    batch_sharding: how every [batch, ...] input is placed.
+  """
+
+  train: object
+  evaluate: object
+  abstract: object
+  shardings: object
+  optimizer: object
+  batch_sharding: object
+
+
+def check_batch(cfg: TrainConfig, mesh, batch_size: Optional[int] = None) -> None:
+  """The global batch must split over the data-parallel devices and into microbatches."""
+  rows = cfg.batch_size if batch_size is None else batch_size
+  parallel = sharding.data_parallel_size(mesh)
+  if rows % parallel:
+    raise ValueError(f"batch_size {rows} is not divisible by the data-parallel size "
+                     f"{parallel} of mesh {dict(mesh.shape)}: change BATCH_SIZE or "
+                     "MeshConfig.ici")
+  if rows % (parallel * cfg.num_microbatches):
+    raise ValueError(f"batch_size {rows} does not split into {cfg.num_microbatches} "
+                     f"microbatches of a multiple of the data-parallel size {parallel}")
+
+
+def build_steps(cfg: TrainConfig, mesh) -> Steps:
+  """The exact jitted train and eval steps `run` executes on `mesh` (also what
+  `t5gemma compile` lowers for a TPU topology)."""
+  schedule = optim.make_schedule(cfg.optimizer.schedule)
+  optimizer = optim.make_optimizer(cfg.optimizer, abstract_params(cfg.model, boxed=False))
+  abstract, shardings = step_lib.state_shardings(cfg.model, optimizer, mesh)
+  train, evaluate = step_lib.jit_steps(
+      step_lib.make_train_step(cfg.model, optimizer, cfg.loss, cfg.num_microbatches, schedule),
+      step_lib.make_eval_step(cfg.model, cfg.loss), shardings, mesh)
+  return Steps(train, evaluate, abstract, shardings, optimizer, sharding.batch_sharding(mesh))
+
+
 def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> dict:
   """Trains until `cfg.train_steps` (or SIGTERM) and returns a summary dict.
 
@@ -212,15 +257,10 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
   sharding.maybe_initialize_distributed()
   pipeline.hide_gpus_from_tensorflow()
   mesh = sharding.make_mesh(cfg.mesh)
-  if cfg.batch_size % sharding.data_parallel_size(mesh):
-    raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the data-parallel size "
-                     f"{sharding.data_parallel_size(mesh)} of mesh {dict(mesh.shape)}: change "
-                     "BATCH_SIZE or MeshConfig.ici")
+  check_batch(cfg, mesh)
   _check_vocabulary(cfg)
-  schedule = optim.make_schedule(cfg.optimizer.schedule)
-  optimizer = optim.make_optimizer(cfg.optimizer, abstract_params(cfg.model, boxed=False))
-  abstract, shardings = step_lib.state_shardings(cfg.model, optimizer, mesh)
-  batch_sh = sharding.batch_sharding(mesh)
+  steps = build_steps(cfg, mesh)
+  abstract, shardings, batch_sh = steps.abstract, steps.shardings, steps.batch_sharding
   data = pipeline.GlobalBatches(pipeline.host_dataset(_data(cfg, "train", True)), batch_sh,
                                 fingerprint=cfg.log_batches)
   fresh_dir = not storage.exists(cfg.model_dir)
@@ -232,7 +272,7 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
       state = ckpt.restore(None, abstract, data_iterator=data)
       start = "resumed"
     else:
-      state, _ = step_lib.init_state(cfg.model, optimizer, mesh, cfg.seed, shardings)
+      state, _ = step_lib.init_state(cfg.model, steps.optimizer, mesh, cfg.seed, shardings)
       start = "initialised"
       if cfg.init_from:
         params = checkpoint.restore_params(os.path.join(cfg.init_from, "checkpoints"),
@@ -257,9 +297,7 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
                                               f"batches_p{jax.process_index()}.jsonl"))
                if cfg.log_batches else None)
 
-  train_step, eval_step = step_lib.jit_steps(
-      step_lib.make_train_step(cfg.model, optimizer, cfg.loss, cfg.num_microbatches, schedule),
-      step_lib.make_eval_step(cfg.model, cfg.loss), shardings, mesh)
+  train_step, eval_step = steps.train, steps.evaluate
   lengths = cfg.task_feature_lengths
   step_flops = flops.training_flops_per_step(cfg.model, cfg.batch_size, lengths["inputs"],
                                              lengths["targets"])

@@ -11,7 +11,7 @@ import optax
 
 from t5gemma_jax import sharding
 from t5gemma_jax.config import T5GemmaConfig
-from t5gemma_jax.model import T5Gemma, abstract_params
+from t5gemma_jax.model import T5Gemma, abstract_params, init_params
 from t5gemma_jax.train import optim
 from t5gemma_jax.train.losses import LossConfig, cross_entropy_sums
 from t5gemma_jax.train.state import TrainState
@@ -57,10 +57,9 @@ def init_state(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation, mesh
   """
   if shardings is None:
     _, shardings = state_shardings(cfg, optimizer, mesh)
-  tokens = jnp.ones((1, 1), jnp.int32)
 
   def init(rng):
-    params = nn.meta.unbox(T5Gemma(cfg).init(rng, tokens, tokens))["params"]
+    params = nn.meta.unbox(init_params(cfg, rng))
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):

@@ -1,0 +1,254 @@
+"""Compile a run for a TPU slice on any host: memory per chip, FLOPs, collectives, roofline.
+
+libtpu's topology API gives abstract devices of a TPU slice on a CPU machine; the mesh the run
+would build over them, `ShapeDtypeStruct` inputs with the run's shardings and
+`jit(...).lower(...).compile()` then run the real TPU compiler. What is compiled is exactly
+what `train.loop.run` executes (`loop.build_steps`: the same step function, shardings,
+donation and microbatches) plus the greedy decoding loop evaluation runs.
+
+    report = compile_run(train_cfg, "v5p-64")
+    report["fits"], report["hbm_per_chip_gib"]["total"], report["roofline"]["mfu_upper_bound"]
+
+The roofline takes the three costs of one step as if they overlapped perfectly, so its step
+time is a lower bound and its MFU an upper bound:
+  compute_s = XLA's FLOPs per chip / peak bf16 FLOP/s
+  hbm_s     = XLA's bytes accessed per chip / HBM bandwidth
+  ici_s     = collective traffic per chip (ring algorithms) / bidirectional ICI bandwidth
+Multislice collectives that cross the data-centre network are counted at ICI speed too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5gemma_jax import chips, decoding, sharding
+from t5gemma_jax.model import layout
+from t5gemma_jax.train import flops, hlo_collectives, loop
+
+_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
+             "decoder_loss_weights")
+_PACKING = ("encoder_segment_ids", "decoder_segment_ids", "encoder_positions",
+            "decoder_positions")
+
+
+def topology_devices(accelerator_type: str, num_slices: int = 1) -> tuple[chips.Slice, list]:
+  """(the slice, abstract TPU devices of `num_slices` such slices) for compiling.
+
+  Raises:
+    ValueError: unknown accelerator type or bad slice count.
+    ImportError: libtpu is missing (it is in the `test` and `tpu` extras).
+  """
+  found = chips.parse(accelerator_type)
+  if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
+    raise ValueError(f"--num_slices must be a positive integer, got {num_slices!r}")
+  from jax.experimental import topologies
+  try:
+    topology = topologies.get_topology_desc(platform="tpu", topology_name=found.topology_name,
+                                            num_slices=num_slices, **found.topology_options())
+  except Exception as e:  # noqa: BLE001  (libtpu raises several types)
+    if "libtpu" in str(e).lower() or "unknown backend" in str(e).lower():
+      raise ImportError("compiling for a TPU needs libtpu: pip install -e '.[tpu]' (or the "
+                        f"test extra): {e}") from e
+    raise ValueError(f"accelerator type {accelerator_type!r}: libtpu refused topology "
+                     f"{found.topology_name}: {e}") from e
+  return found, list(topology.devices)
+
+
+def abstract_batch(cfg: loop.TrainConfig, batch_size: int, batch_sharding) -> dict:
+  """The batch the pipeline would deliver, as ShapeDtypeStructs: int32 [B, length]."""
+  lengths = cfg.task_feature_lengths
+  names = _FEATURES + (_PACKING if cfg.pack else ())
+  return {name: jax.ShapeDtypeStruct(
+      (batch_size, lengths["inputs"] if name.startswith("encoder") else lengths["targets"]),
+      jnp.int32, sharding=batch_sharding) for name in names}
+
+
+@dataclasses.dataclass
+class Compiled:
+  """One compiled program and what the compiler says about it (per chip)."""
+
+  executable: object
+  seconds: float
+
+  def memory(self) -> dict[str, float]:
+    """Bytes per chip: arguments, outputs, temporaries, code and their total (outputs that
+    alias donated arguments counted once)."""
+    m = self.executable.memory_analysis()
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+    return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+            "temporaries": m.temp_size_in_bytes, "code": m.generated_code_size_in_bytes,
+            "total": total}
+
+  def cost(self) -> dict[str, float]:
+    """XLA's own count per chip: {"flops", "bytes_accessed"}."""
+    c = self.executable.cost_analysis()
+    c = c[0] if isinstance(c, (list, tuple)) else c
+    return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed",
+                                                                               0.0))}
+
+  def collectives(self, num_devices: int) -> dict[str, dict]:
+    return hlo_collectives.collectives(self.executable.as_text(), num_devices)
+
+
+def _compile(fn, *args) -> Compiled:
+  start = time.perf_counter()
+  executable = fn.lower(*args).compile()
+  return Compiled(executable, time.perf_counter() - start)
+
+
+def compile_train_step(cfg: loop.TrainConfig, mesh, batch_size: Optional[int] = None
+                       ) -> Compiled:
+  """Lowers and compiles the run's jitted train step on `mesh` (no data, no state)."""
+  rows = cfg.batch_size if batch_size is None else batch_size
+  loop.check_batch(cfg, mesh, rows)
+  steps = loop.build_steps(cfg, mesh)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    return _compile(steps.train, steps.abstract,
+                    abstract_batch(cfg, rows, steps.batch_sharding), rng)
+
+
+def compile_decode(cfg: loop.TrainConfig, mesh) -> Compiled:
+  """Lowers and compiles greedy decoding (encode, then the cached decoder loop) as evaluation
+  runs it: the training params as sharded, a batch of `decode.batch_size` rows (rounded up
+  to the data-parallel size) of the run's input length, `decode.max_new_tokens` steps."""
+  model = cfg.model
+  decode_cfg = model.replace(scan_layers=False, remat_policy="none")
+  run = decoding.generate_function(decode_cfg, "greedy", cfg.decode.max_new_tokens)
+
+  def generate(params, tokens, rng):
+    return run(layout.untie_blocks(layout.unscan_params(params, model), model), tokens, rng)
+
+  steps = loop.build_steps(cfg, mesh)
+  parallel = sharding.data_parallel_size(mesh)
+  rows = -(-cfg.decode.batch_size // parallel) * parallel
+  batch = sharding.batch_sharding(mesh)
+  fn = jax.jit(generate, in_shardings=(steps.shardings.params, batch,
+                                       sharding.replicated(mesh)), out_shardings=batch)
+  tokens = jax.ShapeDtypeStruct((rows, cfg.task_feature_lengths["inputs"]), jnp.int32,
+                                sharding=batch)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    return _compile(fn, steps.abstract.params, tokens, rng)
+
+
+def roofline(chip: chips.Chip, cost: dict, traffic_bytes: float, model_flops: float,
+             num_chips: int, tokens: int) -> dict:
+  """Step-time lower bound from compute, HBM and ICI (see the module docstring).
+
+  Args:
+    cost: XLA's per-chip {"flops", "bytes_accessed"}.
+    traffic_bytes: collective bytes one chip sends per step.
+    model_flops: the step's model FLOPs over all chips (`flops.training_flops_per_step`).
+    tokens: tokens per step (padding included) for the throughput bound.
+  """
+  compute_s = cost["flops"] / chip.peak_bf16_flops
+  hbm_s = cost["bytes_accessed"] / chip.hbm_bandwidth
+  ici_s = traffic_bytes / chip.ici_bandwidth
+  step_s = max(compute_s, hbm_s, ici_s, 1e-12)
+  terms = {"compute": compute_s, "hbm": hbm_s, "ici": ici_s}
+  return {"compute_s": compute_s, "hbm_s": hbm_s, "ici_s": ici_s, "step_s": step_s,
+          "bound_by": max(terms, key=terms.get),
+          "mfu_upper_bound": model_flops / (num_chips * chip.peak_bf16_flops * step_s),
+          "tokens_per_s_upper_bound": tokens / step_s}
+
+
+def compile_run(cfg: loop.TrainConfig, accelerator_type: str, num_slices: int = 1,
+                batch_size: Optional[int] = None, decode: bool = True) -> dict:
+  """Compiles the run for `num_slices` slices of `accelerator_type` and reports on it.
+
+  Returns:
+    The report (see `t5gemma compile`): topology, chips, mesh, batch_size, fits,
+    hbm_per_chip_gib, flops_per_step {xla, xla_dense_attention_model, model},
+    collectives, roofline, tokens_per_s_upper_bound, compile_s and, with `decode`, the
+    decode step's memory and compile time.
+  """
+  found, devices = topology_devices(accelerator_type, num_slices)
+  mesh_cfg = cfg.mesh
+  if num_slices > 1 and math.prod(mesh_cfg.dcn) == 1:
+    mesh_cfg = dataclasses.replace(mesh_cfg, dcn=(num_slices, 1, 1))
+  mesh = sharding.make_mesh(mesh_cfg, devices=devices)
+  rows = cfg.batch_size if batch_size is None else batch_size
+  train = compile_train_step(dataclasses.replace(cfg, mesh=mesh_cfg), mesh, rows)
+  n = len(devices)
+  memory = train.memory()
+  capacity = found.chip.hbm_bytes
+  cost = train.cost()
+  coll = train.collectives(n)
+  lengths = cfg.task_feature_lengths
+  s, t = lengths["inputs"], lengths["targets"]
+  model_flops = flops.training_flops_per_step(cfg.model, rows, s, t)
+  executed = flops.training_flops_per_step(cfg.model, rows, s, t, dense_attention=True)
+  roof = roofline(found.chip, cost, sum(c["traffic_bytes"] for c in coll.values()),
+                  model_flops, n, rows * (s + t))
+  gib = {k: v / chips.GIB for k, v in memory.items()}
+  gib["capacity"] = capacity / chips.GIB
+  report = {
+      "topology": found.type, "num_slices": num_slices, "chips": n,
+      "topology_name": found.topology_name, "mesh": dict(mesh.shape), "batch_size": rows,
+      "lengths": dict(lengths), "fits": memory["total"] <= capacity, "hbm_per_chip_gib": gib,
+      "flops_per_step": {"xla": cost["flops"] * n, "model": model_flops,
+                         "model_dense_attention": executed},
+      "collectives": {k: {"count": int(v["count"]), "in_loop": int(v["in_loop"]),
+                          "bytes": v["bytes"]} for k, v in sorted(coll.items())},
+      "roofline": {k: v for k, v in roof.items() if k != "tokens_per_s_upper_bound"},
+      "tokens_per_s_upper_bound": roof["tokens_per_s_upper_bound"],
+      "compile_s": train.seconds,
+  }
+  if decode:
+    dec = compile_decode(dataclasses.replace(cfg, mesh=mesh_cfg), mesh)
+    dmem = dec.memory()
+    report["decode"] = {"hbm_per_chip_gib": dmem["total"] / chips.GIB,
+                        "fits": dmem["total"] <= capacity, "compile_s": dec.seconds}
+  return report
+
+
+def find_batch(cfg: loop.TrainConfig, accelerator_type: str, num_slices: int = 1,
+               limit: int = 1 << 16) -> tuple[Optional[int], dict]:
+  """The largest global batch (a multiple of the data-parallel size times the microbatches)
+  whose train step fits in HBM, by doubling then bisection on compiles.
+
+  Returns:
+    (batch or None when not even the smallest fits, the report of the last batch that fit or,
+    when none did, of the smallest tried).
+  """
+  found, devices = topology_devices(accelerator_type, num_slices)
+  mesh_cfg = cfg.mesh
+  if num_slices > 1 and math.prod(mesh_cfg.dcn) == 1:
+    mesh_cfg = dataclasses.replace(mesh_cfg, dcn=(num_slices, 1, 1))
+  mesh = sharding.make_mesh(mesh_cfg, devices=devices)
+  unit = sharding.data_parallel_size(mesh) * cfg.num_microbatches
+  reports: dict[int, dict] = {}
+
+  def fits(units: int) -> bool:
+    if units not in reports:
+      reports[units] = compile_run(cfg, accelerator_type, num_slices, units * unit,
+                                   decode=False)
+    return reports[units]["fits"]
+
+  start = max(cfg.batch_size // unit, 1)
+  if not fits(start):
+    lo, hi = 0, start
+    while hi > 1 and not fits(hi // 2):
+      hi //= 2
+    if hi == 1:
+      return None, reports[1]
+    lo, hi = hi // 2, hi
+  else:
+    lo, hi = start, start * 2
+    while hi * unit <= limit and fits(hi):
+      lo, hi = hi, hi * 2
+    if hi * unit > limit:
+      return lo * unit, reports[lo]
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  return lo * unit, reports[lo]

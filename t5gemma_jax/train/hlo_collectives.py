@@ -1,0 +1,220 @@
+"""Collectives of a compiled program, read from its optimised HLO text.
+
+What FSDP promises can be checked here rather than on a pod: gradients should leave each layer
+as reduce-scatters (each chip keeps its shard) and parameters should be all-gathered layer by
+layer inside the scanned loop, not all at once before it.
+
+    stats = collectives(compiled.as_text())
+    stats["reduce-scatter"]["count"], stats["all-gather"]["in_loop"]
+
+Counts are per execution of the step: an op inside a `while` body runs once per trip (XLA
+writes the trip count into the loop's backend config), so it counts that many times.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+          "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+          "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1,
+          "f8e5m2fnuz": 1}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_BYTES, key=len, reverse=True)) +
+                    r")\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+
+
+def shape_bytes(shape: str) -> float:
+  """Bytes of an HLO shape string, e.g. 'bf16[64,2,16]{2,0,1}' or a tuple of shapes."""
+  total = 0.0
+  for dtype, dims in _ARRAY.findall(shape):
+    total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def group_size(attributes: str, default: int) -> int:
+  """Devices per replica group, from `replica_groups=` in any of XLA's spellings."""
+  m = re.search(r"replica_groups=\{\{([0-9,]*)\}", attributes)
+  if m:
+    return len([x for x in m.group(1).split(",") if x])
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attributes)
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attributes)
+  if m:
+    sizes = dict(re.findall(r"'?(\w+)'?=(\d+)", m.group(1)))
+    used = re.findall(r"'?(\w+)'?", m.group(2))
+    return math.prod(int(sizes[a]) for a in used if a in sizes) or default
+  m = re.search(r"source_target_pairs=\{(.*?)\}\}", attributes)
+  if m:
+    return 2
+  return default
+
+
+def _kind(op: str, computation: str) -> Optional[str]:
+  """The collective an instruction is, if any.
+
+  The TPU compiler writes a reduce-scatter as an all-reduce inside a fusion computation named
+  `all-reduce-scatter...` (the reduction fused with the slice each device keeps): that is a
+  reduce-scatter, not a whole all-reduce.
+  """
+  base = op[:-len("-start")] if op.endswith("-start") else op
+  if base == "all-reduce" and computation.startswith("all-reduce-scatter"):
+    return "reduce-scatter"
+  return base if base in KINDS else None
+
+
+def _parse(hlo: str):
+  """{computation: [(name, shape, op, rest)]}, the entry's name and every shape by name."""
+  computations: dict[str, list] = {}
+  shapes: dict[str, str] = {}
+  entry, current = None, None
+  for line in hlo.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):
+      m = _COMPUTATION.match(line)  # a computation's header: `[ENTRY] %name (params) -> type {`
+      current = m.group(2)
+      computations[current] = []
+      if m.group(1):
+        entry = current
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    if current is None:
+      continue
+    m = _INSTRUCTION.match(line)
+    if m:
+      name, shape, op, rest = m.groups()
+      shapes[name] = shape
+      computations[current].append((name, shape, op, rest))
+  return computations, entry, shapes
+
+
+def _executions(computations: dict, entry: str) -> dict[str, int]:
+  """How many times each computation runs per call of the entry (loops multiply)."""
+  calls: dict[str, list[tuple[str, int]]] = {c: [] for c in computations}
+  for comp, instructions in computations.items():
+    for _, _, op, rest in instructions:
+      trips = 1
+      if op == "while":
+        trips = _trip_count(rest, computations)
+      for key, callee in re.findall(
+          r"\b(body|condition|to_apply|calls|branch_computations|true_computation|"
+          r"false_computation)=\{?%?([\w.\-]+)", rest):
+        if callee in calls:
+          calls[comp].append((callee, trips if key in ("body", "condition") else 1))
+      m = re.search(r"branch_computations=\{([^}]*)\}", rest)
+      if m:
+        for callee in _OPERAND.findall(m.group(1)):
+          if callee in calls:
+            calls[comp].append((callee, 1))
+  counts = {c: 0 for c in computations}
+
+  def visit(comp: str, times: int, depth: int = 0):
+    if depth > 64:  # malformed input; real HLO nests a few levels
+      return
+    counts[comp] += times
+    for callee, trips in calls[comp]:
+      visit(callee, times * trips, depth + 1)
+
+  if entry is not None:
+    visit(entry, 1)
+  return counts
+
+
+def _trip_count(attributes: str, computations: dict) -> int:
+  """Iterations of a while loop: XLA's `known_trip_count`, else the bound `i < N` of a loop
+  counting from 0 in steps of 1 (what `lax.scan` emits), else 1."""
+  m = _TRIP_COUNT.search(attributes)
+  if m:
+    return int(m.group(1))
+  m = re.search(r"\bcondition=%?([\w.\-]+)", attributes)
+  condition = computations.get(m.group(1), []) if m else []
+  constants = {}
+  for name, shape, op, rest in condition:
+    if op == "constant" and shape.startswith(("s32[]", "s64[]", "u32[]")):
+      constants[name] = int(rest.split(")", 1)[0])
+  for name, shape, op, rest in condition:
+    if op == "compare" and "direction=LT" in rest:
+      bounds = [constants[o] for o in _OPERAND.findall(rest.split(")", 1)[0]) if o in constants]
+      if bounds:
+        return bounds[0]
+  return 1
+
+
+def collectives(hlo: str, num_devices: int = 1) -> dict[str, dict]:
+  """Per collective kind: executions per step, bytes and estimated ICI traffic per device.
+
+  Args:
+    hlo: `compiled.as_text()` (the partitioned, optimised module of one device).
+    num_devices: devices in the program (the group size when HLO does not say).
+
+  Returns:
+    {kind: {"count", "in_loop", "bytes", "traffic_bytes"}} for each kind in `KINDS` that
+    occurs. `bytes` is the data each op moves as seen by one device: the gathered result of
+    an all-gather, the input of a reduce-scatter / all-reduce / all-to-all / permute.
+    `traffic_bytes` is what one device sends over the interconnect with ring algorithms:
+    (n-1)/n of that for gathers, scatters and all-to-all, 2(n-1)/n for all-reduce (a
+    reduce-scatter then an all-gather), all of it for a permute. `in_loop` counts the
+    executions that happen inside a while loop (the scanned layers).
+  """
+  computations, entry, shapes = _parse(hlo)
+  runs = _executions(computations, entry)
+  in_loop = _loop_computations(computations)
+  stats: dict[str, dict] = {}
+  for comp, instructions in computations.items():
+    times = runs.get(comp, 0)
+    if not times:
+      continue
+    for name, shape, op, rest in instructions:
+      kind = _kind(op, comp)
+      if kind is None:
+        continue
+      args = rest.split(")", 1)[0]
+      operand_bytes = sum(shape_bytes(shapes.get(o, "")) for o in _OPERAND.findall(args))
+      n = max(group_size(rest, num_devices), 1)
+      if kind == "all-gather":
+        moved, traffic = operand_bytes * n, operand_bytes * (n - 1)
+      elif kind == "all-reduce":
+        moved, traffic = operand_bytes, 2 * operand_bytes * (n - 1) / n
+      elif kind == "collective-permute":
+        moved = traffic = operand_bytes
+      else:
+        moved, traffic = operand_bytes, operand_bytes * (n - 1) / n
+      s = stats.setdefault(kind, {"count": 0, "in_loop": 0, "bytes": 0.0,
+                                  "traffic_bytes": 0.0})
+      s["count"] += times
+      s["in_loop"] += times if comp in in_loop else 0
+      s["bytes"] += moved * times
+      s["traffic_bytes"] += traffic * times
+  return stats
+
+
+def _loop_computations(computations: dict) -> set[str]:
+  """The computations that run inside some while body (directly or through calls)."""
+  bodies = set()
+  for instructions in computations.values():
+    for _, _, op, rest in instructions:
+      if op == "while":
+        bodies.update(re.findall(r"\bbody=%?([\w.\-]+)", rest))
+  callees: dict[str, set] = {c: set() for c in computations}
+  for c, instructions in computations.items():
+    for _, _, _, rest in instructions:
+      callees[c].update(x for x in re.findall(
+          r"\b(?:body|condition|to_apply|calls|true_computation|false_computation)="
+          r"%?([\w.\-]+)", rest) if x in callees)
+  stack, seen = list(bodies), set()
+  while stack:
+    c = stack.pop()
+    if c in seen:
+      continue
+    seen.add(c)
+    stack.extend(callees.get(c, ()))
+  return seen
