@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 DEMO_DIR ?= /tmp/t5gemma_demo
 
-.PHONY: test demo venv clean
+.PHONY: test test-fast demo venv clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): setup.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The quick tier: everything but the tests marked slow (TPU compiles).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # Pretrains a tiny T5Gemma on the built-in offline mixture (CPU, about five minutes).
 demo: $(STAMP)

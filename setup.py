@@ -28,7 +28,12 @@ TEST_REQUIRES = [
     "pytest==8.4.2",
     "torch==2.13.0",  # the CPU wheel on disk; never let pip pick a CUDA build
     "transformers==5.23.0",
+    # The TPU compiler, for `t5gemma compile` and the tests that compile for TPU topologies on
+    # this CPU host: the libtpu that jax[tpu]==0.10.2 pins.
+    "libtpu==0.0.42.*",
 ]
+
+TPU_REQUIRES = ["libtpu==0.0.42.*"]
 
 setup(
     name="t5gemma-jax",
@@ -37,6 +42,6 @@ setup(
     packages=find_packages(include=["t5gemma_jax", "t5gemma_jax.*", "tasks", "tasks.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "tpu": TPU_REQUIRES},
     entry_points={"console_scripts": ["t5gemma=t5gemma_jax.main:main"]},
 )

@@ -226,6 +226,19 @@ def launch_script(args: argparse.Namespace, train_args: Sequence[str]) -> str:
           f"setsid nohup {train} >> {log} 2>&1 < /dev/null & echo $! > {pid}")
 
 
+def compile_check_command(args: argparse.Namespace, train_args: Sequence[str]) -> list[str]:
+  """`t5gemma compile` of the exact run for the slice, here, before anything is shipped: it
+  exits 3 when the step does not fit in HBM (2 for bad input), which stops the launch."""
+  if not args.accelerator_type:
+    raise ValueError("run needs --accelerator_type (the slice's type, e.g. v5p-64) to compile "
+                     "the run for it first; or pass --skip_compile_check")
+  chips.parse(args.accelerator_type)
+  check = train_command(args, train_args)[1:]  # the same bindings as the workers get
+  return [sys.executable, "-m", "t5gemma_jax.main", "compile",
+          f"--topology={args.accelerator_type}", f"--num_slices={args.num_slices}",
+          "--no_decode", *check]
+
+
 def local_tarball(args: argparse.Namespace) -> str:
   return os.path.join(tempfile.gettempdir(), f"t5gemma-{args.name}.tar.gz")
 
@@ -239,7 +252,8 @@ def run_commands(args: argparse.Namespace, train_args: Sequence[str]) -> list[li
       raise ValueError(f"--env {item!r}: expected NAME=VALUE")
   launch = launch_script(args, train_args)  # validates the train arguments first
   pack_cmd = [sys.executable, os.path.abspath(__file__), "pack", f"--output={local_tarball(args)}"]
-  cmds = [] if args.git_ref else [pack_cmd]
+  cmds = [] if args.skip_compile_check else [compile_check_command(args, train_args)]
+  cmds += [] if args.git_ref else [pack_cmd]
   cmds += [_ssh(args, node, stop_script(args)) for node in nodes(args)]
   if not args.git_ref:
     remote = _remote_paths(args.remote_dir)["tarball"]
@@ -338,6 +352,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--python", default="python3.11", help="interpreter for the virtualenv")
   p.add_argument("--jax_version", default=_pinned_jax(), help="jax[tpu] version to install")
   p.add_argument("--skip_setup", action="store_true", help="reuse the installed virtualenv")
+  p.add_argument("--accelerator_type", default=None,
+                 help="the slice's type (e.g. v5p-64): the run is compiled for it here first "
+                      "and refused when it does not fit in HBM")
+  p.add_argument("--skip_compile_check", action="store_true",
+                 help="launch without compiling for the slice first")
   p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                  help="environment variable for training (repeatable)")
   p = subs["logs"]

@@ -47,8 +47,8 @@ def table(report: dict) -> str:
       f"  HBM per chip:         {_gib(mem['total'])} of {mem['capacity']:.2f} GiB "
       f"(arguments {mem['arguments']:.2f}, outputs {mem['outputs']:.2f}, temporaries "
       f"{mem['temporaries']:.2f}, code {mem['code']:.2f})",
-      f"  FLOPs per step:       model {fl['model']:.4g}, XLA {fl['xla']:.4g} "
-      f"(dense-attention model count {fl['model_dense_attention']:.4g})",
+      f"  FLOPs per step:       model {fl['model']:.4g}, executed {fl['executed']:.4g} "
+      f"(XLA's count, loop bodies once: {fl['xla']:.4g})",
       f"  roofline per step:    compute {roof['compute_s'] * 1e3:.1f} ms, HBM "
       f"{roof['hbm_s'] * 1e3:.1f} ms, ICI {roof['ici_s'] * 1e3:.1f} ms -> bound by "
       f"{roof['bound_by']}",

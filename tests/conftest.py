@@ -24,6 +24,11 @@ import gin  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: minutes-long tests (TPU compiles); `make test-fast` "
+                                     "skips them")
+
+
 @pytest.fixture
 def clean_gin():
   """Tests that drive the CLI start and end with an empty gin config."""

@@ -56,9 +56,10 @@ def _train_argv(script):
   return words[start:words.index(">>", start)]
 
 
-def _run_cmds(*extra, slices=1, train=TRICKY):
+def _run_cmds(*extra, slices=1, train=TRICKY, check=False):
+  own = () if check else ("--skip_compile_check",)
   return tpu.plan(["run", "my-tpu", *BASE, f"--num_slices={slices}",
-                   "--model_dir=gs://bkt/runs/bb", *extra, "--", *train])
+                   "--model_dir=gs://bkt/runs/bb", *own, *extra, "--", *train])
 
 
 @pytest.mark.parametrize("given,canonical,hosts,version", [
@@ -170,9 +171,34 @@ def test_run_refuses_bad_options(extra, train, match):
     _run_cmds(*extra, train=train)
 
 
+def test_run_compiles_for_the_slice_first_and_stops_when_it_does_not_fit(monkeypatch):
+  cmds = _run_cmds("--accelerator_type=v5p-64", slices=2, check=True)
+  check = cmds[0]
+  assert check[:5] == [sys.executable, "-m", "t5gemma_jax.main", "compile",
+                       "--topology=v5p-64"]
+  # The same bindings the workers get (MODEL_DIR, the Multislice mesh, the user's).
+  assert check[5:] == ["--num_slices=2", "--no_decode", '--gin.MODEL_DIR="gs://bkt/runs/bb"',
+                       "--gin.MeshConfig.dcn=(2, 1, 1)", *TRICKY]
+  assert cmds[1:] == _run_cmds(slices=2)
+  with pytest.raises(ValueError, match="--accelerator_type"):
+    _run_cmds(check=True)
+  with pytest.raises(ValueError, match="v5p-12"):
+    _run_cmds("--accelerator_type=v5p-12", check=True)
+  ran = []
+
+  def fake_call(cmd):  # the compile check says "does not fit" (exit 3)
+    ran.append(cmd)
+    return 3
+  monkeypatch.setattr(tpu.subprocess, "call", fake_call)
+  argv = ["run", "my-tpu", *BASE, "--model_dir=gs://b/r", "--accelerator_type=v5p-8", "--",
+          *TRICKY]
+  assert tpu.main(argv) == 3 and len(ran) == 1 and "compile" in ran[0]
+
+
 def test_run_needs_a_gs_model_dir():
   with pytest.raises(ValueError, match="gs://"):
-    tpu.plan(["run", "t", *BASE, "--model_dir=/tmp/run", "--", *TRICKY])
+    tpu.plan(["run", "t", *BASE, "--model_dir=/tmp/run", "--skip_compile_check", "--",
+              *TRICKY])
 
 
 def test_status_logs_delete():
@@ -196,12 +222,14 @@ def test_dry_run_prints_runnable_lines_and_runs_nothing(capsys, monkeypatch):
   def forbidden(*a, **k):
     raise AssertionError("a dry run ran something")
   monkeypatch.setattr(tpu.subprocess, "call", forbidden)
-  argv = ["run", "my-tpu", *BASE, "--num_slices=2", "--model_dir=gs://b/r", "--dry_run", "--",
-          *TRICKY]
+  argv = ["run", "my-tpu", *BASE, "--num_slices=2", "--model_dir=gs://b/r", "--dry_run",
+          "--accelerator_type=v5p-64", "--", *TRICKY]
   assert tpu.main(argv) == 0
   lines = capsys.readouterr().out.splitlines()
   assert [shlex.split(line) for line in lines] == tpu.plan(argv)
-  assert tpu.main(["run", "t", *BASE, "--model_dir=/x", "--dry_run", "--", *TRICKY]) == 2
+  assert shlex.split(lines[0])[1:5] == ["-m", "t5gemma_jax.main", "compile", "--topology=v5p-64"]
+  assert tpu.main(["run", "t", *BASE, "--model_dir=/x", "--dry_run", "--skip_compile_check",
+                   "--", *TRICKY]) == 2
 
 
 def test_tpu_py_runs_as_a_script():
