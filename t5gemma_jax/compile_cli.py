@@ -48,7 +48,8 @@ def table(report: dict) -> str:
       f"(arguments {mem['arguments']:.2f}, outputs {mem['outputs']:.2f}, temporaries "
       f"{mem['temporaries']:.2f}, code {mem['code']:.2f})",
       f"  FLOPs per step:       model {fl['model']:.4g}, executed {fl['executed']:.4g} "
-      f"(XLA's count, loop bodies once: {fl['xla']:.4g})",
+      f"(XLA's count, loop bodies once: "
+      f"{'n/a' if fl['xla'] is None else format(fl['xla'], '.4g')})",
       f"  roofline per step:    compute {roof['compute_s'] * 1e3:.1f} ms, HBM "
       f"{roof['hbm_s'] * 1e3:.1f} ms, ICI {roof['ici_s'] * 1e3:.1f} ms -> bound by "
       f"{roof['bound_by']}",
@@ -56,6 +57,8 @@ def table(report: dict) -> str:
       f"{report['tokens_per_s_upper_bound']:,.0f}",
       f"  compile:              {report['compile_s']:.1f} s",
   ]
+  if "compile_error" in report:
+    lines.append(f"  compiler:             {report['compile_error']}")
   for kind, c in report["collectives"].items():
     lines.append(f"  {kind:21s} {c['count']:6d} per step ({c['in_loop']} inside loops), "
                  f"{c['bytes'] / chips.GIB:.3f} GiB")

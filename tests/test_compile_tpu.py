@@ -74,7 +74,7 @@ def test_cli_compiles_the_demo_run_with_splash_and_prints_json():
   roof = report["roofline"]
   assert roof["step_s"] == max(roof["compute_s"], roof["hbm_s"], roof["ici_s"])
   assert 0 < roof["mfu_upper_bound"] <= 1 and report["tokens_per_s_upper_bound"] > 0
-  assert {"all-gather", "reduce-scatter"} <= set(report["collectives"])
+  assert report["collectives"]["all-gather"]["count"] > 0
   assert report["decode"]["fits"] and report["compile_s"] > 0
   assert "fits in HBM:          yes" in out
 
@@ -132,22 +132,29 @@ def test_model_flops_equal_xla_flops_when_nothing_is_masked_away():
   assert fl["model"] < fl["model_dense_attention"]  # the causal half XLA computes anyway
 
 
-def test_a_run_that_cannot_fit_exits_3_and_find_batch_finds_the_largest():
-  args = ["--topology=v5litepod-1", "--gin_file=runs/demo.gin", "--no_decode",
-          "--gin.preset.name='s-s'", "--gin.data_settings.builtin_vocab_size=2048"]
-  code, out, err = _cli(*args, "--gin.BATCH_SIZE=256")
+def test_a_run_that_cannot_fit_exits_3_and_find_batch_finds_the_largest(tmp_path):
+  # Tiny layers with a 262k vocabulary and 2048 targets: ~2 GiB of logits per row, so a
+  # 16 GiB v5e chip holds a handful of rows and the search takes few compiles.
+  stack = dataclasses.replace(config.stack_preset("tiny"), vocab_size=262144)
+  model = config.T5GemmaConfig(encoder=stack, decoder=stack)
+  model_gin = tmp_path / "big_vocab.gin"
+  model_gin.write_text(config.to_gin(model))
+  code, out, err = _cli("--topology=v5litepod-1", "--gin_file=runs/demo.gin",
+                        f"--gin_file={model_gin}", "--no_decode", "--gin.BATCH_SIZE=16",
+                        '--gin.TASK_FEATURE_LENGTHS={"inputs": 128, "targets": 2048}')
   assert code == 3, err
   report = json.loads(out.strip().splitlines()[-1])
   assert report["fits"] is False and report["hbm_per_chip_gib"]["total"] > 16
   assert "fits in HBM:          NO" in out
-  code, out, err = _cli(*args, "--gin.BATCH_SIZE=256", "--find_batch")
-  assert code == 0, err
-  largest = json.loads(out.strip().splitlines()[-1])["largest_batch"]
-  assert 0 < largest < 256
-  model = config.preset("s-s", scan_layers=False)
-  assert aot.compile_run(_run(model, batch=largest), "v5litepod-1", decode=False)["fits"]
-  assert not aot.compile_run(_run(model, batch=2 * largest), "v5litepod-1",
-                             decode=False)["fits"]
+  cfg = _run(model, lengths=(128, 2048), batch=16, pack=False)
+  largest, best = aot.find_batch(cfg, "v5litepod-1")
+  assert largest is not None and 0 < largest < 16
+  assert best["fits"] and best["batch_size"] == largest
+  assert aot.compile_run(dataclasses.replace(cfg, batch_size=largest), "v5litepod-1",
+                         decode=False)["fits"]
+  if 2 * largest != 16:  # 16 was shown not to fit above
+    assert not aot.compile_run(dataclasses.replace(cfg, batch_size=2 * largest),
+                               "v5litepod-1", decode=False)["fits"]
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -20,15 +20,20 @@ XLA's `cost_analysis` counts the body of a while loop once, whatever its trip co
 scanned stacks it sees one repeat of the layer pattern. Executed FLOPs therefore come from
 `flops.executed_flops_per_step` (dense attention and remat recomputation counted; it agrees
 with XLA's own count to 2% on a program without loops, see tests/test_compile_tpu.py), and
-XLA's bytes accessed are scaled by the same factor its FLOPs fall short by: the loop bodies are
-taken to move as many bytes per FLOP as the program does overall. Both raw XLA numbers are in
-the report.
+bytes accessed from `hlo_stats.hbm_bytes` (XLA's rule over the optimised HLO, each loop body
+once per trip; on a program without loops it comes within about 20% of XLA's count, below it).
+XLA's raw numbers are in the report too.
+
+A program whose temporaries exceed HBM makes the TPU compiler itself refuse it
+(RESOURCE_EXHAUSTED); that is reported as not fitting, with the compiler's figures.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import time
 from typing import Optional
 
@@ -38,7 +43,7 @@ import jax.numpy as jnp
 
 from t5gemma_jax import chips, decoding, sharding
 from t5gemma_jax.model import layout
-from t5gemma_jax.train import flops, hlo_collectives, loop
+from t5gemma_jax.train import flops, hlo_stats, loop
 
 _FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
              "decoder_loss_weights")
@@ -56,6 +61,9 @@ def topology_devices(accelerator_type: str, num_slices: int = 1) -> tuple[chips.
   found = chips.parse(accelerator_type)
   if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
     raise ValueError(f"--num_slices must be a positive integer, got {num_slices!r}")
+  # Compiling never touches a chip, so several processes may hold libtpu at once (libtpu
+  # otherwise refuses a second process with a lockfile error).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   try:
     topology = topologies.get_topology_desc(platform="tpu", topology_name=found.topology_name,
@@ -76,6 +84,39 @@ def abstract_batch(cfg: loop.TrainConfig, batch_size: int, batch_sharding) -> di
   return {name: jax.ShapeDtypeStruct(
       (batch_size, lengths["inputs"] if name.startswith("encoder") else lengths["targets"]),
       jnp.int32, sharding=batch_sharding) for name in names}
+
+
+class OutOfMemory(Exception):
+  """The TPU compiler refused the program: its temporaries exceed the chip's HBM."""
+
+  def __init__(self, message: str, required: float, available: float):
+    super().__init__(message)
+    self.required, self.available = required, available
+
+
+_OOM = re.compile(r"Ran out of memory in memory space hbm|Ran out of memory on HBM|"
+                  r"RESOURCE_EXHAUSTED", re.I)
+_SIZE = re.compile(r"\(([0-9.]+)([KMGT])\)")
+_UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def _out_of_memory(e: Exception) -> Optional[OutOfMemory]:
+  text = str(e)
+  if not _OOM.search(text):
+    return None
+  sizes = [float(v) * _UNITS[u] for v, u in _SIZE.findall(text)]
+  required, available = (sizes + [float("nan"), float("nan")])[:2]
+  first = next((line for line in text.splitlines() if "memory" in line.lower()), text)
+  return OutOfMemory(first.strip(), required, available)
+
+
+def sharded_bytes(tree) -> float:
+  """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
+  total = 0.0
+  for leaf in jax.tree_util.tree_leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
 
 
 @dataclasses.dataclass
@@ -103,12 +144,24 @@ class Compiled:
                                                                                0.0))}
 
   def collectives(self, num_devices: int) -> dict[str, dict]:
-    return hlo_collectives.collectives(self.executable.as_text(), num_devices)
+    return hlo_stats.collectives(self.executable.as_text(), num_devices)
+
+  def hbm_bytes(self) -> float:
+    return hlo_stats.hbm_bytes(self.executable.as_text())
 
 
 def _compile(fn, *args) -> Compiled:
+  """Lowers and compiles; raises `OutOfMemory` when the compiler finds no room in HBM."""
   start = time.perf_counter()
-  executable = fn.lower(*args).compile()
+  lowered = fn.lower(*args)
+  try:
+    executable = lowered.compile()
+  except Exception as e:  # noqa: BLE001  (XLA raises its runtime error type)
+    oom = _out_of_memory(e)
+    if oom is None:
+      raise
+    oom.seconds = time.perf_counter() - start
+    raise oom from e
   return Compiled(executable, time.perf_counter() - start)
 
 
@@ -175,7 +228,8 @@ def compile_run(cfg: loop.TrainConfig, accelerator_type: str, num_slices: int = 
 
   Returns:
     The report (see `t5gemma compile`): topology, chips, mesh, batch_size, fits,
-    hbm_per_chip_gib, flops_per_step {xla, xla_dense_attention_model, model},
+    hbm_per_chip_gib, flops_per_step {model, executed, model_dense_attention, xla},
+    bytes_accessed_per_chip, compile_error (when the compiler ran out of HBM),
     collectives, roofline, tokens_per_s_upper_bound, compile_s and, with `decode`, the
     decode step's memory and compile time.
   """
@@ -185,21 +239,29 @@ def compile_run(cfg: loop.TrainConfig, accelerator_type: str, num_slices: int = 
     mesh_cfg = dataclasses.replace(mesh_cfg, dcn=(num_slices, 1, 1))
   mesh = sharding.make_mesh(mesh_cfg, devices=devices)
   rows = cfg.batch_size if batch_size is None else batch_size
-  train = compile_train_step(dataclasses.replace(cfg, mesh=mesh_cfg), mesh, rows)
+  run_cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
   n = len(devices)
-  memory = train.memory()
   capacity = found.chip.hbm_bytes
-  cost = train.cost()
-  coll = train.collectives(n)
   lengths = cfg.task_feature_lengths
   s, t = lengths["inputs"], lengths["targets"]
   model_flops = flops.training_flops_per_step(cfg.model, rows, s, t)
   executed = flops.executed_flops_per_step(cfg.model, rows, s, t)
-  # cost_analysis sees each loop body once (module docstring): scale both counts up to the
-  # executed FLOPs; a program without loops keeps XLA's own numbers.
-  loops = max(executed / max(cost["flops"] * n, 1.0), 1.0)
-  per_chip = {"flops": max(cost["flops"], executed / n),
-              "bytes_accessed": cost["bytes_accessed"] * loops}
+  error = None
+  try:
+    train = compile_train_step(run_cfg, mesh, rows)
+  except OutOfMemory as oom:
+    train, error = None, oom
+  if train is not None:
+    memory, cost, coll = train.memory(), train.cost(), train.collectives(n)
+    hbm = train.hbm_bytes()
+  else:  # the compiler's own figures; the state's size from its shardings
+    steps = loop.build_steps(run_cfg, mesh)
+    state = sharded_bytes(steps.abstract)
+    batch = sharded_bytes(abstract_batch(run_cfg, rows, steps.batch_sharding))
+    memory = {"arguments": state + batch, "outputs": state, "temporaries": error.required,
+              "code": 0.0, "total": state + batch + error.required}
+    cost, coll, hbm = {"flops": None, "bytes_accessed": None}, {}, 0.0
+  per_chip = {"flops": executed / n, "bytes_accessed": hbm}
   roof = roofline(found.chip, per_chip, sum(c["traffic_bytes"] for c in coll.values()),
                   model_flops, n, rows * (s + t))
   gib = {k: v / chips.GIB for k, v in memory.items()}
@@ -207,24 +269,32 @@ def compile_run(cfg: loop.TrainConfig, accelerator_type: str, num_slices: int = 
   report = {
       "topology": found.type, "num_slices": num_slices, "chips": n,
       "topology_name": found.topology_name, "mesh": dict(mesh.shape), "batch_size": rows,
-      "lengths": dict(lengths), "fits": memory["total"] <= capacity, "hbm_per_chip_gib": gib,
+      "lengths": dict(lengths), "fits": error is None and memory["total"] <= capacity,
+      "hbm_per_chip_gib": gib,
       "flops_per_step": {
-          "xla": cost["flops"] * n, "model": model_flops, "executed": executed,
+          "xla": None if cost["flops"] is None else cost["flops"] * n, "model": model_flops,
+          "executed": executed,
           "model_dense_attention": flops.training_flops_per_step(cfg.model, rows, s, t,
                                                                  dense_attention=True)},
-      "bytes_accessed_per_chip": {"xla": cost["bytes_accessed"],
-                                  "loop_scaled": per_chip["bytes_accessed"]},
+      "bytes_accessed_per_chip": {"xla": cost["bytes_accessed"], "per_trip": hbm},
       "collectives": {k: {"count": int(v["count"]), "in_loop": int(v["in_loop"]),
                           "bytes": v["bytes"]} for k, v in sorted(coll.items())},
       "roofline": {k: v for k, v in roof.items() if k != "tokens_per_s_upper_bound"},
       "tokens_per_s_upper_bound": roof["tokens_per_s_upper_bound"],
-      "compile_s": train.seconds,
+      "compile_s": train.seconds if train is not None else error.seconds,
   }
+  if error is not None:
+    report["compile_error"] = str(error)
+    return report
   if decode:
-    dec = compile_decode(dataclasses.replace(cfg, mesh=mesh_cfg), mesh)
-    dmem = dec.memory()
-    report["decode"] = {"hbm_per_chip_gib": dmem["total"] / chips.GIB,
-                        "fits": dmem["total"] <= capacity, "compile_s": dec.seconds}
+    try:
+      dec = compile_decode(run_cfg, mesh)
+      total = dec.memory()["total"]
+      report["decode"] = {"hbm_per_chip_gib": total / chips.GIB, "fits": total <= capacity,
+                          "compile_s": dec.seconds}
+    except OutOfMemory as oom:
+      report["decode"] = {"hbm_per_chip_gib": oom.required / chips.GIB, "fits": False,
+                          "compile_s": oom.seconds, "compile_error": str(oom)}
   return report
 
 

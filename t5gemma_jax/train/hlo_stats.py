@@ -1,4 +1,4 @@
-"""Collectives of a compiled program, read from its optimised HLO text.
+"""What a compiled program does, read from its optimised HLO text: collectives and HBM traffic.
 
 What FSDP promises can be checked here rather than on a pod: gradients should leave each layer
 as reduce-scatters (each chip keeps its shard) and parameters should be all-gathered layer by
@@ -7,8 +7,10 @@ layer inside the scanned loop, not all at once before it.
     stats = collectives(compiled.as_text())
     stats["reduce-scatter"]["count"], stats["all-gather"]["in_loop"]
 
-Counts are per execution of the step: an op inside a `while` body runs once per trip (XLA
-writes the trip count into the loop's backend config), so it counts that many times.
+Counts are per execution of the step: an op inside a `while` body runs once per trip (the
+bound of the loop's condition, or XLA's `known_trip_count`), so it counts that many times.
+XLA's own `cost_analysis` counts a loop body once whatever its trip count, which is why the
+HBM traffic is also recounted here (`hbm_bytes`).
 """
 
 from __future__ import annotations
@@ -218,3 +220,117 @@ def _loop_computations(computations: dict) -> set[str]:
     seen.add(c)
     stack.extend(callees.get(c, ()))
   return seen
+
+
+# Instructions that move no data through HBM themselves.
+_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all",
+               "partition-id", "replica-id", "while", "call", "conditional", "opt-barrier",
+               "add-dependency", "iota"}
+
+
+def _control_computations(computations: dict, entry: str) -> set[str]:
+  """The entry and what it runs as whole computations (loop bodies, conditions, calls,
+  branches), as opposed to fusion bodies and reduction functions."""
+  found, stack = set(), [entry]
+  while stack:
+    comp = stack.pop()
+    if comp in found or comp not in computations:
+      continue
+    found.add(comp)
+    for _, _, op, rest in computations[comp]:
+      if op == "while":
+        stack += re.findall(r"\b(?:body|condition)=%?([\w.\-]+)", rest)
+      elif op == "call":
+        stack += re.findall(r"\bto_apply=%?([\w.\-]+)", rest)
+      elif op == "conditional":
+        m = re.search(r"branch_computations=\{([^}]*)\}", rest)
+        stack += _OPERAND.findall(m.group(1)) if m else re.findall(
+            r"\b(?:true|false)_computation=%?([\w.\-]+)", rest)
+  return found
+
+
+def _operand_names(rest: str) -> list[str]:
+  return _OPERAND.findall(rest.split(")", 1)[0])
+
+
+def _fusion_io(body: list, shapes: dict) -> tuple[dict[int, float], Optional[float]]:
+  """What a fusion really touches of its operands and result, where it touches less than all.
+
+  A fused dynamic-slice reads only its slice of an operand (a layer of the stacked weights in
+  a scanned loop); a fused dynamic-update-slice writes only its update into a buffer aliased
+  in place (the stacked gradients or saved activations). Returns ({parameter index: bytes}
+  for such operands, the result's bytes when the root is an in-place update, else None).
+  """
+  params = {name: int(rest.split(")", 1)[0]) for name, _, op, rest in body
+            if op == "parameter"}
+  users: dict[str, list] = {}
+  for name, shape, op, rest in body:
+    for position, operand in enumerate(_operand_names(rest)):
+      users.setdefault(operand, []).append((name, op, position, shape, rest))
+
+  def uses(name: str, depth: int = 0) -> list:
+    """Users of `name`, looking through bitcasts (a free re-view of the same buffer)."""
+    found = []
+    for user, op, position, shape, rest in users.get(name, []):
+      if op == "bitcast" and depth < 8:
+        found += uses(user, depth + 1)
+      else:
+        found.append((op, position, shape, rest))
+    return found
+
+  touched = {}
+  for pname, index in params.items():
+    u = uses(pname)
+    if u and all(op == "dynamic-slice" and pos == 0 for op, pos, _, _ in u):
+      touched[index] = sum(shape_bytes(shape) for _, _, shape, _ in u)
+    elif u and all(op == "dynamic-update-slice" and pos == 0 for op, pos, _, _ in u):
+      touched[index] = sum(shape_bytes(shapes.get(_operand_names(rest)[1], ""))
+                           for _, _, _, rest in u)
+  by_name = {name: (shape, op, rest) for name, shape, op, rest in body}
+
+  def written(name: str) -> float:
+    shape, op, rest = by_name.get(name, ("", "", ""))
+    while op == "bitcast" and _operand_names(rest)[0] in by_name:
+      shape, op, rest = by_name[_operand_names(rest)[0]]
+    if op == "dynamic-update-slice":
+      return shape_bytes(shapes.get(_operand_names(rest)[1], ""))
+    return shape_bytes(shape)
+
+  root_bytes = None
+  if body:
+    root_name, root_shape, root_op, root_rest = body[-1]
+    if root_op == "dynamic-update-slice":
+      root_bytes = written(root_name)
+    elif root_op == "tuple":  # a multi-output fusion: each output as written
+      root_bytes = sum(written(o) for o in _operand_names(root_rest))
+  return touched, root_bytes
+
+
+def hbm_bytes(hlo: str) -> float:
+  """Bytes one device reads and writes in HBM per step: for every top-level instruction
+  (fusions, copies, collectives, custom calls; not what runs inside a fusion) its operands
+  plus its result, times the executions of its computation; of a sliced or in-place updated
+  operand only the slice or the update (`_fusion_io`). XLA's "bytes accessed" rule, with
+  loop bodies counted once per trip."""
+  computations, entry, shapes = _parse(hlo)
+  runs = _executions(computations, entry)
+  total = 0.0
+  for comp in _control_computations(computations, entry):
+    times = runs.get(comp, 0)
+    for name, shape, op, rest in computations[comp]:
+      if op in _NO_TRAFFIC or op.endswith("-done"):
+        continue
+      operands = _operand_names(rest)
+      sizes = [shape_bytes(shapes.get(o, "")) for o in operands]
+      out = shape_bytes(shape)
+      if op == "fusion":
+        m = re.search(r"\bcalls=%?([\w.\-]+)", rest)
+        touched, root = _fusion_io(computations.get(m.group(1), []) if m else [], shapes)
+        sizes = [touched.get(i, size) for i, size in enumerate(sizes)]
+        out = out if root is None else root
+      elif op == "dynamic-slice":
+        sizes = [out]
+      elif op == "dynamic-update-slice" and len(sizes) > 1:
+        sizes, out = [sizes[1]], sizes[1]
+      total += times * (sum(sizes) + out)
+  return total
