@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import glob
 import json
 import logging
 import math
@@ -297,9 +298,34 @@ def _load_gin(args: argparse.Namespace, bindings: list[str]) -> None:
   gin.finalize()
 
 
+# PCI vendor ids of accelerators jax can run on: Google (TPU), NVIDIA, AMD.
+_ACCELERATOR_VENDORS = {"0x1ae0", "0x10de", "0x1002"}
+
+
+def _host_has_accelerator() -> bool:
+  """Whether this machine has a TPU or GPU on its PCI bus (True when that cannot be read)."""
+  paths = glob.glob("/sys/bus/pci/devices/*/vendor")
+  if not paths:
+    return True
+  for path in paths:
+    try:
+      with open(path) as f:
+        if f.read().strip() in _ACCELERATOR_VENDORS:
+          return True
+    except OSError:
+      return True
+  return False
+
+
 def _quiet_backends() -> None:
-  """Keeps the terminal for our own output: TF's C++ banners and seqio's advice go."""
+  """Keeps the terminal for our own output: TF's C++ banners and seqio's advice go, and on a
+  machine without accelerators jax starts on the CPU directly, without initialising libtpu
+  (installed for `t5gemma compile`), which would print its own complaints and cost seconds.
+  `t5gemma compile` still loads libtpu for its topology."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if "JAX_PLATFORMS" not in os.environ and not _host_has_accelerator():
+    import jax
+    jax.config.update("jax_platforms", "cpu")  # the backends start lazily, after this
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)
 

@@ -254,3 +254,23 @@ def test_mfu_and_tflops():
     flops.model_flops_utilization(1e15, 0.0, 1, 1e12)
   with pytest.raises(ValueError):
     flops.model_flops_utilization(1e15, 1.0, 1, 0.0)
+
+
+@pytest.mark.parametrize("causal,window,split", [
+    (False, None, False), (False, 5, False), (False, 5, True), (False, 6, True),
+    (True, None, False), (True, 5, False)])
+def test_pair_counts_are_the_attention_masks_true_entries(causal, window, split):
+  """The FLOP count reads the same window rule as the XLA mask (`window_offsets`): T5Gemma 2's
+  split encoder window holds W keys, not the 2W + 1 of T5Gemma 1's symmetric one."""
+  length = 23
+  segments = jnp.ones((1, length), jnp.int32)
+  mask = attn_lib.MaskSpec(segments, segments, causal, window, split_window=split).dense()
+  lo, hi = attn_lib.window_offsets(window, causal, split)
+  assert flops.window_pairs(length, length, lo, hi) == int(mask.sum())
+  stack = dataclasses.replace(config.stack_preset("tiny"), sliding_window=window or 4,
+                              encoder_window="split" if split else "symmetric")
+  layer_type = SLIDING if window else FULL
+  assert flops.layer_pairs(stack, layer_type, length, causal) == int(mask.sum())
+  if split and window:
+    # W keys per query away from the ends: 1 - ceil(W/2) <= j - i <= floor(W/2).
+    assert hi - lo + 1 == window
