@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from t5gemma_jax import checkpoint, config, evaluation, main
 from t5gemma_jax.train import optim, step as step_lib
@@ -210,6 +211,7 @@ def test_misspelt_macro_fails_before_compiling(clean_gin, tmp_path, capsys):
   assert rc == 2 and "batchsize" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_splash_attention_trains_from_the_cli(clean_gin, tmp_path, capsys):
   """attention_impl='splash' end to end on CPU (Pallas interpret mode): initialisation never
   traces the kernel with one-token inputs and the kernel runs under the training mesh."""

@@ -26,17 +26,23 @@ _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
           "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1,
           "f8e5m2fnuz": 1}
 _ARRAY = re.compile(r"\b(" + "|".join(sorted(_BYTES, key=len, reverse=True)) +
-                    r")\[([0-9,]*)\]")
+                    r")\[([0-9,]*)\](\{[^}]*\})?")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
 _OPERAND = re.compile(r"%([\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 
 
-def shape_bytes(shape: str) -> float:
-  """Bytes of an HLO shape string, e.g. 'bf16[64,2,16]{2,0,1}' or a tuple of shapes."""
+def shape_bytes(shape: str, hbm_only: bool = False) -> float:
+  """Bytes of an HLO shape string, e.g. 'bf16[64,2,16]{2,0,1}' or a tuple of shapes.
+
+  With `hbm_only`, arrays whose layout places them in another memory space (`S(1)`: the
+  TPU's on-chip memory, where XLA prefetches operands) count 0.
+  """
   total = 0.0
-  for dtype, dims in _ARRAY.findall(shape):
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    if hbm_only and re.search(r"S\([1-9]", layout):
+      continue
     total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
   return total
 
@@ -258,8 +264,9 @@ def _fusion_io(body: list, shapes: dict) -> tuple[dict[int, float], Optional[flo
 
   A fused dynamic-slice reads only its slice of an operand (a layer of the stacked weights in
   a scanned loop); a fused dynamic-update-slice writes only its update into a buffer aliased
-  in place (the stacked gradients or saved activations). Returns ({parameter index: bytes}
-  for such operands, the result's bytes when the root is an in-place update, else None).
+  in place (the stacked gradients or saved activations) and reads nothing of it. Returns
+  ({parameter index: bytes read} for such operands, the bytes written when the root is an
+  in-place update or a tuple of outputs, else None).
   """
   params = {name: int(rest.split(")", 1)[0]) for name, _, op, rest in body
             if op == "parameter"}
@@ -284,8 +291,7 @@ def _fusion_io(body: list, shapes: dict) -> tuple[dict[int, float], Optional[flo
     if u and all(op == "dynamic-slice" and pos == 0 for op, pos, _, _ in u):
       touched[index] = sum(shape_bytes(shape) for _, _, shape, _ in u)
     elif u and all(op == "dynamic-update-slice" and pos == 0 for op, pos, _, _ in u):
-      touched[index] = sum(shape_bytes(shapes.get(_operand_names(rest)[1], ""))
-                           for _, _, _, rest in u)
+      touched[index] = 0.0  # written in place (counted as the result), never read
   by_name = {name: (shape, op, rest) for name, shape, op, rest in body}
 
   def written(name: str) -> float:
@@ -310,8 +316,8 @@ def hbm_bytes(hlo: str) -> float:
   """Bytes one device reads and writes in HBM per step: for every top-level instruction
   (fusions, copies, collectives, custom calls; not what runs inside a fusion) its operands
   plus its result, times the executions of its computation; of a sliced or in-place updated
-  operand only the slice or the update (`_fusion_io`). XLA's "bytes accessed" rule, with
-  loop bodies counted once per trip."""
+  operand only the slice or the update (`_fusion_io`); nothing of buffers XLA placed in
+  on-chip memory. XLA's "bytes accessed" rule, with loop bodies counted once per trip."""
   computations, entry, shapes = _parse(hlo)
   runs = _executions(computations, entry)
   total = 0.0
@@ -321,16 +327,18 @@ def hbm_bytes(hlo: str) -> float:
       if op in _NO_TRAFFIC or op.endswith("-done"):
         continue
       operands = _operand_names(rest)
-      sizes = [shape_bytes(shapes.get(o, "")) for o in operands]
-      out = shape_bytes(shape)
+      sizes = [shape_bytes(shapes.get(o, ""), hbm_only=True) for o in operands]
+      out = shape_bytes(shape, hbm_only=True)
       if op == "fusion":
         m = re.search(r"\bcalls=%?([\w.\-]+)", rest)
         touched, root = _fusion_io(computations.get(m.group(1), []) if m else [], shapes)
-        sizes = [touched.get(i, size) for i, size in enumerate(sizes)]
-        out = out if root is None else root
+        sizes = [min(touched.get(i, size), size) for i, size in enumerate(sizes)]
+        out = out if root is None else min(root, out)
       elif op == "dynamic-slice":
         sizes = [out]
       elif op == "dynamic-update-slice" and len(sizes) > 1:
         sizes, out = [sizes[1]], sizes[1]
+      elif op.endswith("-start"):  # its result tuple repeats the operands: count the output
+        out = max(out - sum(sizes), 0.0)
       total += times * (sum(sizes) + out)
   return total
