@@ -115,3 +115,49 @@ def test_fused_attention_configs_are_checked():
   config.T5GemmaConfig(encoder=stack, decoder=stack, attention_impl="cudnn")  # fine
   with pytest.raises(ValueError, match="multiples of 128"):
     attention_kernels._block(100)
+
+
+MESH_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import flax.linen as nn
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from t5gemma_jax import config, model, sharding
+from tests.random_params import random_params
+jax.config.update("jax_default_matmul_precision", "highest")
+mesh = sharding.make_mesh(sharding.MeshConfig(ici=(2, 2, 2)))
+xla = config.preset("tiny2")
+splash = xla.replace(attention_impl="splash")
+params = random_params(xla, seed=0)
+rng = np.random.default_rng(0)
+enc = rng.integers(3, 2048, (4, 128)).astype(np.int32)
+dec = rng.integers(3, 2048, (4, 128)).astype(np.int32)
+enc[1, 90:] = 0
+dec[:, 0] = 2
+batch = NamedSharding(mesh, P(sharding.BATCH_AXES))
+out = {}
+with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+  for name, cfg in (("xla", xla), ("splash", splash)):
+    fn = jax.jit(lambda p, e, d, cfg=cfg: model.T5Gemma(cfg).apply({"params": p}, e, d))
+    args = (params, jax.device_put(enc, batch), jax.device_put(dec, batch))
+    out[name] = np.asarray(fn(*args))
+    if name == "splash":
+      assert "shard_map" in str(jax.make_jaxpr(fn)(*args))
+print("MAXDIFF", float(np.max(np.abs(out["xla"] - out["splash"]))))
+"""
+
+
+@pytest.mark.slow
+def test_splash_under_a_data_fsdp_tensor_mesh_matches_xla():
+  """On a (2, 2, 2) mesh each device runs the kernel on its rows and its kv heads (shard_map);
+  T5Gemma 2's merged mask included, the logits equal the XLA path's."""
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  p = subprocess.run([sys.executable, "-c", MESH_SCRIPT], capture_output=True, text=True,
+                     cwd=repo, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert p.returncode == 0, p.stderr[-3000:]
+  diff = float(p.stdout.split("MAXDIFF")[1])
+  assert diff < 1e-4, diff

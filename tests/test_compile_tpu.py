@@ -103,6 +103,13 @@ def test_tiny2_compiles_with_xla_attention():
   assert report["fits"] and report["decode"]["fits"]
 
 
+def test_multislice_puts_the_slices_on_the_data_axis():
+  report = aot.compile_run(_run(config.preset("tiny", scan_layers=True)), "v5p-8",
+                           num_slices=2, decode=False)
+  assert report["chips"] == 8 and report["num_slices"] == 2 and report["fits"]
+  assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
 def test_fsdp_gathers_parameters_and_scatters_gradients_inside_the_layer_loop():
   base = config.preset("tiny", scan_layers=True, remat_policy="minimal", dtype="bfloat16",
                        param_dtype="bfloat16")

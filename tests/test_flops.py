@@ -274,3 +274,18 @@ def test_pair_counts_are_the_attention_masks_true_entries(causal, window, split)
   if split and window:
     # W keys per query away from the ends: 1 - ceil(W/2) <= j - i <= floor(W/2).
     assert hi - lo + 1 == window
+
+
+def test_executed_flops_add_dense_attention_and_recomputation():
+  cfg = config.preset("tiny")
+  b, s, t = 4, 32, 24
+  dense = flops.training_flops_per_step(cfg, b, s, t, dense_attention=True)
+  assert dense > flops.training_flops_per_step(cfg, b, s, t)  # windows and causal masks
+  assert flops.executed_flops_per_step(cfg, b, s, t) == dense  # no remat
+  forward = flops.flops_breakdown(cfg, b, s, t, training=False, dense_attention=True)
+  attention = sum(forward[k] for k in ("encoder_attention", "decoder_self_attention",
+                                       "cross_attention"))
+  minimal = flops.executed_flops_per_step(cfg.replace(remat_policy="minimal"), b, s, t)
+  assert minimal == dense + attention
+  full = flops.executed_flops_per_step(cfg.replace(remat_policy="full"), b, s, t)
+  assert full == dense + sum(forward.values()) - forward["lm_head"]
