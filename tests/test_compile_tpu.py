@@ -156,9 +156,7 @@ def test_a_run_that_cannot_fit_exits_3_and_find_batch_finds_the_largest(tmp_path
   cfg = _run(model, lengths=(128, 2048), batch=16, pack=False)
   largest, best = aot.find_batch(cfg, "v5litepod-1")
   assert largest is not None and 0 < largest < 16
-  assert best["fits"] and best["batch_size"] == largest
-  assert aot.compile_run(dataclasses.replace(cfg, batch_size=largest), "v5litepod-1",
-                         decode=False)["fits"]
+  assert best["fits"] and best["batch_size"] == largest  # that batch compiled and fit
   if 2 * largest != 16:  # 16 was shown not to fit above
     assert not aot.compile_run(dataclasses.replace(cfg, batch_size=2 * largest),
                                "v5litepod-1", decode=False)["fits"]
