@@ -2,11 +2,15 @@ r"""Cloud TPU VMs for `t5gemma train`: create, run, status, logs, delete (gcloud
 
   python launch/tpu.py create my-tpu --zone=us-east5-a --accelerator_type=v5p-64 \
       --num_slices=2 --spot
-  python launch/tpu.py run my-tpu --zone=us-east5-a --num_slices=2 --model_dir=gs://bkt/runs/bb \
+  python launch/tpu.py run my-tpu --zone=us-east5-a --num_slices=2 --accelerator_type=v5p-64 \
+      --model_dir=gs://bkt/runs/bb \
       -- --gin_file=runs/pretrain.gin --gin_file=models/b-b.gin --gin.BATCH_SIZE=1024
   python launch/tpu.py logs my-tpu --zone=us-east5-a --num_slices=2 --follow
   python launch/tpu.py delete my-tpu --zone=us-east5-a --num_slices=2
 
+`run --accelerator_type=TYPE` first compiles the run for that slice here (`t5gemma compile`, the
+TPU compiler through libtpu; no TPU needed) and stops, before anything is shipped, when a step
+does not fit in HBM (--skip_compile_check launches anyway).
 Every subcommand takes --dry_run: it prints the commands, one per line and shell-quoted, instead
 of running them. `run` ships the code (a tarball of this checkout's `git ls-files`, or a
 `--git_ref` cloned on the workers), installs it into a virtualenv next to it and starts the same
