@@ -90,9 +90,9 @@ def abstract_batch(cfg: loop.TrainConfig, batch_size: int, batch_sharding) -> di
 class OutOfMemory(Exception):
   """The TPU compiler refused the program: its temporaries exceed the chip's HBM."""
 
-  def __init__(self, message: str, required: float, available: float):
+  def __init__(self, message: str, required: float, available: float, seconds: float = 0.0):
     super().__init__(message)
-    self.required, self.available = required, available
+    self.required, self.available, self.seconds = required, available, seconds
 
 
 _OOM = re.compile(r"Ran out of memory in memory space hbm|Ran out of memory on HBM|"
@@ -308,7 +308,7 @@ def find_batch(cfg: loop.TrainConfig, accelerator_type: str, num_slices: int = 1
     (batch or None when not even the smallest fits, the report of the last batch that fit or,
     when none did, of the smallest tried).
   """
-  found, devices = topology_devices(accelerator_type, num_slices)
+  _, devices = topology_devices(accelerator_type, num_slices)
   mesh_cfg = cfg.mesh
   if num_slices > 1 and math.prod(mesh_cfg.dcn) == 1:
     mesh_cfg = dataclasses.replace(mesh_cfg, dcn=(num_slices, 1, 1))
@@ -324,7 +324,7 @@ def find_batch(cfg: loop.TrainConfig, accelerator_type: str, num_slices: int = 1
 
   start = max(cfg.batch_size // unit, 1)
   if not fits(start):
-    lo, hi = 0, start
+    hi = start
     while hi > 1 and not fits(hi // 2):
       hi //= 2
     if hi == 1:
