@@ -60,6 +60,11 @@ def markdown(path: str) -> str:
       continue
     mesh = rep["mesh"]
     roof = rep["roofline"]
+    if "compile_error" in rep:  # the compiler refused it: no roofline to speak of
+      out.append(f"| {preset} | {topology} | {lengths[0]}/{lengths[1]} | {batch} | "
+                 f"{mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} | {r['remat']} | no | "
+                 f"{rep['hbm_per_chip_gib']['total']:.1f} | | | | {rep['compile_s']:.0f} |")
+      continue
     out.append(
         f"| {preset} | {topology} | {lengths[0]}/{lengths[1]} | {batch} | "
         f"{mesh['data']}, {mesh['fsdp']}, {mesh['tensor']} | {r['remat']} | "
