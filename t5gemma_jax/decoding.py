@@ -272,10 +272,9 @@ def _compiled(cfg: T5GemmaConfig, strategy: str, max_new_tokens: int, temperatur
 def generate_function(cfg: T5GemmaConfig, strategy: str = "greedy", max_new_tokens: int = 32,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                       num_beams: int = 4, length_penalty: float = 0.6):
-  """The whole decoding loop, not yet jitted: `run(params, encoder_input_tokens, rng)` with
-  unscanned, untied params (`layout.unscan_params`, `layout.untie_blocks`) and a config with
-  `scan_layers=False` -> int32 [B, max_new_tokens]. `generate` jits it; `t5gemma compile`
-  lowers it for a TPU topology."""
+  """The whole decoding loop, not yet jitted: `run(params, encoder_input_tokens, rng)` ->
+  int32 [B, max_new_tokens], for params and config in `decoding_layout`. `generate` jits it;
+  `t5gemma compile` lowers it for a TPU topology."""
   net = T5Gemma(cfg)
 
   def run(params, encoder_input_tokens, rng):
@@ -308,6 +307,18 @@ def generate_function(cfg: T5GemmaConfig, strategy: str = "greedy", max_new_toke
   return run
 
 
+def decoding_layout(params: Any, cfg: T5GemmaConfig) -> tuple[Any, T5GemmaConfig]:
+  """(params, config) as `generate_function` takes them: unscanned, and with `share_blocks`
+  decoder layer i holding the encoder's layer i; decoding runs the layers one by one and
+  without remat (which only matters for gradients). Works on arrays and under jit."""
+  return layout.untie_blocks(layout.unscan_params(params, cfg), cfg), decoding_config(cfg)
+
+
+def decoding_config(cfg: T5GemmaConfig) -> T5GemmaConfig:
+  """The config half of `decoding_layout`."""
+  return cfg.replace(scan_layers=False, remat_policy="none")
+
+
 def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
              max_new_tokens: int, strategy: str = "greedy", num_beams: int = 4,
              length_penalty: float = 0.6, temperature: float = 1.0, top_k: int = 0,
@@ -337,10 +348,7 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
     raise ValueError(f"num_beams must be >= 1, got {num_beams}")
   if strategy == "sample" and temperature <= 0:
     raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-  # Decoder layer i reads layers_i: with share_blocks, the encoder's.
-  params = layout.untie_blocks(layout.unscan_params(params, cfg), cfg)
-  # Decoding runs the layers one by one; remat only matters for gradients.
-  cfg = cfg.replace(scan_layers=False, remat_policy="none")
+  params, cfg = decoding_layout(params, cfg)
   fn = _compiled(cfg, strategy, int(max_new_tokens), float(temperature), int(top_k),
                  float(top_p), int(num_beams), float(length_penalty))
   tokens = jnp.asarray(encoder_input_tokens, jnp.int32)

@@ -83,10 +83,7 @@ def test_cli_compiles_the_demo_run_with_splash_and_prints_json():
 def test_splash_lowers_through_mosaic_per_shard(preset):
   """The kernel is a Mosaic custom call inside shard_map: each chip runs it on its own rows."""
   model = config.preset(preset, scan_layers=True, attention_impl="splash", dtype="bfloat16")
-  cfg = _run(model)
-  found, devices = aot.topology_devices("v5p-8")
-  from t5gemma_jax import sharding
-  mesh = sharding.make_mesh(cfg.mesh, devices=devices)
+  found, cfg, mesh = aot.target_mesh(_run(model), "v5p-8")
   compiled = aot.compile_train_step(cfg, mesh)
   hlo = compiled.executable.as_text()
   calls = [line for line in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in line]

@@ -89,14 +89,11 @@ def _splash_kernel(t: int, s: int, group: int, causal: bool, window: Optional[in
   # One kv head shared by `group` query heads: the MQA kernel, mapped over kv heads. Built
   # afresh inside each trace: its mask tables then enter the program as constants. (Built once
   # eagerly instead, they would be device arrays on the host's backend, which an
-  # ahead-of-time compile for TPU devices cannot take.) The numpy mask processing is cached.
+  # ahead-of-time compile for TPU devices cannot take.) Splash caches the numpy processing of
+  # equal masks (`_process_mask`), so rebuilding costs little.
   return kernel.make_splash_mqa_single_device(
-      mask=_heads_mask(masks, base, group), block_sizes=sizes, attn_logits_soft_cap=softcap,
-      interpret=interpret)
-
-
-def _heads_mask(masks, base, group: int):
-  return masks.MultiHeadMask([base] * group)
+      mask=masks.MultiHeadMask([base] * group), block_sizes=sizes,
+      attn_logits_soft_cap=softcap, interpret=interpret)
 
 
 def target_platform() -> str:

@@ -32,6 +32,7 @@ A program whose temporaries exceed HBM makes the TPU compiler itself refuse it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -43,7 +44,6 @@ import jax
 import jax.numpy as jnp
 
 from t5gemma_jax import chips, decoding, sharding
-from t5gemma_jax.model import layout
 from t5gemma_jax.train import flops, hlo_stats, loop
 
 _FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
@@ -144,11 +144,16 @@ class Compiled:
     return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed",
                                                                                0.0))}
 
+  @functools.cached_property
+  def hlo(self) -> str:
+    """The optimised HLO of one device (megabytes for a large model: made once)."""
+    return self.executable.as_text()
+
   def collectives(self, num_devices: int) -> dict[str, dict]:
-    return hlo_stats.collectives(self.executable.as_text(), num_devices)
+    return hlo_stats.collectives(self.hlo, num_devices)
 
   def hbm_bytes(self) -> float:
-    return hlo_stats.hbm_bytes(self.executable.as_text())
+    return hlo_stats.hbm_bytes(self.hlo)
 
 
 def _compile(fn, *args) -> Compiled:
@@ -161,35 +166,49 @@ def _compile(fn, *args) -> Compiled:
     oom = _out_of_memory(e)
     if oom is None:
       raise
-    oom.seconds = time.perf_counter() - start
+    oom.seconds = time.perf_counter() - start  # what the attempt cost, for the report
     raise oom from e
   return Compiled(executable, time.perf_counter() - start)
 
 
-def compile_train_step(cfg: loop.TrainConfig, mesh, batch_size: Optional[int] = None
-                       ) -> Compiled:
-  """Lowers and compiles the run's jitted train step on `mesh` (no data, no state)."""
+def target_mesh(cfg: loop.TrainConfig, accelerator_type: str, num_slices: int = 1):
+  """(slice, run config with the Multislice dcn filled in, mesh over the abstract devices)."""
+  found, devices = topology_devices(accelerator_type, num_slices)
+  run_cfg = cfg
+  if num_slices > 1 and math.prod(cfg.mesh.dcn) == 1:
+    run_cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh,
+                                                                dcn=(num_slices, 1, 1)))
+  return found, run_cfg, sharding.make_mesh(run_cfg.mesh, devices=devices)
+
+
+def compile_train_step(cfg: loop.TrainConfig, mesh, batch_size: Optional[int] = None,
+                       steps: Optional[loop.Steps] = None) -> Compiled:
+  """Lowers and compiles the run's jitted train step on `mesh` (no data, no state).
+
+  Args:
+    steps: `loop.build_steps(cfg, mesh)`, when the caller has it already.
+  """
   rows = cfg.batch_size if batch_size is None else batch_size
   loop.check_batch(cfg, mesh, rows)
-  steps = loop.build_steps(cfg, mesh)
+  steps = steps or loop.build_steps(cfg, mesh)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     return _compile(steps.train, steps.abstract,
                     abstract_batch(cfg, rows, steps.batch_sharding), rng)
 
 
-def compile_decode(cfg: loop.TrainConfig, mesh) -> Compiled:
+def compile_decode(cfg: loop.TrainConfig, mesh, steps: Optional[loop.Steps] = None
+                   ) -> Compiled:
   """Lowers and compiles greedy decoding (encode, then the cached decoder loop) as evaluation
   runs it: the training params as sharded, a batch of `decode.batch_size` rows (rounded up
   to the data-parallel size) of the run's input length, `decode.max_new_tokens` steps."""
-  model = cfg.model
-  decode_cfg = model.replace(scan_layers=False, remat_policy="none")
-  run = decoding.generate_function(decode_cfg, "greedy", cfg.decode.max_new_tokens)
+  run = decoding.generate_function(decoding.decoding_config(cfg.model), "greedy",
+                                   cfg.decode.max_new_tokens)
 
   def generate(params, tokens, rng):
-    return run(layout.untie_blocks(layout.unscan_params(params, model), model), tokens, rng)
+    return run(decoding.decoding_layout(params, cfg.model)[0], tokens, rng)
 
-  steps = loop.build_steps(cfg, mesh)
+  steps = steps or loop.build_steps(cfg, mesh)
   parallel = sharding.data_parallel_size(mesh)
   rows = -(-cfg.decode.batch_size // parallel) * parallel
   batch = sharding.batch_sharding(mesh)
@@ -234,29 +253,24 @@ def compile_run(cfg: loop.TrainConfig, accelerator_type: str, num_slices: int = 
     collectives, roofline, tokens_per_s_upper_bound, compile_s and, with `decode`, the
     decode step's memory and compile time.
   """
-  found, devices = topology_devices(accelerator_type, num_slices)
-  mesh_cfg = cfg.mesh
-  if num_slices > 1 and math.prod(mesh_cfg.dcn) == 1:
-    mesh_cfg = dataclasses.replace(mesh_cfg, dcn=(num_slices, 1, 1))
-  mesh = sharding.make_mesh(mesh_cfg, devices=devices)
+  found, run_cfg, mesh = target_mesh(cfg, accelerator_type, num_slices)
   rows = cfg.batch_size if batch_size is None else batch_size
-  run_cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
-  n = len(devices)
+  n = mesh.devices.size
   capacity = found.chip.hbm_bytes
   lengths = cfg.task_feature_lengths
   s, t = lengths["inputs"], lengths["targets"]
   model_flops = flops.training_flops_per_step(cfg.model, rows, s, t)
   executed = flops.executed_flops_per_step(cfg.model, rows, s, t)
   error = None
+  steps = loop.build_steps(run_cfg, mesh)
   try:
-    train = compile_train_step(run_cfg, mesh, rows)
+    train = compile_train_step(run_cfg, mesh, rows, steps)
   except OutOfMemory as oom:
     train, error = None, oom
   if train is not None:
     memory, cost, coll = train.memory(), train.cost(), train.collectives(n)
     hbm = train.hbm_bytes()
   else:  # the compiler's own figures; the state's size from its shardings
-    steps = loop.build_steps(run_cfg, mesh)
     state = sharded_bytes(steps.abstract)
     batch = sharded_bytes(abstract_batch(run_cfg, rows, steps.batch_sharding))
     memory = {"arguments": state + batch, "outputs": state, "temporaries": error.required,
@@ -289,7 +303,7 @@ def compile_run(cfg: loop.TrainConfig, accelerator_type: str, num_slices: int = 
     return report
   if decode:
     try:
-      dec = compile_decode(run_cfg, mesh)
+      dec = compile_decode(run_cfg, mesh, steps)
       total = dec.memory()["total"]
       report["decode"] = {"hbm_per_chip_gib": total / chips.GIB, "fits": total <= capacity,
                           "compile_s": dec.seconds}
@@ -308,11 +322,7 @@ def find_batch(cfg: loop.TrainConfig, accelerator_type: str, num_slices: int = 1
     (batch or None when not even the smallest fits, the report of the last batch that fit or,
     when none did, of the smallest tried).
   """
-  _, devices = topology_devices(accelerator_type, num_slices)
-  mesh_cfg = cfg.mesh
-  if num_slices > 1 and math.prod(mesh_cfg.dcn) == 1:
-    mesh_cfg = dataclasses.replace(mesh_cfg, dcn=(num_slices, 1, 1))
-  mesh = sharding.make_mesh(mesh_cfg, devices=devices)
+  _, _, mesh = target_mesh(cfg, accelerator_type, num_slices)
   unit = sharding.data_parallel_size(mesh) * cfg.num_microbatches
   reports: dict[int, dict] = {}
 

@@ -15,6 +15,7 @@ HBM traffic is also recounted here (`hbm_bytes`).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Optional
@@ -105,36 +106,65 @@ def _parse(hlo: str):
   return computations, entry, shapes
 
 
-def _executions(computations: dict, entry: str) -> dict[str, int]:
-  """How many times each computation runs per call of the entry (loops multiply)."""
-  calls: dict[str, list[tuple[str, int]]] = {c: [] for c in computations}
+def _call_graph(computations: dict) -> dict[str, list[tuple[str, int, bool]]]:
+  """{computation: [(callee, times per call, runs as a whole computation)]}.
+
+  Loop bodies and conditions run once per trip; `call` targets and conditional branches run
+  as whole computations (as do loop bodies); fusion bodies and reduction functions are parts
+  of the instruction that names them.
+  """
+  edges: dict[str, list[tuple[str, int, bool]]] = {c: [] for c in computations}
   for comp, instructions in computations.items():
     for _, _, op, rest in instructions:
-      trips = 1
-      if op == "while":
-        trips = _trip_count(rest, computations)
+      trips = _trip_count(rest, computations) if op == "while" else 1
       for key, callee in re.findall(
-          r"\b(body|condition|to_apply|calls|branch_computations|true_computation|"
-          r"false_computation)=\{?%?([\w.\-]+)", rest):
-        if callee in calls:
-          calls[comp].append((callee, trips if key in ("body", "condition") else 1))
+          r"\b(body|condition|to_apply|calls|true_computation|false_computation)="
+          r"%?([\w.\-]+)", rest):
+        if callee in edges:
+          loop = key in ("body", "condition")
+          whole = loop or op in ("call", "conditional")
+          edges[comp].append((callee, trips if loop else 1, whole))
       m = re.search(r"branch_computations=\{([^}]*)\}", rest)
-      if m:
-        for callee in _OPERAND.findall(m.group(1)):
-          if callee in calls:
-            calls[comp].append((callee, 1))
-  counts = {c: 0 for c in computations}
+      for callee in (_OPERAND.findall(m.group(1)) if m else ()):
+        if callee in edges:
+          edges[comp].append((callee, 1, True))
+  return edges
+
+
+def _executions(edges: dict, entry: Optional[str]) -> dict[str, int]:
+  """How many times each computation runs per call of the entry (loops multiply)."""
+  counts = {c: 0 for c in edges}
 
   def visit(comp: str, times: int, depth: int = 0):
     if depth > 64:  # malformed input; real HLO nests a few levels
       return
     counts[comp] += times
-    for callee, trips in calls[comp]:
+    for callee, trips, _ in edges[comp]:
       visit(callee, times * trips, depth + 1)
 
   if entry is not None:
     visit(entry, 1)
   return counts
+
+
+def _reachable(edges: dict, roots, whole_only: bool = False) -> set[str]:
+  """Computations reached from `roots` (with `whole_only`, through whole-computation edges)."""
+  seen, stack = set(), list(roots)
+  while stack:
+    comp = stack.pop()
+    if comp in seen or comp not in edges:
+      continue
+    seen.add(comp)
+    stack.extend(c for c, _, whole in edges[comp] if whole or not whole_only)
+  return seen
+
+
+@functools.lru_cache(maxsize=2)
+def _program(hlo: str):
+  """Parsed once per text: (computations, entry, shapes, executions, call graph)."""
+  computations, entry, shapes = _parse(hlo)
+  edges = _call_graph(computations)
+  return computations, entry, shapes, _executions(edges, entry), edges
 
 
 def _trip_count(attributes: str, computations: dict) -> int:
@@ -173,9 +203,8 @@ def collectives(hlo: str, num_devices: int = 1) -> dict[str, dict]:
     reduce-scatter then an all-gather), all of it for a permute. `in_loop` counts the
     executions that happen inside a while loop (the scanned layers).
   """
-  computations, entry, shapes = _parse(hlo)
-  runs = _executions(computations, entry)
-  in_loop = _loop_computations(computations)
+  computations, entry, shapes, runs, edges = _program(hlo)
+  in_loop = _reachable(edges, _loop_bodies(computations))
   stats: dict[str, dict] = {}
   for comp, instructions in computations.items():
     times = runs.get(comp, 0)
@@ -205,54 +234,15 @@ def collectives(hlo: str, num_devices: int = 1) -> dict[str, dict]:
   return stats
 
 
-def _loop_computations(computations: dict) -> set[str]:
-  """The computations that run inside some while body (directly or through calls)."""
-  bodies = set()
-  for instructions in computations.values():
-    for _, _, op, rest in instructions:
-      if op == "while":
-        bodies.update(re.findall(r"\bbody=%?([\w.\-]+)", rest))
-  callees: dict[str, set] = {c: set() for c in computations}
-  for c, instructions in computations.items():
-    for _, _, _, rest in instructions:
-      callees[c].update(x for x in re.findall(
-          r"\b(?:body|condition|to_apply|calls|true_computation|false_computation)="
-          r"%?([\w.\-]+)", rest) if x in callees)
-  stack, seen = list(bodies), set()
-  while stack:
-    c = stack.pop()
-    if c in seen:
-      continue
-    seen.add(c)
-    stack.extend(callees.get(c, ()))
-  return seen
+def _loop_bodies(computations: dict) -> set[str]:
+  return {body for instructions in computations.values() for _, _, op, rest in instructions
+          if op == "while" for body in re.findall(r"\bbody=%?([\w.\-]+)", rest)}
 
 
 # Instructions that move no data through HBM themselves.
 _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all",
                "partition-id", "replica-id", "while", "call", "conditional", "opt-barrier",
                "add-dependency", "iota"}
-
-
-def _control_computations(computations: dict, entry: str) -> set[str]:
-  """The entry and what it runs as whole computations (loop bodies, conditions, calls,
-  branches), as opposed to fusion bodies and reduction functions."""
-  found, stack = set(), [entry]
-  while stack:
-    comp = stack.pop()
-    if comp in found or comp not in computations:
-      continue
-    found.add(comp)
-    for _, _, op, rest in computations[comp]:
-      if op == "while":
-        stack += re.findall(r"\b(?:body|condition)=%?([\w.\-]+)", rest)
-      elif op == "call":
-        stack += re.findall(r"\bto_apply=%?([\w.\-]+)", rest)
-      elif op == "conditional":
-        m = re.search(r"branch_computations=\{([^}]*)\}", rest)
-        stack += _OPERAND.findall(m.group(1)) if m else re.findall(
-            r"\b(?:true|false)_computation=%?([\w.\-]+)", rest)
-  return found
 
 
 def _operand_names(rest: str) -> list[str]:
@@ -318,10 +308,11 @@ def hbm_bytes(hlo: str) -> float:
   plus its result, times the executions of its computation; of a sliced or in-place updated
   operand only the slice or the update (`_fusion_io`); nothing of buffers XLA placed in
   on-chip memory. XLA's "bytes accessed" rule, with loop bodies counted once per trip."""
-  computations, entry, shapes = _parse(hlo)
-  runs = _executions(computations, entry)
+  computations, entry, shapes, runs, edges = _program(hlo)
   total = 0.0
-  for comp in _control_computations(computations, entry):
+  # The entry and what it runs as whole computations; fusion bodies are counted through the
+  # fusion instruction that names them.
+  for comp in _reachable(edges, [entry], whole_only=True):
     times = runs.get(comp, 0)
     for name, shape, op, rest in computations[comp]:
       if op in _NO_TRAFFIC or op.endswith("-done"):
