@@ -22,7 +22,7 @@ scanned stacks it sees one repeat of the layer pattern. Executed FLOPs therefore
 with XLA's own count to 2% on a program without loops, see tests/test_compile_tpu.py), and
 bytes accessed from `hlo_stats.hbm_bytes` (XLA's rule over the optimised HLO, each loop body
 once per trip, but only buffers in HBM: XLA's own count includes what it placed in on-chip
-memory, so on a small program without loops ours is lower, 197 vs 498 MB for tiny on v5p-8).
+memory, so on a small program without loops ours is lower, 155 vs 493 MB for tiny on v5p-8).
 XLA's raw numbers are in the report too.
 
 A program whose temporaries exceed HBM makes the TPU compiler itself refuse it
