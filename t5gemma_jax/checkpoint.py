@@ -306,6 +306,21 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
   return params
 
 
+def latest_step(directory: str) -> Optional[int]:
+  """The newest complete step in `directory` (None: none), read only: safe beside a run still
+  writing there, whose temporary steps a `Checkpointer` would clean up. FileNotFoundError if
+  `directory` is missing."""
+  path = epath.Path(directory)
+  if not path.is_dir():
+    raise FileNotFoundError(f"no checkpoint directory {path}")
+  manager = ocp.CheckpointManager(
+      path, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def _scanned(params: Any) -> bool:
   return isinstance(params, dict) and "layers" in params.get("encoder", {})
 

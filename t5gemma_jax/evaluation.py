@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zlib
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -33,20 +34,99 @@ def strip(tokens: Sequence[int], eos_id: int, pad_id: int = 0) -> list[int]:
 
 def predictions(params: Any, cfg: T5GemmaConfig, encoder_batches, max_new_tokens: int,
                 batch_size: int, **decode) -> np.ndarray:
-  """Decodes [n, S] encoder rows in fixed-size batches (the last one padded: no recompiles).
+  """Decodes encoder rows in fixed-size batches (short ones padded: no recompiles).
+
+  In a multi-process run with params on each process's own device (`load_params`), process p
+  decodes only its contiguous block of the batches and the tokens are gathered to every
+  process; every process must then pass the same rows (checked). With params sharded over all
+  processes (a training state) or a `mesh`, every process runs every batch: that is one
+  program spanning the processes.
+
+  Args:
+    params, cfg: the model.
+    encoder_batches: iterable of int32 [b, S] with b <= batch_size.
+    max_new_tokens, batch_size, **decode: decoding options (`decoding.generate`).
 
   Returns:
-    int32 [n, max_new_tokens]: EOS then padding, as `decoding.generate`.
+    int32 [n, max_new_tokens], n the rows of all batches in order: EOS then padding, as
+    `decoding.generate`.
   """
-  out = []
-  for batch in encoder_batches:
-    rows = batch.shape[0]
-    if rows < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - rows, batch.shape[1]), batch.dtype)])
-    tokens = np.asarray(decoding.generate(params, cfg, batch, max_new_tokens=max_new_tokens,
-                                          **decode))
-    out.append(tokens[:rows])
+  batches = [np.asarray(b) for b in encoder_batches]
+  for i, b in enumerate(batches):
+    if b.ndim != 2 or b.shape[0] > batch_size:
+      raise ValueError(f"encoder batch {i} has shape {b.shape}; expected [rows <= batch_size="
+                       f"{batch_size}, length]")
+  sizes = [b.shape[0] for b in batches]
+  padded = np.stack([_pad_rows(b, batch_size) for b in batches]) if batches else None
+
+  def run(batch):
+    return np.asarray(decoding.generate(params, cfg, batch, max_new_tokens=max_new_tokens,
+                                        **decode))
+
+  if _split_over_processes(params, decode):
+    tokens = _decode_share(run, padded, batch_size, max_new_tokens)
+  else:
+    tokens = [run(batch) for batch in padded] if batches else []
+  out = [t[:rows] for t, rows in zip(tokens, sizes)]
   return np.concatenate(out) if out else np.zeros((0, max_new_tokens), np.int32)
+
+
+def _pad_rows(batch: np.ndarray, rows: int) -> np.ndarray:
+  """[b, S] -> [rows, S] with all-padding rows appended."""
+  missing = rows - batch.shape[0]
+  return np.concatenate([batch, np.zeros((missing, batch.shape[1]), batch.dtype)])
+
+
+def _split_over_processes(params: Any, decode: Mapping[str, Any]) -> bool:
+  """Whether each process may decode batches of its own: several processes, no mesh, and
+  params that live wholly on this process (every process takes the same decision)."""
+  if jax.process_count() == 1 or decode.get("mesh") is not None:
+    return False
+  return all(getattr(x, "is_fully_addressable", True) for x in jax.tree_util.tree_leaves(params))
+
+
+def _decode_share(run, padded: Optional[np.ndarray], batch_size: int,
+                  max_new_tokens: int) -> np.ndarray:
+  """This process's block of batches decoded, then every process's gathered.
+
+  Args:
+    run: [batch_size, S] -> int32 [batch_size, max_new_tokens] (one `generate` call).
+    padded: int32 [n_batches, batch_size, S] (the same on every process), or None for none.
+
+  Returns:
+    int32 [n_batches, batch_size, max_new_tokens], in batch order, on every process.
+  """
+  from jax.experimental import multihost_utils
+  count, index = jax.process_count(), jax.process_index()
+  _check_same_rows(padded)
+  if padded is None:
+    return np.zeros((0, batch_size, max_new_tokens), np.int32)
+  per = -(-len(padded) // count)  # batches per process, rounded up
+  mine = list(padded[index * per:(index + 1) * per])
+  # Every process makes the same number of equal-shaped calls: a process short of batches
+  # (the count does not divide) repeats batch 0, real rows that finish like real work, so
+  # that nobody waits in the gather below for a call another process never makes.
+  mine += [padded[0]] * (per - len(mine))
+  local = np.stack([run(batch) for batch in mine]).astype(np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(local))  # [count, per, B, T]
+  return gathered.reshape(count * per, *local.shape[1:])[:len(padded)]
+
+
+def _check_same_rows(padded: Optional[np.ndarray]) -> None:
+  """Raises unless every process holds the same batches (else their shares would not add up
+  to one result, or their call counts would differ and the gather would hang)."""
+  from jax.experimental import multihost_utils
+  if padded is None:
+    summary = np.zeros(4, np.int32)
+  else:
+    crc = zlib.crc32(np.ascontiguousarray(padded, np.int32).tobytes()) & 0x7FFFFFFF
+    summary = np.array([*padded.shape, crc], np.int32)
+  seen = np.asarray(multihost_utils.process_allgather(summary))  # [count, 4]
+  if not (seen == seen[0]).all():
+    shown = "; ".join(f"process {i}: {r[0]} batches of shape [{r[1]}, {r[2]}], crc {r[3]}"
+                      for i, r in enumerate(seen.tolist()))
+    raise ValueError("the processes were given different encoder rows to decode (each must "
+                     f"read the same inputs): {shown}")
 
 
 def make_predict_fn(params: Any, cfg: T5GemmaConfig, max_new_tokens: int, batch_size: int,
@@ -87,7 +167,8 @@ def evaluate(params: Any, cfg: T5GemmaConfig, task: str, split: str,
     {task name: {metric: value}}.
   """
   pipeline.get_mixture_or_task(task)
-  loggers = (seqio.TensorBoardLogger,) if model_dir else ()
+  # Every process computes the metrics (all hold every prediction); process 0 alone logs them.
+  loggers = (seqio.TensorBoardLogger,) if model_dir and jax.process_index() == 0 else ()
   evaluator = seqio.Evaluator(
       task, feature_converter=pipeline.feature_converter(pack=False), eval_split=split,
       sequence_length=dict(lengths), num_examples=num_examples, logger_cls=loggers,
@@ -151,14 +232,47 @@ class InferConfig:
   decode: DecodeConfig = DecodeConfig()
 
 
-def load_params(cfg: T5GemmaConfig, model_dir: str) -> Any:
-  """The latest checkpoint's params of a run, on the first device."""
+def load_params(cfg: T5GemmaConfig, model_dir: str, step: Optional[int] = None) -> Any:
+  """A run's checkpoint params, whole on this process's first local device.
+
+  In a multi-process run each process reads its own copy (the device of `jax.devices()[0]`
+  may belong to another process), and all read the step process 0 finds newest.
+
+  Args:
+    cfg: the model config.
+    model_dir: the run directory (its `checkpoints/` are read).
+    step: the step; None for the newest.
+
+  Returns:
+    The params tree of `jax.Array`s on `jax.local_devices()[0]`.
+  """
   from t5gemma_jax import checkpoint
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  directory = os.path.join(model_dir, "checkpoints")
+  if step is None and jax.process_count() > 1:
+    step = latest_step_everywhere(directory)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
       abstract_params(cfg, boxed=False))
-  return checkpoint.restore_params(os.path.join(model_dir, "checkpoints"), abstract, cfg=cfg)
+  return checkpoint.restore_params(directory, abstract, step=step, cfg=cfg)
+
+
+def latest_step_everywhere(directory: str) -> int:
+  """The newest complete checkpoint step as process 0 sees it, on every process: a step a
+  still-training run commits between two processes' listings must not split them.
+
+  Raises:
+    FileNotFoundError: `directory` is missing or holds no complete step.
+  """
+  from t5gemma_jax import checkpoint
+  step = checkpoint.latest_step(directory)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    step = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if step is None else step)))
+    step = None if step < 0 else step
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint in {directory}")
+  return step
 
 
 def _file_rows(path: str, vocabulary: str, inputs_length: int, max_examples: Optional[int]):
@@ -196,6 +310,8 @@ def _task_rows(task_name: str, split: str, inputs_length: int, targets_length: i
 
 
 def _decode_rows(params: Any, model: T5GemmaConfig, source, decode: DecodeConfig) -> list[dict]:
+  """[{"input", "prediction", "target"?}] in row order, from `_file_rows` / `_task_rows`'s
+  (rows [n, S], texts, targets or None, vocabulary); on every process of a multi-process run."""
   rows, texts, targets, vocab = source
   batches = (rows[i:i + decode.batch_size] for i in range(0, len(rows), decode.batch_size))
   tokens = predictions(params, model, batches, decode.max_new_tokens, decode.batch_size,
@@ -217,17 +333,24 @@ def task_records(params: Any, model: T5GemmaConfig, task: str, split: str, input
 
 
 def infer(cfg: InferConfig) -> int:
-  """Decodes and writes `cfg.output` atomically; returns the number of examples written."""
+  """Decodes and writes `cfg.output` atomically; returns the number of examples written.
+
+  As one of several processes (`jax.distributed`), each decodes its share of the examples and
+  process 0 alone writes the whole file; every process returns the same count.
+  """
+  from t5gemma_jax import sharding
   if (cfg.task is None) == (cfg.input_file is None):
     raise ValueError("InferConfig needs exactly one of task or input_file")
+  sharding.maybe_initialize_distributed()  # launched as N processes: join them first
   if cfg.input_file is not None:
     source = _file_rows(cfg.input_file, cfg.vocabulary, cfg.inputs_length, cfg.max_examples)
   else:
     source = _task_rows(cfg.task, cfg.split, cfg.inputs_length, cfg.decode.max_new_tokens,
                         cfg.max_examples)
   records = _decode_rows(load_params(cfg.model, cfg.model_dir), cfg.model, source, cfg.decode)
-  atomic.write_text(cfg.output, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                        for r in records))
+  if jax.process_index() == 0:  # the others hold the same records
+    atomic.write_text(cfg.output, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                          for r in records))
   return len(records)
 
 
@@ -246,10 +369,16 @@ class EvalConfig:
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, dict[str, float]]:
-  from t5gemma_jax import checkpoint
-  params = load_params(cfg.model, cfg.model_dir)
-  step = checkpoint.Checkpointer(os.path.join(cfg.model_dir, "checkpoints"),
-                                 save_every=1).latest_step()
+  """`t5gemma eval`: the newest checkpoint's metrics, logged under its step.
+
+  As one of several processes, each decodes its share; process 0 alone appends the results.
+  """
+  from t5gemma_jax import sharding
+  sharding.maybe_initialize_distributed()
+  # The step is fixed first and the params read at it: a step committed meanwhile by a run
+  # still training cannot be logged under the previous step's number.
+  step = latest_step_everywhere(os.path.join(cfg.model_dir, "checkpoints"))
+  params = load_params(cfg.model, cfg.model_dir, step=step)
   d = cfg.decode
   return evaluate(params, cfg.model, cfg.task, cfg.split, cfg.task_feature_lengths,
                   max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,

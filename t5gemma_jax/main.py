@@ -159,18 +159,23 @@ def eval_config(cfg=gin.REQUIRED):
 
 def infer(args: argparse.Namespace) -> int:
   """Decodes a task split or a text file with a run's checkpoint into JSONL."""
+  import jax
   from t5gemma_jax import evaluation
   cfg = infer_config()
   n = evaluation.infer(cfg)
-  print(f"wrote {n} predictions to {cfg.output}")
+  if jax.process_index() == 0:  # it wrote the file; the others only decoded their share
+    print(f"wrote {n} predictions to {cfg.output}")
   return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
   """Metrics (BLEU, ROUGE, ...) of a run's checkpoint on a task split."""
+  import jax
   from t5gemma_jax import evaluation
   cfg = eval_config()
   results = evaluation.run_eval(cfg)
+  if jax.process_index() != 0:  # same results on every process; one report, by the writer
+    return 0
   for task, values in results.items():
     print(task + ": " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(values.items())))
   print(f"appended to {os.path.join(cfg.model_dir, 'eval_results.jsonl')}")
