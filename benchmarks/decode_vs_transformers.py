@@ -1,16 +1,27 @@
-"""Greedy decoding tokens/s: ours (cached, one jitted while_loop) beside transformers' generate
-on the same random weights, in one run.
+"""Greedy decoding tokens/s against the memory-bandwidth limit and beside transformers'
+generate, on the same random weights, in one run.
 
-  .venv/bin/python benchmarks/decode_vs_transformers.py [--presets tiny s-s] [--new_tokens 32]
-  .venv/bin/python benchmarks/decode_vs_transformers.py --presets tiny2 270m-270m  # T5Gemma 2
+  .venv/bin/python benchmarks/decode_vs_transformers.py            # s-s at 256k and 32k vocab
+  .venv/bin/python benchmarks/decode_vs_transformers.py --models tiny2 270m-270m --batches 1
+  .venv/bin/python benchmarks/decode_vs_transformers.py --bf16      # opt-in bf16 weights too
+  .venv/bin/python benchmarks/decode_vs_transformers.py --models --compile_depths 2 24
 
-Both decode exactly `new_tokens` tokens per row (EOS disabled on both sides). Our compile time
-is reported separately from the steady-state speed (median of `--repeats` runs).
+The limit: a decoding step reads every weight it uses (the decoder's layers, its norms and the
+output table; T5Gemma 2 the encoder's shared table) and the whole decode cache (every ring
+slot and the encoder keys/values: masked slots are read too). Bytes per step over the
+bandwidth that a large float32 matvec reaches in this same run gives the fastest a step can
+be ("mem"); at larger batches the step's FLOPs (2 per weight per row, plus attention over the
+cache) over a large matmul's FLOP/s in this run may bound it instead ("flop"). tokens/s
+limit = batch / the slower of the two. Ours is the whole `generate` call (encoder, first
+step and the loop), each row decoding exactly `--new_tokens` (EOS forbidden until then, on
+both sides: `min_new_tokens`). `--compile_depths` compiles decoding for decoders of those
+depths (scanned) and prints the compile-time ratio, which should stay near 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -24,12 +35,21 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import (T5Gemma2ForConditionalGeneration,  # noqa: E402
-                          T5GemmaForConditionalGeneration)
 
 from t5gemma_jax import config, decoding, model  # noqa: E402
-from t5gemma_jax.convert import hf  # noqa: E402
+from t5gemma_jax.model import layout  # noqa: E402
+
+
+def model_config(name: str) -> config.T5GemmaConfig:
+  """A preset, or "PRESET@VOCAB" for the same stacks with a smaller vocabulary."""
+  preset, _, vocab = name.partition("@")
+  cfg = config.preset(preset)
+  if vocab:
+    size = int(vocab.lower().replace("k", "000"))
+    cfg = cfg.replace(encoder=dataclasses.replace(cfg.encoder, vocab_size=size),
+                      decoder=dataclasses.replace(cfg.decoder, vocab_size=size),
+                      eoi_id=None if cfg.eoi_id is None else size - 1)
+  return cfg
 
 
 def random_params(cfg, seed=0):
@@ -55,58 +75,155 @@ def timed(fn, repeats):
   return statistics.median(times)
 
 
+def nbytes(tree) -> int:
+  return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def bandwidth_gbs(repeats: int = 20) -> float:
+  """GB/s of a jitted float32 matvec over a 256 MiB matrix (best of `repeats`)."""
+  a = jnp.ones((8192, 8192), jnp.float32)
+  x = jnp.ones((8192,), jnp.float32)
+  f = jax.jit(lambda a, x: a @ x)
+  jax.block_until_ready(f(a, x))
+  best = min(timed(lambda: jax.block_until_ready(f(a, x)), 1) for _ in range(repeats))
+  return a.nbytes / best / 1e9
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """GFLOP/s of a jitted float32 n x n matmul (best of `repeats`)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(f(a))
+  best = min(timed(lambda: jax.block_until_ready(f(a)), 1) for _ in range(repeats))
+  return 2 * n ** 3 / best / 1e9
+
+
+def step_cost(params, cfg, batch: int, input_length: int,
+              new_tokens: int) -> tuple[int, float]:
+  """(bytes, FLOPs) of one decoding step: it reads the weights it uses and the whole decode
+  cache; it multiplies each weight once per row and each cached key/value once per query
+  head that reads it."""
+  used = [params["decoder"]]
+  if cfg.shared_embedding:
+    used.append(params["encoder"]["embedder"])
+  if cfg.share_blocks:
+    used.append(layout.layer_params(params["encoder"]))
+  weights = sum(nbytes(tree) for tree in used)
+  elements = sum(x.size for tree in used for x in jax.tree_util.tree_leaves(tree))
+  net = model.T5Gemma(cfg)
+
+  def start(params):
+    tokens = jnp.ones((batch, input_length), jnp.int32)
+    encoded = net.apply({"params": params}, tokens, method=net.encode)
+    return net.apply({"params": params}, encoded, tokens, tokens[:, :1], new_tokens,
+                     method=net.start_decode)[1]
+  cache = jax.eval_shape(start, params)
+  cached = sum(x.size for x in jax.tree_util.tree_leaves(cache) if x.ndim > 2)
+  group = cfg.decoder.num_heads // cfg.decoder.num_kv_heads
+  return weights + nbytes(cache), 2.0 * (batch * elements + group * cached)
+
+
+def hf_model_for(params, cfg):
+  from transformers import T5Gemma2ForConditionalGeneration, T5GemmaForConditionalGeneration
+  from t5gemma_jax.convert import hf
+  with tempfile.TemporaryDirectory() as d:
+    hf.save(params, cfg, d)
+    cls = (T5Gemma2ForConditionalGeneration if cfg.merged_attention
+           else T5GemmaForConditionalGeneration)
+    return cls.from_pretrained(d, attn_implementation="eager").eval()
+
+
+def hf_seconds(hf_model, enc, new_tokens, repeats):
+  import torch
+  ids = torch.from_numpy(enc).long()
+
+  def run():
+    with torch.no_grad():
+      hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                        max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        decoder_start_token_id=2, eos_token_id=1, pad_token_id=0)
+  run()  # warm up
+  return timed(run, repeats)
+
+
+def decode_rows(name, params, cfg, args, gbs, gflops, hf_model, label=""):
+  for batch in args.batches:
+    enc = np.random.default_rng(batch).integers(
+        3, cfg.vocab_size - 1, (batch, args.input_length)).astype(np.int32)
+    run = lambda: jax.block_until_ready(decoding.generate(
+        params, cfg, enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens))
+    start = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - start
+    ours = timed(run, args.repeats)
+    tokens = batch * args.new_tokens
+    step_bytes, step_flops = step_cost(params, cfg, batch, args.input_length, args.new_tokens)
+    mem_s, flop_s = step_bytes / (gbs * 1e9), step_flops / (gflops * 1e9)
+    limit, bound = batch / max(mem_s, flop_s), "mem" if mem_s >= flop_s else "flop"
+    hf_text, ratio_text = "-", "-"
+    if hf_model is not None:
+      hf_s = hf_seconds(hf_model, enc, args.new_tokens, args.repeats)
+      hf_text, ratio_text = f"{tokens / hf_s:,.0f}", f"{hf_s / ours:.1f}x"
+    print(f"{name + label:16} {batch:5d} {tokens / ours:10,.0f} {limit:10,.0f} {bound:>5} "
+          f"{100 * tokens / ours / limit:6.0f}% {hf_text:>9} {ratio_text:>7} {compile_s:8.1f}",
+          flush=True)
+
+
+def compile_seconds(depth: int, new_tokens: int, input_length: int) -> float:
+  """Compile time of greedy decoding for a tiny-width decoder of `depth` layers, scanned."""
+  base = config.preset("tiny", scan_layers=True)
+  cfg = base.replace(decoder=dataclasses.replace(base.decoder, num_layers=depth,
+                                                 layer_types=None))
+  params = model.abstract_params(cfg, boxed=False)
+  fn = jax.jit(decoding.generate_function(cfg, "greedy", new_tokens))
+  tokens = jax.ShapeDtypeStruct((1, input_length), jnp.int32)
+  start = time.perf_counter()
+  fn.lower(params, tokens, jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()
+  return time.perf_counter() - start
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--presets", nargs="+", default=["tiny", "s-s"])
-  parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+  parser.add_argument("--models", nargs="*", default=["s-s", "s-s@32k"],
+                      help="presets, or PRESET@VOCAB (e.g. s-s@32k) for a smaller vocabulary")
+  parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
   parser.add_argument("--input_length", type=int, default=64)
-  parser.add_argument("--new_tokens", type=int, default=32)
+  parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--no_hf", action="store_true", help="skip transformers")
+  parser.add_argument("--bf16", action="store_true",
+                      help="also decode with bfloat16 weights and activations (other numerics)")
+  parser.add_argument("--compile_depths", nargs="*", type=int, default=[2, 24])
   args = parser.parse_args()
-  torch.set_num_threads(os.cpu_count() or 1)
-  print(f"{jax.device_count()} {jax.devices()[0].platform} device(s), torch "
-        f"{torch.__version__} with {torch.get_num_threads()} threads, greedy, "
-        f"{args.input_length} input tokens, {args.new_tokens} new tokens")
-  print(f"{'preset':8} {'batch':>5} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>7} "
-        f"{'compile s':>10}")
-  worst = float("inf")
-  for name in args.presets:
-    cfg = config.preset(name)
+  gbs, gflops = bandwidth_gbs(), matmul_gflops()
+  print(f"{jax.device_count()} {jax.devices()[0].platform} device(s); float32 matvec "
+        f"bandwidth {gbs:.1f} GB/s, matmul {gflops:.0f} GFLOP/s; greedy, {args.input_length} "
+        f"input tokens, {args.new_tokens} new tokens")
+  if args.models:
+    print(f"{'model':16} {'batch':>5} {'ours tok/s':>10} {'limit':>10} {'bound':>5} "
+          f"{'of lim':>7} {'hf tok/s':>9} {'hf/ours':>7} {'compile':>8}")
+  for name in args.models:
+    cfg = model_config(name)
     params = random_params(cfg)
-    with tempfile.TemporaryDirectory() as d:
-      hf.save(params, cfg, d)
-      cls = (T5Gemma2ForConditionalGeneration if cfg.merged_attention
-             else T5GemmaForConditionalGeneration)
-      hf_model = cls.from_pretrained(d, attn_implementation="eager").eval()
+    hf_model = None
+    if not args.no_hf:
+      import torch
+      torch.set_num_threads(os.cpu_count() or 1)
+      hf_model = hf_model_for(params, cfg)
     params = jax.device_put(params)  # weights live on the device, as in real use
-    no_eos = cfg.replace(eos_id=-1)  # never stop early: both sides decode every token
-    for batch in args.batches:
-      rng = np.random.default_rng(batch)
-      enc = rng.integers(3, cfg.vocab_size, (batch, args.input_length)).astype(np.int32)
-      run = lambda: jax.block_until_ready(decoding.generate(
-          params, no_eos, enc, max_new_tokens=args.new_tokens))
-      start = time.perf_counter()
-      run()
-      compile_s = time.perf_counter() - start
-      ours = timed(run, args.repeats)
-      ids = torch.from_numpy(enc).long()
-
-      def theirs():
-        with torch.no_grad():
-          hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                            do_sample=False, max_new_tokens=args.new_tokens,
-                            min_new_tokens=args.new_tokens, eos_token_id=None,
-                            decoder_start_token_id=2, pad_token_id=0)
-      theirs()  # warm up
-      hf_s = timed(theirs, args.repeats)
-      tokens = batch * args.new_tokens
-      ratio = hf_s / ours
-      worst = min(worst, ratio) if batch == 1 else worst
-      print(f"{name:8} {batch:5d} {tokens / ours:11,.0f} {tokens / hf_s:9,.0f} "
-            f"{ratio:6.1f}x {compile_s:10.1f}")
+    decode_rows(name, params, cfg, args, gbs, gflops, hf_model)
     del hf_model
-  print(f"batch-1 speed-up over transformers: worst {worst:.1f}x (target >= 5x) "
-        f"{'OK' if worst >= 5 else 'BELOW TARGET'}")
+    if args.bf16:
+      half = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+      decode_rows(name, jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params),
+                  half, args, gbs, gflops, None, label=" bf16")
+  if args.compile_depths:
+    times = {d: compile_seconds(d, args.new_tokens, args.input_length)
+             for d in args.compile_depths}
+    lo, hi = min(args.compile_depths), max(args.compile_depths)
+    print("decode compile time (scanned tiny-width decoder): " +
+          ", ".join(f"{d} layers {s:.1f} s" for d, s in times.items()) +
+          f"; {hi} vs {lo} layers {times[hi] / times[lo]:.2f}x (target <= 1.5x)")
   return 0
 
 

@@ -129,8 +129,8 @@ class T5GemmaConfig:
     remat_policy: "none", "full" (recompute everything) or "minimal" (keep the named matmul
       outputs: projections, attention output, MLP activations).
     attention_impl: "xla" (portable, the reference), "cudnn" (GPU flash attention; needs no
-      attention softcap) or "splash" (TPU Pallas kernel) for training and teacher forcing;
-      decoding always uses "xla".
+      attention softcap) or "splash" (TPU Pallas kernel) for training, teacher forcing and
+      the encoder pass of decoding; decoding's cached steps (one query) use "xla".
     merged_attention: T5Gemma 2 decoder: no cross-attention module; the decoder's `self_attn`
       also projects the encoder output with its own k/v kernels (and k_norm, but no RoPE) and
       one softmax runs over [decoder keys; encoder keys]. Needs equal hidden sizes.

@@ -1,176 +1,32 @@
-"""Autoregressive decoding with caches: encode once, the encoder's K/V projected once per
-decoder layer, and a self-attention KV cache per decoder layer (a ring of `sliding_window`
-slots for sliding layers). T5Gemma 2's merged attention attends over [ring | encoder K/V] in one
-softmax, the encoder part being the layer's own k/v (and k_norm) applied to the encoder output.
+"""Search over a decoding step: greedy, sampling (temperature, top-k, top-p) and beam search.
 
     tokens = decoding.generate(params, cfg, encoder_input_tokens, max_new_tokens=32)
 
+No model math lives here. The model decodes through its own modules: `T5Gemma.start_decode`
+runs BOS through the decoder and builds the cache (every layer's encoder keys and values
+projected once, a self-attention ring per layer, stacked on the layer axis when the params are
+scanned), `T5Gemma.decode_step` runs one position through the same (scanned) layers as
+training. The searches below see only `tokens_to_logits(tokens, cache) -> (logits, cache)`.
 The whole loop is one jitted `lax.while_loop` that stops as soon as every row has emitted EOS.
-The per-token math uses the same functions as the model (`rms_norm`, `geglu`, `apply_rope`,
-`embed_tokens`, `dot_product_attention`), and tests pin it to the teacher-forced forward pass.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from t5gemma_jax.config import SLIDING, T5GemmaConfig
-from t5gemma_jax.model import T5Gemma, layout
-from t5gemma_jax.model.attention import dot_product_attention
-from t5gemma_jax.model.layers import apply_rope, embed_tokens, embedding_logits, geglu, rms_norm
+from t5gemma_jax.config import T5GemmaConfig
+from t5gemma_jax.model import T5Gemma, layout, masks
 
 Array = jax.Array
+Cache = Any
+# tokens int32 [B], cache -> (float32 logits [B, V], cache)
+TokensToLogits = Callable[[Array, Cache], tuple[Array, Cache]]
 STRATEGIES = ("greedy", "sample", "beam")
 _NEG = -1.0e9  # the "impossible" score of transformers' beam search, kept for parity
-
-
-def _dense(eqn: str, x: Array, kernel: Array, dtype) -> Array:
-  return jnp.einsum(eqn, x.astype(dtype), kernel.astype(dtype))
-
-
-def _cache_sizes(cfg: T5GemmaConfig, max_len: int) -> list[int]:
-  m = cfg.decoder
-  return [min(m.sliding_window, max_len) if t == SLIDING else max_len for t in m.layer_types]
-
-
-def _decoder_embedding(params: dict, cfg: T5GemmaConfig) -> dict:
-  """The embedder params the decoder reads: its own, or the encoder's shared table."""
-  return params["encoder" if cfg.shared_embedding else "decoder"]["embedder"]
-
-
-def _keys_values(attn: dict, cfg: T5GemmaConfig, x: Array) -> tuple[Array, Array]:
-  """[B, S, D] -> keys (k_norm applied, no RoPE) and values [B, S, K, Dh] of `attn`'s kernels.
-
-  For the encoder output (computed once per input) `attn` is the layer's cross_attn params or,
-  with merged attention, its self_attn params (the encoder keys reuse the self-attention k/v
-  kernels and k_norm, without RoPE).
-  """
-  m, dt = cfg.decoder, cfg.activation_dtype
-  k = _dense("bsd,dkh->bskh", x, attn["k"]["kernel"], dt)
-  if m.qk_norm:
-    k = rms_norm(k, attn["k_norm"]["scale"], m.rms_norm_eps)
-  return k, _dense("bsd,dkh->bskh", x, attn["v"]["kernel"], dt)
-
-
-def init_cache(params: dict, cfg: T5GemmaConfig, encoded: Array, max_len: int) -> list[dict]:
-  """Per decoder layer: empty self-attention K/V slots and the encoder K/V.
-
-  Args:
-    params: unscanned model params.
-    encoded: [B, S, D_enc] encoder output.
-    max_len: decoder positions to hold (BOS + generated tokens).
-
-  Returns:
-    A list of {"k", "v": [B, slots, K, Dh], "pos": int32 [slots] (-1 = empty),
-    "cross_k", "cross_v": [B, S, K, Dh]} (for merged attention, the encoder part of the
-    layer's keys and values; absent on layers that do not read the encoder).
-  """
-  m, dt = cfg.decoder, cfg.activation_dtype
-  b = encoded.shape[0]
-  cache = []
-  for i, (slots, layer_type) in enumerate(zip(_cache_sizes(cfg, max_len), m.layer_types)):
-    c = {"k": jnp.zeros((b, slots, m.num_kv_heads, m.head_dim), dt),
-         "v": jnp.zeros((b, slots, m.num_kv_heads, m.head_dim), dt),
-         "pos": jnp.full((slots,), -1, jnp.int32)}
-    if cfg.reads_encoder(layer_type):
-      layer = params["decoder"][f"layers_{i}"]
-      c["cross_k"], c["cross_v"] = _keys_values(
-          layer["self_attn" if cfg.merged_attention else "cross_attn"], cfg, encoded)
-    cache.append(c)
-  return cache
-
-
-def _queries(attn: dict, cfg: T5GemmaConfig, h: Array) -> Array:
-  m = cfg.decoder
-  q = _dense("btd,dnh->btnh", h, attn["q"]["kernel"], cfg.activation_dtype)
-  return rms_norm(q, attn["q_norm"]["scale"], m.rms_norm_eps) if m.qk_norm else q
-
-
-def _self_attention(sa: dict, cfg: T5GemmaConfig, c: dict, h: Array, t: Array,
-                    layer_type: str, encoder_mask: Array) -> tuple[Array, dict]:
-  """One position's self-attention (merged with the encoder keys for T5Gemma 2).
-
-  Args:
-    sa: the layer's self_attn params; c: its cache; h: normed input [B, 1, D]; t: position;
-    encoder_mask: bool [B, S] (real encoder tokens).
-
-  Returns:
-    (attention output [B, 1, H, Dh], updated cache).
-  """
-  m = cfg.decoder
-  b = h.shape[0]
-  theta, factor = m.rope_for(layer_type)
-  positions = jnp.full((b, 1), t, jnp.int32)
-  q = apply_rope(_queries(sa, cfg, h), positions, theta, factor)
-  k, v = _keys_values(sa, cfg, h)
-  k = apply_rope(k, positions, theta, factor)
-  slots = c["pos"].shape[0]
-  slot = t % slots  # full layers never wrap; sliding layers keep their last `window` keys
-  c = dict(c, k=jax.lax.dynamic_update_slice_in_dim(c["k"], k, slot, axis=1),
-           v=jax.lax.dynamic_update_slice_in_dim(c["v"], v, slot, axis=1),
-           pos=c["pos"].at[slot].set(t))
-  valid = (c["pos"] >= 0) & (c["pos"] <= t)
-  if layer_type == SLIDING:
-    valid &= c["pos"] > t - m.sliding_window
-  mask = jnp.broadcast_to(valid[None, None, :], (b, 1, slots))
-  keys, values = c["k"], c["v"]
-  if cfg.merged_attention and "cross_k" in c:
-    # One softmax over [cached decoder keys | encoder keys], as the teacher-forced model.
-    keys = jnp.concatenate([keys, c["cross_k"]], axis=1)
-    values = jnp.concatenate([values, c["cross_v"]], axis=1)
-    mask = jnp.concatenate([mask, encoder_mask[:, None, :]], axis=-1)
-  out = dot_product_attention(q, keys, values, mask, scale=m.query_pre_attn_scalar ** -0.5,
-                              softcap=m.attn_logit_softcapping)
-  return out, c
-
-
-def decode_step(params: dict, cfg: T5GemmaConfig, cache: list[dict], tokens: Array, t: Array,
-                encoder_mask: Array) -> tuple[Array, list[dict]]:
-  """One decoder position for every row.
-
-  Args:
-    params: unscanned params; cache: from `init_cache`; tokens: int32 [B] at position t;
-    t: int32 scalar position; encoder_mask: bool [B, S] (real encoder tokens).
-
-  Returns:
-    (float32 logits [B, V] softcapped as the model's, updated cache).
-  """
-  m, dt = cfg.decoder, cfg.activation_dtype
-  dec = params["decoder"]
-  embedder = _decoder_embedding(params, cfg)
-  emb = embedder["embedding"]
-  x = embed_tokens(emb, tokens[:, None], dt, cfg.eoi_id, embedder.get("eoi_embedding"))
-  new_cache = []
-  for i, (layer_type, c) in enumerate(zip(m.layer_types, cache)):
-    p = dec[f"layers_{i}"]
-    norm = lambda name, h, p=p: rms_norm(h, p[name]["scale"], m.rms_norm_eps)
-    sa = p["self_attn"]
-    out, c = _self_attention(sa, cfg, c, norm("pre_self_attn_norm", x), t, layer_type,
-                             encoder_mask)
-    x = x + norm("post_self_attn_norm", _dense("btnh,nhd->btd", out, sa["o"]["kernel"], dt))
-    if not cfg.merged_attention and "cross_k" in c:
-      ca = p["cross_attn"]
-      q = _queries(ca, cfg, norm("pre_cross_attn_norm", x))
-      out = dot_product_attention(q, c["cross_k"], c["cross_v"], encoder_mask[:, None, :],
-                                  scale=m.query_pre_attn_scalar ** -0.5,
-                                  softcap=m.attn_logit_softcapping)
-      x = x + norm("post_cross_attn_norm", _dense("btnh,nhd->btd", out, ca["o"]["kernel"], dt))
-    mlp = p["mlp"]
-    h = norm("pre_ffw_norm", x)
-    h = geglu(_dense("btd,df->btf", h, mlp["gate"]["kernel"], dt),
-              _dense("btd,df->btf", h, mlp["up"]["kernel"], dt))
-    x = x + norm("post_ffw_norm", _dense("btf,fd->btd", h, mlp["down"]["kernel"], dt))
-    new_cache.append(c)
-  x = rms_norm(x, dec["final_norm"]["scale"], m.rms_norm_eps)
-  logits = embedding_logits(emb, x, dt)
-  if m.final_logit_softcapping is not None:
-    cap = m.final_logit_softcapping
-    logits = cap * jnp.tanh(logits / cap)
-  return logits[:, 0], new_cache
 
 
 def _choose(logits: Array, rng: Array, strategy: str, temperature: float, top_k: int,
@@ -196,23 +52,81 @@ def _choose(logits: Array, rng: Array, strategy: str, temperature: float, top_k:
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _beam_search(params, cfg: T5GemmaConfig, encoded: Array, encoder_mask: Array,
-                 max_new_tokens: int, num_beams: int, length_penalty: float) -> Array:
+def _forbid_eos(scores: Array, t: Array, min_new_tokens: int, eos_id: int) -> Array:
+  """[B, V] scores with EOS impossible while fewer than `min_new_tokens` tokens exist (HF's
+  `min_new_tokens`: applied to whatever scores the search ranks)."""
+  if min_new_tokens <= 0 or not 0 <= eos_id < scores.shape[-1]:
+    return scores
+  early = (t < min_new_tokens) & (jnp.arange(scores.shape[-1]) == eos_id)
+  return jnp.where(early, -jnp.inf, scores)
+
+
+def sample_search(logits: Array, cache: Cache, tokens_to_logits: TokensToLogits, *,
+                  max_new_tokens: int, eos_id: int, pad_id: int, rng: Array,
+                  strategy: str = "greedy", temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, min_new_tokens: int = 0) -> Array:
+  """Greedy or sampled decoding, one token per row per step.
+
+  Args:
+    logits: float32 [B, V] for the first new token; cache: the step's state after it.
+    tokens_to_logits: the next position's logits (and cache) given the chosen tokens.
+    max_new_tokens: tokens per row; the step runs max_new_tokens - 1 times at most.
+    rng: sampling key, split once per token.
+    min_new_tokens: EOS cannot be chosen before this many tokens.
+
+  Returns:
+    int32 [B, max_new_tokens]: tokens, EOS then padding.
+  """
+  b = logits.shape[0]
+  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+
+  def pick(t, logits, out, done, rng):
+    rng, sub = jax.random.split(rng)
+    nxt = _choose(_forbid_eos(logits, t, min_new_tokens, eos_id), sub, strategy, temperature,
+                  top_k, top_p)
+    nxt = jnp.where(done, pad_id, nxt)  # finished rows only emit padding
+    out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], t, axis=1)
+    return nxt, out, done | (nxt == eos_id), rng
+
+  def cond(state):
+    t, _, _, done, _, _ = state
+    return (t < max_new_tokens - 1) & ~jnp.all(done)
+
+  def body(state):
+    t, logits, out, done, cache, rng = state
+    nxt, out, done, rng = pick(t, logits, out, done, rng)
+    logits, cache = tokens_to_logits(nxt, cache)
+    return t + 1, logits, out, done, cache, rng
+
+  start = (jnp.int32(0), logits, out, jnp.zeros((b,), bool), cache, rng)
+  t, logits, out, done, _, rng = jax.lax.while_loop(cond, body, start)
+  # The last token needs no step after it (nor does a row that is already done).
+  return pick(t, logits, out, done, rng)[1]
+
+
+def beam_search(logits: Array, cache: Cache, tokens_to_logits: TokensToLogits,
+                select_beams: Callable[[Cache, Array], Cache], *, num_beams: int,
+                max_new_tokens: int, eos_id: int, pad_id: int, length_penalty: float,
+                min_new_tokens: int = 0) -> Array:
   """Beam search with transformers' semantics (early_stopping=False): 2K candidates per step,
   finished hypotheses scored by sum log-prob / generated_length ** length_penalty, and a row
   stops once its best running beam cannot beat its worst finished one at the current length.
 
+  Args:
+    logits: float32 [B * K, V] for the first token (rows, then beams: each row's K copies);
+      cache: the step's state after it, same rows.
+    select_beams: the cache with its rows gathered (`layout.select_beams`).
+    min_new_tokens: EOS cannot end a hypothesis before this many tokens.
+
   Returns:
     int32 [B, max_new_tokens]: each row's best hypothesis, padded.
   """
-  b, k, n = encoded.shape[0], num_beams, max_new_tokens
-  encoded = jnp.repeat(encoded, k, axis=0)  # [B*K, S, D]: rows then beams
-  encoder_mask = jnp.repeat(encoder_mask, k, axis=0)
-  cache = init_cache(params, cfg, encoded, n)
-  seqs = jnp.full((b, k, n), cfg.pad_id, jnp.int32)
+  k, n = num_beams, max_new_tokens
+  b = logits.shape[0] // k
+  seqs = jnp.full((b, k, n), pad_id, jnp.int32)
   running_scores = jnp.tile(jnp.array([0.0] + [_NEG] * (k - 1), jnp.float32), (b, 1))
-  start = dict(t=jnp.int32(0), tokens=jnp.full((b * k,), cfg.bos_id, jnp.int32), cache=cache,
-               running=seqs, running_scores=running_scores, finished=seqs,
+  start = dict(t=jnp.int32(0), logits=logits, cache=cache, running=seqs,
+               running_scores=running_scores, finished=seqs,
                finished_scores=jnp.full((b, k), _NEG, jnp.float32),
                is_finished=jnp.zeros((b, k), bool), open=jnp.ones((b,), bool),
                all_hit=jnp.array(False))
@@ -223,21 +137,19 @@ def _beam_search(params, cfg: T5GemmaConfig, encoded: Array, encoder_mask: Array
 
   def body(st):
     t = st["t"]
-    logits, cache = decode_step(params, cfg, st["cache"], st["tokens"], t, encoder_mask)
-    vocab = logits.shape[-1]
-    log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(b, k, vocab)
+    vocab = st["logits"].shape[-1]
+    log_probs = _forbid_eos(jax.nn.log_softmax(st["logits"], axis=-1), t, min_new_tokens,
+                            eos_id).reshape(b, k, vocab)
     total = (log_probs + st["running_scores"][:, :, None]).reshape(b, k * vocab)
     top_scores, top_index = jax.lax.top_k(total, 2 * k)
     top_beam, top_token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
     top_seqs = st["running"][rows, top_beam].at[:, :, t].set(top_token)  # [B, 2K, N]
-    hits = (top_token == cfg.eos_id) | (t + 1 >= n)
+    hits = (top_token == eos_id) | (t + 1 >= n)
 
     # The best K candidates that did not stop keep running.
     keep_scores, keep = jax.lax.top_k(top_scores + hits * _NEG, k)
     running = top_seqs[rows, keep]
     parent = jnp.take_along_axis(top_beam, keep, axis=1)  # [B, K] beam each came from
-    flat_parent = (rows * k + parent).reshape(-1)
-    cache = [dict(c, k=c["k"][flat_parent], v=c["v"][flat_parent]) for c in cache]
 
     # Stopped candidates among the top K join the finished set if they score better.
     first_k = jnp.arange(2 * k) < k
@@ -254,7 +166,10 @@ def _beam_search(params, cfg: T5GemmaConfig, encoded: Array, encoder_mask: Array
     best_possible = keep_scores[:, :1] / (length ** length_penalty)
     worst = jnp.where(is_finished, jnp.min(best_scores, axis=1, keepdims=True), _NEG)
     still_open = st["open"] & jnp.any(best_possible > worst, axis=1)
-    return dict(t=t + 1, tokens=running[:, :, t].reshape(-1), cache=cache, running=running,
+    # The next position's logits (after the last position: one step that goes unused).
+    cache = select_beams(st["cache"], (rows * k + parent).reshape(-1))
+    logits, cache = tokens_to_logits(running[:, :, t].reshape(-1), cache)
+    return dict(t=t + 1, logits=logits, cache=cache, running=running,
                 running_scores=keep_scores, finished=finished, finished_scores=best_scores,
                 is_finished=is_finished, open=still_open, all_hit=jnp.all(hits))
 
@@ -264,65 +179,52 @@ def _beam_search(params, cfg: T5GemmaConfig, encoded: Array, encoder_mask: Array
 
 @functools.lru_cache(maxsize=32)
 def _compiled(cfg: T5GemmaConfig, strategy: str, max_new_tokens: int, temperature: float,
-              top_k: int, top_p: float, num_beams: int, length_penalty: float):
+              top_k: int, top_p: float, num_beams: int, length_penalty: float,
+              min_new_tokens: int):
   return jax.jit(generate_function(cfg, strategy, max_new_tokens, temperature, top_k, top_p,
-                                   num_beams, length_penalty))
+                                   num_beams, length_penalty, min_new_tokens))
 
 
 def generate_function(cfg: T5GemmaConfig, strategy: str = "greedy", max_new_tokens: int = 32,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                      num_beams: int = 4, length_penalty: float = 0.6):
+                      num_beams: int = 4, length_penalty: float = 0.6,
+                      min_new_tokens: int = 0):
   """The whole decoding loop, not yet jitted: `run(params, encoder_input_tokens, rng)` ->
-  int32 [B, max_new_tokens], for params and config in `decoding_layout`. `generate` jits it;
-  `t5gemma compile` lowers it for a TPU topology."""
+  int32 [B, max_new_tokens], for params in the layout `cfg.scan_layers` says. `generate`
+  jits it; `t5gemma compile` lowers it for a TPU topology."""
   net = T5Gemma(cfg)
+  beams = num_beams if strategy == "beam" else 1
 
   def run(params, encoder_input_tokens, rng):
-    b = encoder_input_tokens.shape[0]
-    encoded = net.apply({"params": params}, encoder_input_tokens, method=net.encode)
-    encoder_mask = encoder_input_tokens != cfg.pad_id
+    variables = {"params": params}
+    tokens = jnp.repeat(encoder_input_tokens, beams, axis=0)  # rows, then beams
+    encoder_segment_ids = masks.segment_ids_from_tokens(tokens, cfg.pad_id)
+    encoded = net.apply(variables, tokens, method=net.encode)
+    bos = jnp.full((tokens.shape[0], 1), cfg.bos_id, jnp.int32)
+    logits, cache = net.apply(variables, encoded, encoder_segment_ids, bos, max_new_tokens,
+                              method=net.start_decode)
+
+    def tokens_to_logits(step_tokens, cache):
+      logits, cache = net.apply(variables, step_tokens[:, None], cache,
+                                method=net.decode_step)
+      return logits[:, 0], cache
+
+    ids = dict(max_new_tokens=max_new_tokens, eos_id=cfg.eos_id, pad_id=cfg.pad_id,
+               min_new_tokens=min_new_tokens)
     if strategy == "beam":
-      return _beam_search(params, cfg, encoded, encoder_mask, max_new_tokens, num_beams,
-                          length_penalty)
-    cache = init_cache(params, cfg, encoded, max_new_tokens)
-    out = jnp.full((b, max_new_tokens), cfg.pad_id, jnp.int32)
-    start = (jnp.int32(0), jnp.full((b,), cfg.bos_id, jnp.int32), out,
-             jnp.zeros((b,), bool), cache, rng)
-
-    def cond(state):
-      t, _, _, done, _, _ = state
-      return (t < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-      t, tokens, out, done, cache, rng = state
-      logits, cache = decode_step(params, cfg, cache, tokens, t, encoder_mask)
-      rng, sub = jax.random.split(rng)
-      nxt = _choose(logits, sub, strategy, temperature, top_k, top_p)
-      nxt = jnp.where(done, cfg.pad_id, nxt)  # finished rows only emit padding
-      out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], t, axis=1)
-      return t + 1, nxt, out, done | (nxt == cfg.eos_id), cache, rng
-
-    return jax.lax.while_loop(cond, body, start)[2]
+      return beam_search(logits[:, 0], cache, tokens_to_logits, layout.select_beams,
+                         num_beams=num_beams, length_penalty=length_penalty, **ids)
+    return sample_search(logits[:, 0], cache, tokens_to_logits, rng=rng, strategy=strategy,
+                         temperature=temperature, top_k=top_k, top_p=top_p, **ids)
 
   return run
-
-
-def decoding_layout(params: Any, cfg: T5GemmaConfig) -> tuple[Any, T5GemmaConfig]:
-  """(params, config) as `generate_function` takes them: unscanned, and with `share_blocks`
-  decoder layer i holding the encoder's layer i; decoding runs the layers one by one and
-  without remat (which only matters for gradients). Works on arrays and under jit."""
-  return layout.untie_blocks(layout.unscan_params(params, cfg), cfg), decoding_config(cfg)
-
-
-def decoding_config(cfg: T5GemmaConfig) -> T5GemmaConfig:
-  """The config half of `decoding_layout`."""
-  return cfg.replace(scan_layers=False, remat_policy="none")
 
 
 def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
              max_new_tokens: int, strategy: str = "greedy", num_beams: int = 4,
              length_penalty: float = 0.6, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, mesh=None) -> Array:
+             top_p: float = 1.0, seed: int = 0, min_new_tokens: int = 0,
+             mesh=None) -> Array:
   """Decodes every row of a batch.
 
   Args:
@@ -334,6 +236,7 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
     num_beams, length_penalty: beam search width and alpha (score / length ** alpha).
     temperature, top_k, top_p: sampling filters (top_k=0 and top_p=1 disable them).
     seed: sampling seed.
+    min_new_tokens: EOS is impossible before this many tokens (transformers' min_new_tokens).
     mesh: decode with the batch sharded over this mesh's (data, fsdp) axes, as in training
       (params should already be placed on it, e.g. a training state's params).
 
@@ -348,9 +251,10 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
     raise ValueError(f"num_beams must be >= 1, got {num_beams}")
   if strategy == "sample" and temperature <= 0:
     raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-  params, cfg = decoding_layout(params, cfg)
+  # Decode the params as they are stored (a config that says otherwise is corrected here).
+  cfg = cfg.replace(scan_layers=layout.is_scanned(params))
   fn = _compiled(cfg, strategy, int(max_new_tokens), float(temperature), int(top_k),
-                 float(top_p), int(num_beams), float(length_penalty))
+                 float(top_p), int(num_beams), float(length_penalty), int(min_new_tokens))
   tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
   if mesh is None:
     return fn(params, tokens, jax.random.PRNGKey(seed))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from t5gemma_jax import config, model
-from t5gemma_jax.model import attention, attention_kernels
+from t5gemma_jax.model import attention, attention_kernels, masks
 from tests.random_params import random_params
 
 
@@ -99,7 +99,7 @@ def test_cudnn_call_matches_xla(causal, window):
   segments = np.ones((2, 12), np.int32)
   segments[1, 8:] = 0
   segments[0, 6:] = 2  # two packed examples in row 0
-  spec = attention.MaskSpec(jnp.asarray(segments), jnp.asarray(segments), causal, window)
+  spec = masks.MaskSpec(jnp.asarray(segments), jnp.asarray(segments), causal, window)
   ours = attention.dot_product_attention(q, k, v, spec.dense(), scale=0.3, softcap=None)
   theirs = attention_kernels.cudnn_attention(q, k, v, spec, scale=0.3, implementation=None)
   real = segments > 0

@@ -2,12 +2,14 @@
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 import torch
 
-from t5gemma_jax import config, decoding
+from t5gemma_jax import config, decoding, model
 from t5gemma_jax.convert import hf
+from t5gemma_jax.model import layout
 from tests import hf_reference as ref
 from tests.greedy_checks import assert_greedy_is_teacher_forced
 from tests.random_params import random_params
@@ -34,9 +36,51 @@ def test_greedy_equals_teacher_forced_argmax(scan):
   cfg = _cfg(scan_layers=scan)
   params = random_params(cfg, seed=1)
   enc = _inputs()
-  out = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=24))
+  # min_new_tokens: no row stops early, so every ring (3 and 4 slots) wraps many times.
+  out = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=24, min_new_tokens=24))
   assert out.shape == (3, 24)
-  assert_greedy_is_teacher_forced(cfg, params, enc, out)
+  assert_greedy_is_teacher_forced(cfg, params, enc, out, min_length=24)
+
+
+@pytest.mark.parametrize("options", [{}, dict(scan_layers=True),
+                                     dict(scan_layers=True, remat_policy="full")])
+def test_decode_steps_equal_teacher_forced_logits(options):
+  """The model's cache path, logit for logit: start_decode with a 5-token prefix, then 15
+  single steps through rings of 4 slots (decoder) equal the teacher-forced forward pass."""
+  cfg = _cfg(**options)
+  params = random_params(cfg, seed=8)
+  enc = _inputs()
+  dec = np.random.default_rng(1).integers(3, 2048, (3, 20)).astype(np.int32)
+  dec[:, 0] = cfg.bos_id
+  net = model.T5Gemma(cfg)
+  variables = {"params": params}
+  expected = np.asarray(net.apply(variables, enc, dec))
+  encoded = net.apply(variables, enc, method=net.encode)
+  logits, cache = net.apply(variables, encoded, (enc > 0).astype(np.int32), dec[:, :5], 20,
+                            method=net.start_decode)
+  got = [np.asarray(logits)]
+  step = jax.jit(lambda tokens, cache: net.apply(variables, tokens, cache,
+                                                 method=net.decode_step))
+  for t in range(5, 20):
+    logits, cache = step(dec[:, t:t + 1], cache)
+    got.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(got, axis=1), expected, atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(cache["index"], 20)
+
+
+def test_scanned_and_unscanned_params_decode_the_same_tokens():
+  cfg = _cfg()
+  params = random_params(cfg, seed=9)
+  enc = _inputs()
+  kw = dict(max_new_tokens=16, min_new_tokens=16)
+  plain = np.asarray(decoding.generate(params, cfg, enc, **kw))
+  scanned_cfg = cfg.replace(scan_layers=True)
+  scanned = layout.scan_params(params, scanned_cfg)
+  assert "layers" in scanned["decoder"]
+  np.testing.assert_array_equal(decoding.generate(scanned, scanned_cfg, enc, **kw), plain)
+  beams = dict(strategy="beam", num_beams=3, max_new_tokens=10)
+  np.testing.assert_array_equal(decoding.generate(scanned, scanned_cfg, enc, **beams),
+                                decoding.generate(params, cfg, enc, **beams))
 
 
 def test_finished_rows_emit_only_padding():
@@ -57,7 +101,9 @@ def test_finished_rows_emit_only_padding():
       assert (stopped[row, k + 1:] == cfg.pad_id).all()
     else:
       np.testing.assert_array_equal(stopped[row], free[row])
-  assert np.flatnonzero(free[0] == eos)[0] <= 3
+  # Row 0 really stopped (at or before step 3) and padded the rest.
+  assert (stopped[0] == eos).sum() == 1 and (stopped[0, 4:] == cfg.pad_id).all()
+  assert (free[0, 4:] != cfg.pad_id).any()
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy():
@@ -87,7 +133,8 @@ def test_bad_arguments_are_named():
     decoding.generate({}, cfg, _inputs(), max_new_tokens=0)
 
 
-def test_greedy_matches_transformers_generate(tmp_path):
+@pytest.mark.parametrize("min_new_tokens", [0, 14])
+def test_greedy_matches_transformers_generate(tmp_path, min_new_tokens):
   enc_kw = dict(num_hidden_layers=2, sliding_window=4, num_key_value_heads=2)
   dec_kw = dict(num_hidden_layers=3, sliding_window=3, num_key_value_heads=2)
   hf_model = ref.random_model(enc_kw, dec_kw, seed=11)
@@ -95,12 +142,14 @@ def test_greedy_matches_transformers_generate(tmp_path):
   params, cfg = hf.load(str(tmp_path))
   enc = _inputs(b=3, s=10, seed=4)
   enc = np.where(enc >= 512, enc % 509 + 3, enc).astype(np.int32) * (enc > 0)
-  ours = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=16))
+  ours = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=16,
+                                      min_new_tokens=min_new_tokens))
   with torch.no_grad():
     theirs = hf_model.generate(input_ids=torch.from_numpy(enc).long(),
                                attention_mask=torch.from_numpy(enc != 0).long(),
                                do_sample=False, num_beams=1, max_new_tokens=16,
-                               min_new_tokens=0, decoder_start_token_id=2, eos_token_id=1,
+                               min_new_tokens=min_new_tokens, decoder_start_token_id=2,
+                               eos_token_id=1,
                                pad_token_id=0).numpy()
   theirs = theirs[:, 1:]  # drop the decoder start token
   theirs = np.pad(theirs, ((0, 0), (0, 16 - theirs.shape[1])))

@@ -11,7 +11,7 @@ import pytest
 
 from t5gemma_jax import config, model
 from t5gemma_jax.config import FULL, SLIDING
-from t5gemma_jax.model import attention as attn_lib
+from t5gemma_jax.model import masks as attn_lib
 from t5gemma_jax.train import flops
 
 

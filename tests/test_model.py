@@ -68,7 +68,7 @@ def test_packed_rows_match_examples_run_alone():
 
 
 def test_positions_restart_per_segment():
-  from t5gemma_jax.model.attention import positions_from_segments
+  from t5gemma_jax.model.masks import positions_from_segments
   seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
   np.testing.assert_array_equal(positions_from_segments(seg), [[0, 1, 2, 0, 1, 0, 0, 1]])
 

@@ -107,8 +107,8 @@ def test_greedy_equals_teacher_forced_argmax(reference, scan):
   _, folder, _ = reference
   params, cfg = hf.load(folder, scan_layers=scan)
   enc = _generate_inputs()
-  out = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=20))
-  assert_greedy_is_teacher_forced(cfg, params, enc, out, min_length=5)  # ring of 4 wrapped
+  out = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=20, min_new_tokens=20))
+  assert_greedy_is_teacher_forced(cfg, params, enc, out, min_length=20)  # ring of 4 wrapped
 
 
 def test_greedy_matches_transformers_generate(reference):
@@ -132,8 +132,12 @@ def test_greedy_matches_transformers_generate(reference):
   np.testing.assert_array_equal(ours, theirs)
 
 
-def test_beam_search_runs_with_merged_attention(reference):
-  """One beam is greedy; four beams reorder only the decoder part of the cache."""
+def test_beam_search_matches_transformers_with_merged_attention(reference):
+  """One beam is greedy; four beams (the ring and the encoder part of merged attention's cache
+  move with their beams) equal transformers' beam search."""
+  import torch
+
+  hf_model = reference[0]
   _, folder, _ = reference
   params, cfg = hf.load(folder)
   enc = _generate_inputs()
@@ -142,7 +146,19 @@ def test_beam_search_runs_with_merged_attention(reference):
   np.testing.assert_array_equal(np.asarray(one), np.asarray(greedy))
   four = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=10, strategy="beam",
                                       num_beams=4))
-  assert four.shape == (3, 10)
+  with torch.no_grad():
+    theirs = hf_model.generate(input_ids=torch.from_numpy(enc).long(),
+                               attention_mask=torch.from_numpy(enc != 0).long(),
+                               do_sample=False, num_beams=4, length_penalty=0.6,
+                               max_new_tokens=10, early_stopping=False,
+                               decoder_start_token_id=cfg.bos_id, eos_token_id=cfg.eos_id,
+                               pad_token_id=cfg.pad_id).numpy()[:, 1:]
+  theirs = np.pad(theirs, ((0, 0), (0, 10 - theirs.shape[1])))
+  for row_ours, row_theirs in zip(four, theirs):
+    hits = np.flatnonzero(row_theirs == cfg.eos_id)
+    end = hits[0] + 1 if len(hits) else len(row_theirs)
+    np.testing.assert_array_equal(row_ours[:end], row_theirs[:end])
+    assert (row_ours[end:] == cfg.pad_id).all()
 
 
 def test_presets_and_param_counts():

@@ -119,8 +119,8 @@ def test_greedy_equals_teacher_forced_argmax(options):
   cfg = _cfg(**options)
   params = random_params(cfg, seed=4)
   enc = _batch()[0]
-  out = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=20))
-  assert_greedy_is_teacher_forced(cfg, params, enc, out)
+  out = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=20, min_new_tokens=20))
+  assert_greedy_is_teacher_forced(cfg, params, enc, out, min_length=20)
 
 
 def test_flops_count_merged_and_global_cross_attention():

@@ -1,8 +1,13 @@
-"""Attention masks and the Gemma 2 attention layer (self- and cross-attention, GQA, softcap).
+"""Gemma attention: one module for training and decoding (self- and cross-attention, GQA,
+softcap, T5Gemma 2's merged attention), with an optional KV cache.
 
-Masks are boolean [B, Q, K] arrays (True = may attend) built from segment ids: 0 marks padding,
-equal positive ids mark tokens of the same packed example. A row without packing simply has
-segment id 1 on every real token.
+Masks come from `t5gemma_jax.model.masks`. A decoding cache per attention module, heads
+before time (what the attention product reads, so a step copies nothing):
+  self-attention: {"k", "v": [B, K, slots (+ S), Dh], "pos": int32 [B, slots]}: a ring of
+    `slots` positions (the sliding window on sliding layers, every position on full ones);
+    position p lives in slot p % slots, "pos" holds which (-1 = empty). With merged attention
+    the encoder's S keys follow the ring in the same buffers, projected once.
+  cross-attention: {"k", "v": [B, K, S, Dh]}: the encoder's keys and values, projected once.
 """
 
 from __future__ import annotations
@@ -11,152 +16,29 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax
-from flax import struct
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from t5gemma_jax.model import attention_kernels
 from t5gemma_jax.model.layers import Einsum, RMSNorm, apply_rope
+from t5gemma_jax.model.masks import MaskSpec, MergedMaskSpec
 
 Array = jax.Array
 DType = Any
-
-
-def segment_ids_from_tokens(tokens: Array, pad_id: int = 0) -> Array:
-  """int [B, T] tokens -> int32 [B, T] segment ids: 1 on real tokens, 0 on padding."""
-  return (tokens != pad_id).astype(jnp.int32)
-
-
-def positions_from_segments(segment_ids: Array) -> Array:
-  """Positions that restart at 0 at the start of every segment (packed rows).
-
-  Args:
-    segment_ids: int [B, T].
-
-  Returns:
-    int32 [B, T]; for an unpacked row this is simply arange(T).
-  """
-  t = segment_ids.shape[-1]
-  idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
-  previous = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-  starts = jnp.where(segment_ids != previous, idx, 0)
-  return idx - jax.lax.cummax(starts, axis=1)
-
-
-def _segment_mask(q_segments: Array, k_segments: Array) -> Array:
-  """[B, Q, K]: keys must be real and, for real queries, of the query's own segment.
-
-  Padding queries (segment 0) see every real key. Their outputs are never used, but this keeps
-  them finite and identical to the reference, whose padding masks only keys.
-  """
-  q = q_segments[:, :, None]
-  k = k_segments[:, None, :]
-  return (k > 0) & ((q == k) | (q == 0))
-
-
-def window_offsets(window: Optional[int], causal: bool,
-                   split: bool = False) -> tuple[Optional[int], Optional[int]]:
-  """The keys a query i sees as offsets: lo <= j - i <= hi (None = unbounded that way).
-
-  The one statement of the window rule; the XLA mask, the splash pattern and the FLOP count
-  all read it (transformers 5.x semantics):
-    causal, no window:        j <= i                     (None, 0)
-    causal, window W:         i - W < j <= i             (1 - W, 0)
-    bidirectional, no window: every key                  (None, None)
-    symmetric window W:       |i - j| <= W               (-W, W)       T5Gemma 1
-    split window W:           1 - ceil(W/2) <= j - i <= floor(W/2)      T5Gemma 2 (W keys)
-  """
-  if causal:
-    return (None if window is None else 1 - window), 0
-  if window is None:
-    return None, None
-  if split:
-    return 1 - (window + 1) // 2, window // 2
-  return -window, window
-
-
-@struct.dataclass
-class MaskSpec:
-  """Who may attend to whom, as segment ids plus the layer's pattern (no [B, T, S] array).
-
-  Kept symbolic so that the XLA path builds the boolean mask inside the attention fusion (one
-  comparison per score, nothing materialised in memory) and fused kernels (cuDNN, splash) get
-  the structure they need.
-
-  Attributes:
-    q_segments: int [B, T] segment ids of the queries (0 = padding).
-    kv_segments: int [B, S] segment ids of the keys.
-    causal: keys after the query are hidden (decoder self-attention).
-    window: sliding window W, or None. Causal: i - W < j <= i. Bidirectional: |i - j| <= W
-      (T5Gemma 1), or with `split_window` 1 - ceil(W/2) <= j - i <= floor(W/2) (T5Gemma 2:
-      W keys, one more after the query than before it), all as transformers 5.x.
-    split_window: use T5Gemma 2's bidirectional window (ignored when causal).
-  """
-
-  q_segments: Array
-  kv_segments: Array
-  causal: bool = struct.field(pytree_node=False, default=False)
-  window: Optional[int] = struct.field(pytree_node=False, default=None)
-  split_window: bool = struct.field(pytree_node=False, default=False)
-
-  def dense(self) -> Array:
-    """The boolean [B, T, S] mask (True = may attend)."""
-    mask = _segment_mask(self.q_segments, self.kv_segments)
-    lo, hi = self.offsets
-    if lo is None and hi is None:
-      return mask
-    i = jnp.arange(self.q_segments.shape[-1])[:, None]
-    j = jnp.arange(self.kv_segments.shape[-1])[None, :]
-    if lo is not None:
-      mask &= (j - i >= lo)[None]
-    if hi is not None:
-      mask &= (j - i <= hi)[None]
-    return mask
-
-  @property
-  def offsets(self) -> tuple[Optional[int], Optional[int]]:
-    """`window_offsets` of this pattern."""
-    return window_offsets(self.window, self.causal, self.split_window)
-
-
-@struct.dataclass
-class MergedMaskSpec:
-  """T5Gemma 2's merged attention: keys are [decoder (T); encoder (S)], one softmax.
-
-  Attributes:
-    self_mask: the decoder part ([B, T, T], causal, maybe windowed).
-    cross_mask: the encoder part ([B, T, S], segment-matched only).
-  """
-
-  self_mask: MaskSpec
-  cross_mask: MaskSpec
-
-  def dense(self) -> Array:
-    """The boolean [B, T, T + S] mask (True = may attend)."""
-    return jnp.concatenate([self.self_mask.dense(), self.cross_mask.dense()], axis=-1)
-
-
-def self_attention_mask(segment_ids: Array, *, causal: bool,
-                        sliding_window: Optional[int] = None) -> Array:
-  """Boolean [B, T, T] mask for self-attention (see `MaskSpec`)."""
-  return MaskSpec(segment_ids, segment_ids, causal, sliding_window).dense()
-
-
-def cross_attention_mask(decoder_segment_ids: Array, encoder_segment_ids: Array) -> Array:
-  """Boolean [B, T, S]: decoder tokens see the real encoder tokens of their own segment."""
-  return MaskSpec(decoder_segment_ids, encoder_segment_ids).dense()
+Cache = dict[str, Array]
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: float,
                           softcap: Optional[float], dropout_rate: float = 0.0,
-                          deterministic: bool = True,
-                          dropout_rng: Optional[Array] = None) -> Array:
+                          deterministic: bool = True, dropout_rng: Optional[Array] = None,
+                          heads_first: bool = False) -> Array:
   """Grouped-query attention with Gemma 2's score softcap.
 
   Query head j reads kv head j // (H / K), the layout of HF's `repeat_kv`.
 
   Args:
-    q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; mask: bool [B, T, S].
+    q: [B, T, H, Dh]; k, v: [B, S, K, Dh], or [B, K, S, Dh] with `heads_first` (the decode
+      cache's layout); mask: bool [B, T, S].
     scale: multiplies q.k (query_pre_attn_scalar ** -0.5).
     softcap: c in `c * tanh(s / c)`, applied before the mask; None disables it.
 
@@ -164,12 +46,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: f
     [B, T, H, Dh] in q.dtype.
   """
   b, t, h, dh = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[1 if heads_first else 2]
   # Heads before time, explicitly: XLA's CPU dot emitter then multiplies contiguous
   # [T, Dh] x [Dh, S] tiles (3x faster than letting the einsum pick strided operands).
   q = q.reshape(b, t, kv_heads, h // kv_heads, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
-  k = k.transpose(0, 2, 1, 3)  # [B, K, S, Dh]
-  v = v.transpose(0, 2, 1, 3)
+  if not heads_first:
+    k = k.transpose(0, 2, 1, 3)  # [B, K, S, Dh]
+    v = v.transpose(0, 2, 1, 3)
   scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     scores = softcap * jnp.tanh(scores / softcap)
@@ -187,16 +70,19 @@ class Attention(nn.Module):
   T5Gemma 2's merged attention (self keys with RoPE then `merged_input` keys without).
 
   Attributes:
+    features: width D of the queries' input x (and of the output).
     num_heads, num_kv_heads, head_dim: head layout (GQA when num_kv_heads < num_heads).
     query_pre_attn_scalar: scores are scaled by its inverse square root.
     softcap: attention logit softcap, or None.
     rope_theta: RoPE base for self-attention; None for cross-attention.
-    kv_features: width of `kv_input` (the encoder width for cross-attention); None = same as x.
-    impl: "xla" (`dot_product_attention`), "cudnn" or "splash" (`attention_kernels`).
+    kv_features: width of `kv_input` (the encoder width for cross-attention); None = features.
+    impl: "xla" (`dot_product_attention`), "cudnn" or "splash" (`attention_kernels`); decoding
+      steps always take the XLA path (one query, keys in ring order).
     rope_factor: linear RoPE scaling factor.
     qk_norm: RMSNorm (eps `norm_eps`) over head_dim of queries and keys, before RoPE.
   """
 
+  features: int
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -213,49 +99,70 @@ class Attention(nn.Module):
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    d, h, kh, dh = self.features, self.num_heads, self.num_kv_heads, self.head_dim
+    d_kv = self.kv_features or d
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.q = Einsum((d, h, dh), ("embed", "heads", "head_dim"), out_axis=(1, 2), **kw)
+    self.k = Einsum((d_kv, kh, dh), ("embed", "kv_heads", "head_dim"), out_axis=(1, 2), **kw)
+    self.v = Einsum((d_kv, kh, dh), ("embed", "kv_heads", "head_dim"), out_axis=(1, 2), **kw)
+    self.o = Einsum((h, dh, d), ("heads", "head_dim", "embed"), in_axis=(0, 1), out_axis=2, **kw)
+    if self.qk_norm:
+      norm = dict(axis_name="head_dim", param_dtype=self.param_dtype)
+      self.q_norm = RMSNorm(self.norm_eps, **norm)
+      self.k_norm = RMSNorm(self.norm_eps, **norm)
+
+  def keys_values(self, src: Array, positions: Optional[Array] = None) -> tuple[Array, Array]:
+    """[B, S, D_kv] -> keys (k_norm'd; rotated when `positions` int [B, S] are given) and
+    values, both [B, S, K, Dh]. Merged attention's encoder keys are these without RoPE."""
+    k = self.k("bsd,dkh->bskh", src)
+    if self.qk_norm:
+      k = self.k_norm(k)
+    if positions is not None:
+      k = apply_rope(k, positions, self.rope_theta, self.rope_factor)
+    return k, self.v("bsd,dkh->bskh", src)
+
   def __call__(self, x: Array, mask: "MaskSpec | Array", positions: Optional[Array] = None,
                kv_input: Optional[Array] = None, merged_input: Optional[Array] = None,
-               merged_mask: Optional[MaskSpec] = None) -> Array:
-    """Args: x [B, T, D]; mask a `MaskSpec` or bool [B, T, S] (XLA path only); positions
-    int [B, T] (self-attention only); kv_input [B, S, D_kv] for cross-attention;
-    merged_input [B, S, D] (the encoder output) with merged_mask (a MaskSpec [B, T, S]) for
-    merged attention, whose keys are [self (T); merged (S)].
-    Returns [B, T, D]."""
-    d = x.shape[-1]
-    h, kh, dh = self.num_heads, self.num_kv_heads, self.head_dim
-    src = x if kv_input is None else kv_input
-    d_kv = self.kv_features or src.shape[-1]
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q = Einsum((d, h, dh), ("embed", "heads", "head_dim"), out_axis=(1, 2), name="q",
-               **kw)("btd,dnh->btnh", x)
-    kv_proj = {name: Einsum((d_kv, kh, dh), ("embed", "kv_heads", "head_dim"), out_axis=(1, 2),
-                            name=name, **kw) for name in ("k", "v")}
-    k = kv_proj["k"]("bsd,dkh->bskh", src)
-    v = kv_proj["v"]("bsd,dkh->bskh", src)
+               merged_mask: Optional[MaskSpec] = None, cache: Optional[Cache] = None,
+               cache_length: Optional[int] = None) -> tuple[Array, Optional[Cache]]:
+    """Attention over this layer's keys.
+
+    Args:
+      x: [B, T, D] queries' input.
+      mask: a `MaskSpec`, or bool [B, T, S] (XLA path only). In a cached step its key side is
+        replaced by the ring's slots.
+      positions: int [B, T] (self-attention only).
+      kv_input: [B, S, D_kv] for cross-attention (unused in cached steps).
+      merged_input: [B, S, D] (the encoder output) for merged attention, whose keys are
+        [self (T); merged (S)]; `merged_mask` (a MaskSpec [B, T, S]) masks that part (and is
+        given in cached steps too, where the encoder keys come from the cache).
+      cache: this module's decoding cache (see the module docstring); None = no cache.
+      cache_length: start decoding: make a cache of this many positions (sliding layers keep
+        min(window, cache_length) slots) from this call's keys, which attend to each other
+        as in training.
+
+    Returns:
+      ([B, T, D], the updated cache, or None when neither cache nor cache_length is given).
+    """
+    decoding = cache is not None or cache_length is not None
+    q = self.q("btd,dnh->btnh", x)
     if self.qk_norm:
-      q_norm = RMSNorm(self.norm_eps, axis_name="head_dim", param_dtype=self.param_dtype,
-                       name="q_norm")
-      k_norm = RMSNorm(self.norm_eps, axis_name="head_dim", param_dtype=self.param_dtype,
-                       name="k_norm")
-      q, k = q_norm(q), k_norm(k)
-    if self.rope_theta is not None:
+      q = self.q_norm(q)
+    if self.rope_theta is None:
+      # Cross-attention: the encoder's keys, projected once per input.
+      if cache is not None:
+        k, v, new_cache = cache["k"], cache["v"], cache
+      else:
+        k, v = self.keys_values(kv_input)
+        new_cache = {"k": _heads_first(k), "v": _heads_first(v)} if decoding else None
+    else:
       if kv_input is not None:
         raise ValueError("RoPE applies to self-attention only; got kv_input with rope_theta set")
       q = apply_rope(q, positions, self.rope_theta, self.rope_factor)
-      k = apply_rope(k, positions, self.rope_theta, self.rope_factor)
-    if merged_input is not None:
-      # The encoder keys reuse this layer's k/v kernels and k_norm, without RoPE (HF
-      # T5Gemma2MergedAttention); the concatenation lets one softmax weigh both sources.
-      k_c = kv_proj["k"]("bsd,dkh->bskh", merged_input)
-      if self.qk_norm:
-        k_c = k_norm(k_c)
-      k = jnp.concatenate([k, k_c], axis=1)
-      v = jnp.concatenate([v, kv_proj["v"]("bsd,dkh->bskh", merged_input)], axis=1)
-      if isinstance(mask, MaskSpec):
-        mask = MergedMaskSpec(mask, merged_mask)
-      else:
-        mask = jnp.concatenate([mask, merged_mask.dense()], axis=-1)
+      k, v = self.keys_values(x, positions)
+      k, v, mask, new_cache = self._self_keys(k, v, mask, positions, merged_input, merged_mask,
+                                              cache, cache_length)
     q = checkpoint_name(q, "query_proj")
     k = checkpoint_name(k, "key_proj")
     v = checkpoint_name(v, "value_proj")
@@ -265,14 +172,73 @@ class Attention(nn.Module):
       dropout_rng = self.make_rng("dropout")
     scale = self.query_pre_attn_scalar ** -0.5
     symbolic = isinstance(mask, (MaskSpec, MergedMaskSpec))
-    if self.impl == "xla" or not symbolic:
+    if self.impl == "xla" or not symbolic or decoding:
       dense = mask.dense() if symbolic else mask
       out = dot_product_attention(q, k, v, dense, scale=scale, softcap=self.softcap,
                                   dropout_rate=self.attention_dropout,
-                                  deterministic=self.deterministic, dropout_rng=dropout_rng)
+                                  deterministic=self.deterministic, dropout_rng=dropout_rng,
+                                  heads_first=cache is not None)
     else:
       out = attention_kernels.fused_attention(self.impl, q, k, v, mask, scale=scale,
                                               softcap=self.softcap)
     out = checkpoint_name(out, "attention_out")
-    return Einsum((h, dh, d), ("heads", "head_dim", "embed"), in_axis=(0, 1), out_axis=2,
-                  name="o", **kw)("btnh,nhd->btd", out)
+    # Heads and head_dim merged on both sides: contracted as [H, Dh] pairs, XLA may lay the
+    # kernel out [Dh, H] and transpose the whole weight on every call (it did on CPU).
+    b, t, h, dh = out.shape
+    return self.o("btf,fd->btd", out.reshape(b, t, h * dh), (h * dh, self.features)), new_cache
+
+  def _self_keys(self, k, v, mask, positions, merged_input, merged_mask, cache, cache_length):
+    """Self-attention's keys, values and mask (merged with the encoder's), and the new cache."""
+    if cache is not None:
+      # A cached step: this step's keys join the ring, the query reads every slot.
+      new_cache = _write_ring(cache, k, v, positions)
+      pos = new_cache["pos"]
+      mask = mask.over_keys((pos >= 0).astype(jnp.int32), pos)
+      if merged_mask is not None:
+        mask = MergedMaskSpec(mask, merged_mask)
+      return new_cache["k"], new_cache["v"], mask, new_cache
+    keys, values, new_cache = k, v, None
+    if cache_length is not None:
+      b, _, kh, dh = k.shape
+      slots = cache_length if mask.window is None else min(mask.window, cache_length)
+      empty = {"k": jnp.zeros((b, kh, slots, dh), k.dtype),
+               "v": jnp.zeros((b, kh, slots, dh), v.dtype),
+               "pos": jnp.full((b, slots), -1, jnp.int32)}
+      new_cache = _write_ring(empty, k, v, positions)
+    if merged_input is not None:
+      # The encoder keys reuse this layer's k/v kernels and k_norm, without RoPE (HF
+      # T5Gemma2MergedAttention); the concatenation lets one softmax weigh both sources.
+      k_enc, v_enc = self.keys_values(merged_input)
+      keys = jnp.concatenate([k, k_enc], axis=1)
+      values = jnp.concatenate([v, v_enc], axis=1)
+      if isinstance(mask, MaskSpec):
+        mask = MergedMaskSpec(mask, merged_mask)
+      else:
+        mask = jnp.concatenate([mask, merged_mask.dense()], axis=-1)
+      if new_cache is not None:
+        new_cache = dict(new_cache,
+                         k=jnp.concatenate([new_cache["k"], _heads_first(k_enc)], axis=2),
+                         v=jnp.concatenate([new_cache["v"], _heads_first(v_enc)], axis=2))
+    return keys, values, mask, new_cache
+
+
+def _heads_first(x: Array) -> Array:
+  """[B, S, K, Dh] -> [B, K, S, Dh], the cache's layout."""
+  return x.transpose(0, 2, 1, 3)
+
+
+def _write_ring(cache: Cache, k: Array, v: Array, positions: Array) -> Cache:
+  """The cache with keys/values [B, T, K, Dh] at `positions` int [B, T] written into their
+  ring slots (position p in slot p % slots; of more than `slots` new tokens only the last
+  ones stay). Buffers longer than the ring (merged attention's encoder part) keep the rest."""
+  slots = cache["pos"].shape[1]
+  keep = min(k.shape[1], slots)
+  k, v, positions = k[:, -keep:], v[:, -keep:], positions[:, -keep:]
+  index = positions % slots  # [B, T]
+  rows = jnp.arange(k.shape[0])[:, None]
+  at = (rows[:, :, None], jnp.arange(k.shape[2])[None, :, None], index[:, None, :])  # [B, K, T]
+
+  def write(buf, new):
+    return buf.at[at].set(_heads_first(new).astype(buf.dtype))
+  return dict(cache, k=write(cache["k"], k), v=write(cache["v"], v),
+              pos=cache["pos"].at[rows, index].set(positions.astype(jnp.int32)))

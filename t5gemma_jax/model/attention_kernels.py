@@ -12,7 +12,7 @@ other keys than in the XLA path (their outputs are never used).
           in Pallas interpret mode (slow, for tests). Sequence lengths must divide into its
           blocks: multiples of 128.
 
-Masks arrive as `attention.MaskSpec` or, for merged attention, `attention.MergedMaskSpec`;
+Masks arrive as `masks.MaskSpec` or, for merged attention, `masks.MergedMaskSpec`;
 cuDNN takes their dense form, splash their static structure plus segment ids.
 """
 
@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+
+from t5gemma_jax.model.masks import MergedMaskSpec, window_offsets
 
 Array = jax.Array
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
@@ -61,7 +63,6 @@ def _block(n: int) -> int:
 def _pattern(masks, shape: tuple[int, int], causal: bool, window: Optional[int],
              split: bool):
   """The splash mask of one `MaskSpec` pattern (segments are applied separately)."""
-  from t5gemma_jax.model.attention import window_offsets
   lo, hi = window_offsets(window, causal, split)
   if lo is None and hi is None:
     return masks.FullMask(shape)
@@ -144,7 +145,6 @@ def splash_attention(q: Array, k: Array, v: Array, mask: Any, *, scale: float,
 
   Pallas interpret mode (slow, exact) whenever the compile target is not a TPU.
   """
-  from t5gemma_jax.model.attention import MergedMaskSpec
   t, s = q.shape[1], k.shape[1]
   group = q.shape[2] // k.shape[2]
   interpret = target_platform() != "tpu"

@@ -85,12 +85,17 @@ class Einsum(nn.Module):
   param_dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, eqn: str, x: Array) -> Array:
+  def __call__(self, eqn: str, x: Array, kernel_shape: Optional[tuple[int, ...]] = None) -> Array:
+    """`einsum(eqn, x, kernel)`; `kernel_shape` reshapes the kernel first (a free, row-major
+    merge of adjacent dimensions) so that the product is a plain matmul."""
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                             in_axis=self.in_axis, out_axis=self.out_axis)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape,
                         self.param_dtype)
-    return jnp.einsum(eqn, x.astype(self.dtype), cast_param(kernel, self.dtype, self.axes))
+    kernel = cast_param(kernel, self.dtype, self.axes)
+    if kernel_shape is not None:
+      kernel = kernel.reshape(kernel_shape)
+    return jnp.einsum(eqn, x.astype(self.dtype), kernel)
 
 
 class RMSNorm(nn.Module):

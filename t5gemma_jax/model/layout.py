@@ -111,3 +111,25 @@ def unrolled_slices(path: tuple[str, ...], cfg: T5GemmaConfig) -> list[tuple[tup
     s = int(path[2][len("block_"):])
     return [((path[0], f"layers_{r * period + s}") + tuple(path[3:]), r) for r in range(repeats)]
   return [(tuple(path), None)]
+
+
+def is_scanned(params: Params) -> bool:
+  """Whether a model's params are in the scanned layout (the encoder owns layers always)."""
+  return "layers" in params["encoder"]
+
+
+def select_beams(cache: Params, rows: jax.Array) -> Params:
+  """A decoding cache (`T5Gemma.start_decode`) with its batch rows gathered by `rows` int [B],
+  each row taking the cache of a beam of the same example.
+
+  Batch is axis 0 except under a scanned `layers` entry, whose leading axis is the layer
+  repeat. Entries made from the encoder output (the encoder segment ids, cross-attention
+  keys) are left alone: beam search moves rows only among a row's own beams, which share
+  them; merged attention keeps its encoder keys in the ring's buffers, which do move.
+  """
+  def pick(path, x):
+    names = [getattr(k, "key", None) for k in path]
+    if names[0] == "encoder_segment_ids" or "cross_attn" in names:
+      return x
+    return jnp.take(x, rows, axis=1 if names[0] == "layers" else 0)
+  return jax.tree_util.tree_map_with_path(pick, cache)

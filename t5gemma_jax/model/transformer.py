@@ -1,4 +1,4 @@
-"""Encoder and decoder blocks, the layer stacks (plain or scanned, with remat), and `T5Gemma`.
+"""The layer stacks (plain or scanned, with remat), the encoder, the decoder and `T5Gemma`.
 
 Parameter tree (unscanned):
   encoder/{embedder/embedding, layers_{i}/..., final_norm/scale}
@@ -11,6 +11,11 @@ only full-attention decoder layers have cross-attention.
 With `scan_layers=True` the leading `R = num_layers // period` repeats of the layer-type pattern
 live under `layers/block_{s}` with a leading [R] axis (logical name "layers"); leftover layers,
 if any, keep their `layers_{i}` names. `t5gemma_jax.model.layout` converts between the two.
+
+Decoding runs the same stacks (`T5Gemma.start_decode`, `T5Gemma.decode_step`). Its cache:
+  {"index": int32 [B] (the next position), "encoder_segment_ids": int32 [B, S],
+   layer entries in the parameters' layout: `layers/block_{s}` with a leading [R] axis
+   (scanned; batch is then axis 1) and/or `layers_{i}`, each a `DecoderBlock` cache}.
 """
 
 from __future__ import annotations
@@ -22,110 +27,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5gemma_jax.config import SLIDING, ModuleConfig, T5GemmaConfig, layer_reads_encoder
-from t5gemma_jax.model import attention as attn_lib
+from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
 from t5gemma_jax.model import layout
-from t5gemma_jax.model.layers import (Embedder, FeedForward, RMSNorm, constrain, embed_tokens,
-                                      embedding_logits)
+from t5gemma_jax.model import masks as masks_lib
+from t5gemma_jax.model.blocks import DecoderBlock, EncoderBlock, remat_policy
+from t5gemma_jax.model.layers import Embedder, RMSNorm, constrain, embed_tokens, embedding_logits
 
 Array = jax.Array
-
-# The matmul outputs that remat_policy="minimal" keeps (see checkpoint_name calls).
-SAVED_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_gate", "mlp_up",
-               "mlp_out")
-
-
-def remat_policy(name: str) -> Optional[Callable]:
-  """Maps a config remat policy name to a jax.checkpoint policy (None = no remat)."""
-  if name == "none":
-    return None
-  if name == "full":
-    return jax.checkpoint_policies.nothing_saveable
-  if name == "minimal":
-    return jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)
-  raise ValueError(f"unknown remat_policy {name!r}")
-
-
-class _SubBlock(nn.Module):
-  """`x + dropout(post_norm(f(pre_norm(x))))`: the wrapper Gemma 2 puts around each sub-layer."""
-
-  cfg: ModuleConfig
-  deterministic: bool
-  param_dtype: Any
-  attention_impl: str = "xla"
-
-  def residual(self, x: Array, f: Callable[[Array], Array], pre: str, post: str) -> Array:
-    norm = dict(eps=self.cfg.rms_norm_eps, param_dtype=self.param_dtype)
-    y = f(RMSNorm(name=pre, **norm)(x))
-    y = RMSNorm(name=post, **norm)(y)
-    y = nn.Dropout(self.cfg.dropout_rate)(y, deterministic=self.deterministic)
-    return x + y
-
-  def attention(self, name: str, layer_type: Optional[str], **kw) -> attn_lib.Attention:
-    """This stack's attention module; `layer_type` None = cross-attention (no RoPE)."""
-    c = self.cfg
-    theta, factor = c.rope_for(layer_type) if layer_type is not None else (None, 1.0)
-    return attn_lib.Attention(c.num_heads, c.num_kv_heads, c.head_dim, c.query_pre_attn_scalar,
-                              c.attn_logit_softcapping, theta, rope_factor=factor,
-                              qk_norm=c.qk_norm, norm_eps=c.rms_norm_eps,
-                              attention_dropout=c.attention_dropout, impl=self.attention_impl,
-                              deterministic=self.deterministic, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name=name, **kw)
-
-
-class EncoderBlock(_SubBlock):
-  """Bidirectional self-attention then the MLP."""
-
-  layer_type: str = SLIDING
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, positions: Array, masks: dict) -> Array:
-    """x [B, S, D]; positions int [B, S]; masks {layer_type: MaskSpec} -> [B, S, D]."""
-    c = self.cfg
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
-    self_attn = self.attention("self_attn", self.layer_type)
-    x = self.residual(x, lambda h: self_attn(h, masks[self.layer_type], positions),
-                      "pre_self_attn_norm", "post_self_attn_norm")
-    mlp = FeedForward(c.hidden_size, c.intermediate_size, c.dropout_rate, name="mlp", **kw)
-    x = self.residual(x, mlp, "pre_ffw_norm", "post_ffw_norm")
-    return constrain(x)
-
-
-class DecoderBlock(_SubBlock):
-  """Causal self-attention, cross-attention over the encoder output, then the MLP.
-
-  With `merged` (T5Gemma 2) the two attentions are one: `self_attn` reads
-  [decoder keys; encoder keys] and there is no cross-attention sub-layer. With
-  `cross_attention_layers="global"` a sliding layer does not read the encoder at all.
-  """
-
-  layer_type: str = SLIDING
-  encoder_hidden_size: int = 0
-  merged: bool = False
-  cross_attention_layers: str = "all"
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, positions: Array, masks: dict, encoded: Array,
-               cross_mask: attn_lib.MaskSpec) -> Array:
-    """x [B, T, D]; encoded [B, S, D_enc]; cross_mask a MaskSpec -> [B, T, D]."""
-    c = self.cfg
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
-    reads_encoder = layer_reads_encoder(self.cross_attention_layers, self.layer_type)
-    self_attn = self.attention("self_attn", self.layer_type)
-    merged = {}
-    if self.merged and reads_encoder:
-      merged = dict(merged_input=encoded, merged_mask=cross_mask)
-    x = self.residual(x, lambda h: self_attn(h, masks[self.layer_type], positions, **merged),
-                      "pre_self_attn_norm", "post_self_attn_norm")
-    if not self.merged and reads_encoder:
-      cross_attn = self.attention("cross_attn", None, kv_features=self.encoder_hidden_size)
-      x = self.residual(x, lambda h: cross_attn(h, cross_mask, kv_input=encoded),
-                        "pre_cross_attn_norm", "post_cross_attn_norm")
-    mlp = FeedForward(c.hidden_size, c.intermediate_size, c.dropout_rate, name="mlp", **kw)
-    x = self.residual(x, mlp, "pre_ffw_norm", "post_ffw_norm")
-    return constrain(x)
 
 
 class _Unit(nn.Module):
@@ -135,27 +43,31 @@ class _Unit(nn.Module):
   layer_types: tuple[str, ...]
 
   @nn.compact
-  def __call__(self, x: Array, *args) -> tuple[Array, None]:
+  def __call__(self, x: Array, *args) -> tuple[Array, dict]:
+    """x, the blocks' inputs, then the unit's cache ({"block_s": ...} or None) -> (x, cache)."""
+    *args, cache = args
+    new = {}
     for s, layer_type in enumerate(self.layer_types):
-      x = self.make_block(layer_type=layer_type, name=f"block_{s}")(x, *args)
-    return x, None
+      name = f"block_{s}"
+      x, new[name] = self.make_block(layer_type=layer_type, name=name)(
+          x, *args, None if cache is None else cache[name])
+    return x, new
 
 
-def _self_masks(cfg: ModuleConfig, segment_ids: Array, causal: bool) -> dict:
+def _self_masks(cfg: ModuleConfig, segment_ids: Array, causal: bool,
+                positions: Optional[Array] = None) -> dict:
   """One self-attention `MaskSpec` per layer type used by the stack."""
-  return {t: attn_lib.MaskSpec(segment_ids, segment_ids, causal,
-                               cfg.sliding_window if t == SLIDING else None,
-                               split_window=cfg.encoder_window == "split")
+  return {t: masks_lib.MaskSpec.for_layer(cfg, t, segment_ids, causal, positions)
           for t in sorted(set(cfg.layer_types))}
 
 
 def _segments_and_positions(tokens, segment_ids, positions, pad_id):
   if segment_ids is None:
-    segment_ids = attn_lib.segment_ids_from_tokens(tokens, pad_id)
+    segment_ids = masks_lib.segment_ids_from_tokens(tokens, pad_id)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
   elif positions is None:
-    positions = attn_lib.positions_from_segments(segment_ids)
+    positions = masks_lib.positions_from_segments(segment_ids)
   return segment_ids, positions
 
 
@@ -165,7 +77,10 @@ class _StackRunner(nn.Module):
   cfg: T5GemmaConfig
 
   def run(self, module_cfg: ModuleConfig, block_cls: type, extra_block_kwargs: dict,
-          x: Array, deterministic: bool, *args, shared_layers: Optional[dict] = None) -> Array:
+          x: Array, deterministic: bool, *args, shared_layers: Optional[dict] = None,
+          cache: Optional[dict] = None) -> tuple[Array, dict]:
+    """Embedded x [B, T, D] through every layer and the final norm -> (x, the layers' caches
+    in the parameter layout, {} entries None outside decoding)."""
     c = self.cfg
     x = nn.Dropout(module_cfg.dropout_rate)(x, deterministic=deterministic)
     x = constrain(x)
@@ -173,11 +88,12 @@ class _StackRunner(nn.Module):
                         param_dtype=c.parameter_dtype, attention_impl=c.attention_impl,
                         **extra_block_kwargs)
     if shared_layers is None:
-      x = self.run_layers(module_cfg, block_cls, block_kwargs, x, *args)
+      x, cache = self.run_layers(module_cfg, block_cls, block_kwargs, x, *args, cache=cache)
     else:
-      x = self.run_shared_layers(module_cfg, block_cls, block_kwargs, shared_layers, x, *args)
+      x, cache = self.run_shared_layers(module_cfg, block_cls, block_kwargs, shared_layers, x,
+                                        *args, cache=cache)
     x = RMSNorm(module_cfg.rms_norm_eps, param_dtype=c.parameter_dtype, name="final_norm")(x)
-    return nn.Dropout(module_cfg.dropout_rate)(x, deterministic=deterministic)
+    return nn.Dropout(module_cfg.dropout_rate)(x, deterministic=deterministic), cache
 
   def _block_factory(self, module_cfg: ModuleConfig, block_cls: type, block_kwargs: dict):
     policy = remat_policy(self.cfg.remat_policy)
@@ -192,7 +108,8 @@ class _StackRunner(nn.Module):
     return make_block, types, period, repeats
 
   def run_shared_layers(self, module_cfg: ModuleConfig, block_cls: type, block_kwargs: dict,
-                        shared: dict, x: Array, *args) -> Array:
+                        shared: dict, x: Array, *args,
+                        cache: Optional[dict] = None) -> tuple[Array, dict]:
     """Runs every layer with parameters owned by another stack (`share_blocks`).
 
     `shared` is that stack's params in the same layout (`layers/block_{s}` with a leading [R]
@@ -202,10 +119,12 @@ class _StackRunner(nn.Module):
     make_block, types, period, repeats = self._block_factory(module_cfg, block_cls,
                                                              block_kwargs)
     rng = None if block_kwargs["deterministic"] else self.make_rng("dropout")
+    cache = cache or {}
+    new = {}
 
-    def apply(module, params, x, rng):
+    def apply(module, params, x, layer_cache, rng):
       rngs = {} if rng is None else {"dropout": rng}
-      return module.apply({"params": params}, x, *args, rngs=rngs)
+      return module.apply({"params": params}, x, *args, layer_cache, rngs=rngs)
 
     def next_rng(rng):
       return (None, None) if rng is None else tuple(jax.random.split(rng))
@@ -213,31 +132,41 @@ class _StackRunner(nn.Module):
     if repeats:
       unit = _Unit(make_block, types[:period], parent=None)
 
-      def body(carry, unit_params):
+      def body(carry, xs):
         x, rng = carry
         rng, sub = next_rng(rng)
-        return (apply(unit, unit_params, x, sub)[0], rng), None
+        unit_params, unit_cache = xs
+        x, unit_cache = apply(unit, unit_params, x, unit_cache, sub)
+        return (x, rng), unit_cache
 
-      (x, rng), _ = jax.lax.scan(body, (x, rng), shared["layers"])
+      (x, rng), new["layers"] = jax.lax.scan(body, (x, rng),
+                                             (shared["layers"], cache.get("layers")))
     for i in range(repeats * period, len(types)):
       rng, sub = next_rng(rng)
-      x = apply(make_block(layer_type=types[i], parent=None), shared[f"layers_{i}"], x, sub)
-    return x
+      name = f"layers_{i}"
+      x, new[name] = apply(make_block(layer_type=types[i], parent=None), shared[name], x,
+                           cache.get(name), sub)
+    return x, new
 
   def run_layers(self, module_cfg: ModuleConfig, block_cls: type, block_kwargs: dict, x: Array,
-                 *args) -> Array:
-    """Runs every layer, unrolled or scanned over the repeating unit of layer types."""
+                 *args, cache: Optional[dict] = None) -> tuple[Array, dict]:
+    """Runs every layer, unrolled or scanned over the repeating unit of layer types (the
+    scanned cache too: one slice of it per repeat)."""
     make_block, types, period, repeats = self._block_factory(module_cfg, block_cls,
                                                              block_kwargs)
+    cache = cache or {}
+    new = {}
     if repeats:
       scanned = nn.scan(_Unit, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast,) * len(args), length=repeats,
+                        in_axes=(nn.broadcast,) * len(args) + (0,), length=repeats,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(make_block, types[:period], name="layers")(x, *args)
+      x, new["layers"] = scanned(make_block, types[:period], name="layers")(
+          x, *args, cache.get("layers"))
     for i in range(repeats * period, len(types)):
-      x = make_block(layer_type=types[i], name=f"layers_{i}")(x, *args)
-    return x
+      name = f"layers_{i}"
+      x, new[name] = make_block(layer_type=types[i], name=name)(x, *args, cache.get(name))
+    return x, new
 
   def embedder(self, module_cfg: ModuleConfig) -> Embedder:
     return Embedder(module_cfg.vocab_size, module_cfg.hidden_size, eoi_id=self.cfg.eoi_id,
@@ -257,25 +186,42 @@ class Encoder(_StackRunner):
                                                      self.cfg.pad_id)
     x = self.embedder(mc).encode(tokens)
     masks = _self_masks(mc, segment_ids, causal=False)
-    return self.run(mc, EncoderBlock, {}, x, deterministic, positions, masks)
+    return self.run(mc, EncoderBlock, {}, x, deterministic, positions, masks)[0]
 
 
 class Decoder(_StackRunner):
   """Causal decoder with cross-attention; its embedding is tied to the output layer."""
 
   @nn.compact
-  def __call__(self, encoded: Array, encoder_segment_ids: Array, tokens: Array,
-               segment_ids: Optional[Array] = None, positions: Optional[Array] = None,
-               deterministic: bool = True, shared_embedder: Optional[dict] = None,
-               shared_layers: Optional[dict] = None) -> Array:
-    """Returns float32 logits [B, T, V], softcapped by final_logit_softcapping.
+  def __call__(self, encoded: Optional[Array], encoder_segment_ids: Optional[Array],
+               tokens: Array, segment_ids: Optional[Array] = None,
+               positions: Optional[Array] = None, deterministic: bool = True,
+               shared_embedder: Optional[dict] = None, shared_layers: Optional[dict] = None,
+               cache: Optional[dict] = None,
+               cache_length: Optional[int] = None) -> tuple[Array, Optional[dict]]:
+    """Returns (float32 logits [B, T, V] softcapped by final_logit_softcapping, the decoding
+    cache or None).
 
     `shared_embedder` is the encoder's embedder params (with `cfg.shared_embedding`) and
     `shared_layers` its layer params (with `cfg.share_blocks`); this stack then creates no
-    table / no layers of its own.
+    table / no layers of its own. `cache_length` starts decoding (the cache is built from
+    these tokens, positions from 0); `cache` is a cached step: one new token per row right
+    after the cached ones, `encoded` and `encoder_segment_ids` then unused (None).
     """
     c, mc = self.cfg, self.cfg.decoder
-    segment_ids, positions = _segments_and_positions(tokens, segment_ids, positions, c.pad_id)
+    if cache_length is not None and tokens.shape[1] > cache_length:
+      raise ValueError(f"cache_length {cache_length} cannot hold the {tokens.shape[1]} tokens "
+                       "decoding starts from")
+    if cache is not None:
+      if tokens.shape[1] != 1:
+        raise ValueError(f"a cached decoding step takes one token per row, got {tokens.shape}")
+      positions = cache["index"][:, None]
+      segment_ids = jnp.ones_like(tokens, jnp.int32)
+      encoder_segment_ids = cache["encoder_segment_ids"]
+      masks = _self_masks(mc, segment_ids, True, positions)
+    else:
+      segment_ids, positions = _segments_and_positions(tokens, segment_ids, positions, c.pad_id)
+      masks = _self_masks(mc, segment_ids, causal=True)
     if c.shared_embedding:
       table = shared_embedder["embedding"]
       x = embed_tokens(table, tokens, c.activation_dtype, c.eoi_id,
@@ -284,24 +230,30 @@ class Decoder(_StackRunner):
     else:
       embedder = self.embedder(mc)
       x, to_logits = embedder.encode(tokens), embedder.decode
-    masks = _self_masks(mc, segment_ids, causal=True)
-    cross_mask = attn_lib.MaskSpec(segment_ids, encoder_segment_ids)
+    cross_mask = masks_lib.MaskSpec(segment_ids, encoder_segment_ids)
     block_kwargs = {"encoder_hidden_size": c.encoder.hidden_size, "merged": c.merged_attention,
-                    "cross_attention_layers": c.cross_attention_layers}
-    x = self.run(mc, DecoderBlock, block_kwargs, x, deterministic, positions, masks, encoded,
-                 cross_mask, shared_layers=shared_layers)
+                    "cross_attention_layers": c.cross_attention_layers,
+                    "cache_length": cache_length}
+    x, layer_caches = self.run(mc, DecoderBlock, block_kwargs, x, deterministic, positions,
+                               masks, encoded, cross_mask, shared_layers=shared_layers,
+                               cache=None if cache is None else layout.layer_params(cache))
     logits = to_logits(x)
     cap = mc.final_logit_softcapping
     if cap is not None:
       logits = cap * jnp.tanh(logits / cap)
-    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    if cache is None and cache_length is None:
+      return logits, None
+    return logits, {"index": positions[:, -1] + 1, "encoder_segment_ids": encoder_segment_ids,
+                    **layer_caches}
 
 
 class T5Gemma(nn.Module):
   """The T5Gemma encoder-decoder.
 
   `__call__` runs both stacks; `encode` and `decode` run one each (decode takes the encoder's
-  tokens or segment ids to mask cross-attention).
+  tokens or segment ids to mask cross-attention); `start_decode` and `decode_step` decode with
+  a cache through the same modules.
   """
 
   cfg: T5GemmaConfig
@@ -316,6 +268,15 @@ class T5Gemma(nn.Module):
     return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
                         deterministic)
 
+  def _shared(self) -> tuple[Optional[dict], Optional[dict]]:
+    """The encoder's table / blocks the decoder reads, from the variables (the encoder need
+    not run here)."""
+    if not (self.cfg.shared_embedding or self.cfg.share_blocks):
+      return None, None
+    encoder_params = nn.meta.unbox(self.encoder.variables["params"])
+    return (encoder_params["embedder"] if self.cfg.shared_embedding else None,
+            layout.layer_params(encoder_params) if self.cfg.share_blocks else None)
+
   def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
              encoder_segment_ids: Optional[Array] = None,
              decoder_segment_ids: Optional[Array] = None,
@@ -323,16 +284,33 @@ class T5Gemma(nn.Module):
     """encoded [B, S, D_enc], tokens int32 [B, S] and [B, T] -> float32 logits [B, T, V]."""
     _check_segments(encoder_segment_ids, decoder_segment_ids)
     if encoder_segment_ids is None:
-      encoder_segment_ids = attn_lib.segment_ids_from_tokens(encoder_input_tokens,
-                                                             self.cfg.pad_id)
-    # The encoder's table / blocks, read from the variables (the encoder need not run here).
-    encoder_params = None
-    if self.cfg.shared_embedding or self.cfg.share_blocks:
-      encoder_params = nn.meta.unbox(self.encoder.variables["params"])
-    shared_embedder = encoder_params["embedder"] if self.cfg.shared_embedding else None
-    shared_layers = layout.layer_params(encoder_params) if self.cfg.share_blocks else None
+      encoder_segment_ids = masks_lib.segment_ids_from_tokens(encoder_input_tokens,
+                                                              self.cfg.pad_id)
     return self.decoder(encoded, encoder_segment_ids, decoder_input_tokens, decoder_segment_ids,
-                        decoder_positions, deterministic, shared_embedder, shared_layers)
+                        decoder_positions, deterministic, *self._shared())[0]
+
+  def start_decode(self, encoded: Array, encoder_segment_ids: Array,
+                   decoder_input_tokens: Array, cache_length: int) -> tuple[Array, dict]:
+    """Teacher-forces the first decoder tokens and starts the decoding cache.
+
+    Args:
+      encoded: [B, S, D_enc] encoder output; encoder_segment_ids: int32 [B, S] (0 = padding).
+      decoder_input_tokens: int32 [B, T], BOS first, no padding (usually T = 1).
+      cache_length: decoder positions the cache holds (>= T plus the steps to come).
+
+    Returns:
+      (float32 logits [B, T, V], the cache: see the module docstring).
+    """
+    shared_embedder, shared_layers = self._shared()
+    return self.decoder(encoded, encoder_segment_ids, decoder_input_tokens,
+                        shared_embedder=shared_embedder, shared_layers=shared_layers,
+                        cache_length=cache_length)
+
+  def decode_step(self, decoder_input_tokens: Array, cache: dict) -> tuple[Array, dict]:
+    """One more token per row: int32 [B, 1] -> (float32 logits [B, 1, V], updated cache)."""
+    shared_embedder, shared_layers = self._shared()
+    return self.decoder(None, None, decoder_input_tokens, shared_embedder=shared_embedder,
+                        shared_layers=shared_layers, cache=cache)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                encoder_segment_ids: Optional[Array] = None,

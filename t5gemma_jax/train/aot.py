@@ -202,12 +202,7 @@ def compile_decode(cfg: loop.TrainConfig, mesh, steps: Optional[loop.Steps] = No
   """Lowers and compiles greedy decoding (encode, then the cached decoder loop) as evaluation
   runs it: the training params as sharded, a batch of `decode.batch_size` rows (rounded up
   to the data-parallel size) of the run's input length, `decode.max_new_tokens` steps."""
-  run = decoding.generate_function(decoding.decoding_config(cfg.model), "greedy",
-                                   cfg.decode.max_new_tokens)
-
-  def generate(params, tokens, rng):
-    return run(decoding.decoding_layout(params, cfg.model)[0], tokens, rng)
-
+  generate = decoding.generate_function(cfg.model, "greedy", cfg.decode.max_new_tokens)
   steps = steps or loop.build_steps(cfg, mesh)
   parallel = sharding.data_parallel_size(mesh)
   rows = -(-cfg.decode.batch_size // parallel) * parallel

@@ -22,8 +22,8 @@ from typing import Any, Optional, Union
 import jax
 
 from t5gemma_jax.chips import CHIPS
-from t5gemma_jax.config import SLIDING, ModuleConfig, T5GemmaConfig
-from t5gemma_jax.model.attention import window_offsets
+from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
+from t5gemma_jax.model.masks import layer_offsets, window_offsets
 
 # Dense (not 2:4 sparse) bf16 matmul peak per chip in FLOP/s. Keys are `device_kind` strings.
 # TPUs come from `chips.CHIPS` (figures and sources there), also under "TPU v5e"-style names.
@@ -71,9 +71,7 @@ def layer_pairs(module: ModuleConfig, layer_type: str, length: int, causal: bool
   """
   if dense:
     return length * length
-  window = module.sliding_window if layer_type == SLIDING else None
-  lo, hi = window_offsets(window, causal, module.encoder_window == "split")
-  return window_pairs(length, length, lo, hi)
+  return window_pairs(length, length, *layer_offsets(module, layer_type, causal))
 
 
 def bidirectional_pairs(length: int, window: Optional[int] = None, split: bool = False) -> int:
