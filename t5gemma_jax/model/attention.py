@@ -1,13 +1,15 @@
 """Gemma attention: one module for training and decoding (self- and cross-attention, GQA,
 softcap, T5Gemma 2's merged attention), with an optional KV cache.
 
-Masks come from `t5gemma_jax.model.masks`. A decoding cache per attention module, heads
-before time (what the attention product reads, so a step copies nothing):
-  self-attention: {"k", "v": [B, K, slots (+ S), Dh], "pos": int32 [B, slots]}: a ring of
-    `slots` positions (the sliding window on sliding layers, every position on full ones);
-    position p lives in slot p % slots, "pos" holds which (-1 = empty). With merged attention
-    the encoder's S keys follow the ring in the same buffers, projected once.
-  cross-attention: {"k", "v": [B, K, S, Dh]}: the encoder's keys and values, projected once.
+Masks come from `t5gemma_jax.model.masks`. A decoding cache per attention module, laid out
+as the attention products read it (heads first, keys transposed), so that a step copies
+nothing (XLA transposed every cached key on every step otherwise):
+  self-attention: {"k": [B, K, Dh, slots (+ S)], "v": [B, K, slots (+ S), Dh],
+    "pos": int32 [B, slots]}: a ring of `slots` positions (the sliding window on sliding
+    layers, every position on full ones); position p lives in slot p % slots, "pos" holds
+    which (-1 = empty). With merged attention the encoder's S keys follow the ring in the same
+    buffers, projected once.
+  cross-attention: {"k": [B, K, Dh, S], "v": [B, K, S, Dh]}: the encoder's, projected once.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: f
   Query head j reads kv head j // (H / K), the layout of HF's `repeat_kv`.
 
   Args:
-    q: [B, T, H, Dh]; k, v: [B, S, K, Dh], or [B, K, S, Dh] with `heads_first` (the decode
-      cache's layout); mask: bool [B, T, S].
+    q: [B, T, H, Dh]; k, v: [B, S, K, Dh], or with `heads_first` (the decode cache's layout)
+      k [B, K, Dh, S] and v [B, K, S, Dh]; mask: bool [B, T, S].
     scale: multiplies q.k (query_pre_attn_scalar ** -0.5).
     softcap: c in `c * tanh(s / c)`, applied before the mask; None disables it.
 
@@ -50,10 +52,13 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, *, scale: f
   # Heads before time, explicitly: XLA's CPU dot emitter then multiplies contiguous
   # [T, Dh] x [Dh, S] tiles (3x faster than letting the einsum pick strided operands).
   q = q.reshape(b, t, kv_heads, h // kv_heads, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
-  if not heads_first:
+  if heads_first:
+    scores = jnp.einsum("bkgth,bkhs->bkgts", q, k, preferred_element_type=jnp.float32)
+  else:
     k = k.transpose(0, 2, 1, 3)  # [B, K, S, Dh]
     v = v.transpose(0, 2, 1, 3)
-  scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * scale
   if softcap is not None:
     scores = softcap * jnp.tanh(scores / softcap)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
@@ -155,7 +160,7 @@ class Attention(nn.Module):
         k, v, new_cache = cache["k"], cache["v"], cache
       else:
         k, v = self.keys_values(kv_input)
-        new_cache = {"k": _heads_first(k), "v": _heads_first(v)} if decoding else None
+        new_cache = {"k": _keys_layout(k), "v": _values_layout(v)} if decoding else None
     else:
       if kv_input is not None:
         raise ValueError("RoPE applies to self-attention only; got kv_input with rope_theta set")
@@ -201,7 +206,7 @@ class Attention(nn.Module):
     if cache_length is not None:
       b, _, kh, dh = k.shape
       slots = cache_length if mask.window is None else min(mask.window, cache_length)
-      empty = {"k": jnp.zeros((b, kh, slots, dh), k.dtype),
+      empty = {"k": jnp.zeros((b, kh, dh, slots), k.dtype),
                "v": jnp.zeros((b, kh, slots, dh), v.dtype),
                "pos": jnp.full((b, slots), -1, jnp.int32)}
       new_cache = _write_ring(empty, k, v, positions)
@@ -217,14 +222,19 @@ class Attention(nn.Module):
         mask = jnp.concatenate([mask, merged_mask.dense()], axis=-1)
       if new_cache is not None:
         new_cache = dict(new_cache,
-                         k=jnp.concatenate([new_cache["k"], _heads_first(k_enc)], axis=2),
-                         v=jnp.concatenate([new_cache["v"], _heads_first(v_enc)], axis=2))
+                         k=jnp.concatenate([new_cache["k"], _keys_layout(k_enc)], axis=3),
+                         v=jnp.concatenate([new_cache["v"], _values_layout(v_enc)], axis=2))
     return keys, values, mask, new_cache
 
 
-def _heads_first(x: Array) -> Array:
-  """[B, S, K, Dh] -> [B, K, S, Dh], the cache's layout."""
-  return x.transpose(0, 2, 1, 3)
+def _keys_layout(k: Array) -> Array:
+  """Keys [B, S, K, Dh] -> [B, K, Dh, S], the cache's layout."""
+  return k.transpose(0, 2, 3, 1)
+
+
+def _values_layout(v: Array) -> Array:
+  """Values [B, S, K, Dh] -> [B, K, S, Dh], the cache's layout."""
+  return v.transpose(0, 2, 1, 3)
 
 
 def _write_ring(cache: Cache, k: Array, v: Array, positions: Array) -> Cache:
@@ -236,9 +246,10 @@ def _write_ring(cache: Cache, k: Array, v: Array, positions: Array) -> Cache:
   k, v, positions = k[:, -keep:], v[:, -keep:], positions[:, -keep:]
   index = positions % slots  # [B, T]
   rows = jnp.arange(k.shape[0])[:, None]
-  at = (rows[:, :, None], jnp.arange(k.shape[2])[None, :, None], index[:, None, :])  # [B, K, T]
-
-  def write(buf, new):
-    return buf.at[at].set(_heads_first(new).astype(buf.dtype))
-  return dict(cache, k=write(cache["k"], k), v=write(cache["v"], v),
+  rows_, heads, slot = rows[:, :, None], jnp.arange(k.shape[2])[None, :, None], index[:, None, :]
+  # Both index [B, K, T] (+ Dh): the advanced indices come first whatever sits between them.
+  new_k = _values_layout(k).astype(cache["k"].dtype)
+  new_v = _values_layout(v).astype(cache["v"].dtype)
+  return dict(cache, k=cache["k"].at[rows_, heads, :, slot].set(new_k),
+              v=cache["v"].at[rows_, heads, slot].set(new_v),
               pos=cache["pos"].at[rows, index].set(positions.astype(jnp.int32)))
