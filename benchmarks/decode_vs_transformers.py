@@ -89,6 +89,25 @@ def bandwidth_gbs(repeats: int = 20) -> float:
   return a.nbytes / best / 1e9
 
 
+def chain_gbs(count: int = 128) -> float:
+  """GB/s of `count` dependent [1, 512] x [512, 1024] float32 matvecs (2 MB weights each,
+  the shape of a decoder layer's): what XLA reaches on small products, which it runs on
+  one thread (1.0x on one core vs 1.7x for the large matvec, measured here)."""
+  rng = np.random.default_rng(0)
+  weights = [jnp.asarray(rng.normal(0, 0.04, (512, 1024)).astype(np.float32))
+             for _ in range(count)]
+
+  def chain(weights, x):
+    for w in weights:
+      x = jnp.tanh(x @ w)[:, :512]
+    return x
+  f = jax.jit(chain)
+  x = jnp.ones((1, 512), jnp.float32)
+  jax.block_until_ready(f(weights, x))
+  best = min(timed(lambda: jax.block_until_ready(f(weights, x)), 1) for _ in range(5))
+  return count * 512 * 1024 * 4 / best / 1e9
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
   """GFLOP/s of a jitted float32 n x n matmul (best of `repeats`)."""
   a = jnp.ones((n, n), jnp.float32)
@@ -195,10 +214,11 @@ def main() -> int:
                       help="also decode with bfloat16 weights and activations (other numerics)")
   parser.add_argument("--compile_depths", nargs="*", type=int, default=[2, 24])
   args = parser.parse_args()
-  gbs, gflops = bandwidth_gbs(), matmul_gflops()
+  gbs, gflops, small = bandwidth_gbs(), matmul_gflops(), chain_gbs()
   print(f"{jax.device_count()} {jax.devices()[0].platform} device(s); float32 matvec "
-        f"bandwidth {gbs:.1f} GB/s, matmul {gflops:.0f} GFLOP/s; greedy, {args.input_length} "
-        f"input tokens, {args.new_tokens} new tokens")
+        f"bandwidth {gbs:.1f} GB/s (a chain of 2 MB matvecs: {small:.1f} GB/s), matmul "
+        f"{gflops:.0f} GFLOP/s; greedy, {args.input_length} input tokens, {args.new_tokens} "
+        "new tokens")
   if args.models:
     print(f"{'model':16} {'batch':>5} {'ours tok/s':>10} {'limit':>10} {'bound':>5} "
           f"{'of lim':>7} {'hf tok/s':>9} {'hf/ours':>7} {'compile':>8}")

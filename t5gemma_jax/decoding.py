@@ -212,10 +212,16 @@ def generate_function(cfg: T5GemmaConfig, strategy: str = "greedy", max_new_toke
     ids = dict(max_new_tokens=max_new_tokens, eos_id=cfg.eos_id, pad_id=cfg.pad_id,
                min_new_tokens=min_new_tokens)
     if strategy == "beam":
-      return beam_search(logits[:, 0], cache, tokens_to_logits, layout.select_beams,
-                         num_beams=num_beams, length_penalty=length_penalty, **ids)
-    return sample_search(logits[:, 0], cache, tokens_to_logits, rng=rng, strategy=strategy,
-                         temperature=temperature, top_k=top_k, top_p=top_p, **ids)
+      out = beam_search(logits[:, 0], cache, tokens_to_logits, layout.select_beams,
+                        num_beams=num_beams, length_penalty=length_penalty, **ids)
+    else:
+      out = sample_search(logits[:, 0], cache, tokens_to_logits, rng=rng, strategy=strategy,
+                          temperature=temperature, top_k=top_k, top_p=top_p, **ids)
+    if not jax.sharding.get_abstract_mesh().empty:
+      # Under a mesh (training's, with its rules) the rows come out sharded like the batch;
+      # the few tokens are replicated so that every process can read them all.
+      out = jax.lax.with_sharding_constraint(out, jax.sharding.PartitionSpec())
+    return out
 
   return run
 
