@@ -12,7 +12,10 @@ slot and the encoder keys/values: masked slots are read too). Bytes per step ove
 bandwidth that a large float32 matvec reaches in this same run gives the fastest a step can
 be ("mem"); at larger batches the step's FLOPs (2 per weight per row, plus attention over the
 cache) over a large matmul's FLOP/s in this run may bound it instead ("flop"). tokens/s
-limit = batch / the slower of the two. Ours is the whole `generate` call (encoder, first
+limit = batch / the slower of the two. "xla lim" is the same limit with the decoder layers'
+weights read at the speed XLA's CPU backend reaches on small matrix-vector products (a chain of
+2 MB matvecs, measured in this run: it runs them on one thread); the output table and the
+cache at the full bandwidth. Ours is the whole `generate` call (encoder, first
 step and the loop), each row decoding exactly `--new_tokens` (EOS forbidden until then, on
 both sides: `min_new_tokens`). `--compile_depths` compiles decoding for decoders of those
 depths (scanned) and prints the compile-time ratio, which should stay near 1.
@@ -117,11 +120,10 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / best / 1e9
 
 
-def step_cost(params, cfg, batch: int, input_length: int,
-              new_tokens: int) -> tuple[int, float]:
-  """(bytes, FLOPs) of one decoding step: it reads the weights it uses and the whole decode
+def step_cost(params, cfg, batch: int, input_length: int, new_tokens: int) -> dict:
+  """Bytes and FLOPs of one decoding step: it reads the weights it uses and the whole decode
   cache; it multiplies each weight once per row and each cached key/value once per query
-  head that reads it."""
+  head that reads it. {"bytes", "flops", "large_bytes": the output table and the cache}."""
   used = [params["decoder"]]
   if cfg.shared_embedding:
     used.append(params["encoder"]["embedder"])
@@ -139,7 +141,9 @@ def step_cost(params, cfg, batch: int, input_length: int,
   cache = jax.eval_shape(start, params)
   cached = sum(x.size for x in jax.tree_util.tree_leaves(cache) if x.ndim > 2)
   group = cfg.decoder.num_heads // cfg.decoder.num_kv_heads
-  return weights + nbytes(cache), 2.0 * (batch * elements + group * cached)
+  table = (params["encoder"] if cfg.shared_embedding else params["decoder"])["embedder"]
+  return {"bytes": weights + nbytes(cache), "large_bytes": nbytes(table) + nbytes(cache),
+          "flops": 2.0 * (batch * elements + group * cached)}
 
 
 def hf_model_for(params, cfg):
@@ -165,7 +169,7 @@ def hf_seconds(hf_model, enc, new_tokens, repeats):
   return timed(run, repeats)
 
 
-def decode_rows(name, params, cfg, args, gbs, gflops, hf_model, label=""):
+def decode_rows(name, params, cfg, args, speeds, hf_model, label=""):
   for batch in args.batches:
     enc = np.random.default_rng(batch).integers(
         3, cfg.vocab_size - 1, (batch, args.input_length)).astype(np.int32)
@@ -176,16 +180,20 @@ def decode_rows(name, params, cfg, args, gbs, gflops, hf_model, label=""):
     compile_s = time.perf_counter() - start
     ours = timed(run, args.repeats)
     tokens = batch * args.new_tokens
-    step_bytes, step_flops = step_cost(params, cfg, batch, args.input_length, args.new_tokens)
-    mem_s, flop_s = step_bytes / (gbs * 1e9), step_flops / (gflops * 1e9)
+    gbs, gflops, small = speeds
+    cost = step_cost(params, cfg, batch, args.input_length, args.new_tokens)
+    mem_s, flop_s = cost["bytes"] / (gbs * 1e9), cost["flops"] / (gflops * 1e9)
     limit, bound = batch / max(mem_s, flop_s), "mem" if mem_s >= flop_s else "flop"
+    xla_s = (cost["bytes"] - cost["large_bytes"]) / (small * 1e9) + cost["large_bytes"] / (
+        gbs * 1e9)
+    xla_limit = batch / max(xla_s, flop_s)
     hf_text, ratio_text = "-", "-"
     if hf_model is not None:
       hf_s = hf_seconds(hf_model, enc, args.new_tokens, args.repeats)
       hf_text, ratio_text = f"{tokens / hf_s:,.0f}", f"{hf_s / ours:.1f}x"
     print(f"{name + label:16} {batch:5d} {tokens / ours:10,.0f} {limit:10,.0f} {bound:>5} "
-          f"{100 * tokens / ours / limit:6.0f}% {hf_text:>9} {ratio_text:>7} {compile_s:8.1f}",
-          flush=True)
+          f"{100 * tokens / ours / limit:6.0f}% {100 * tokens / ours / xla_limit:7.0f}% "
+          f"{hf_text:>9} {ratio_text:>7} {compile_s:8.1f}", flush=True)
 
 
 def compile_seconds(depth: int, new_tokens: int, input_length: int) -> float:
@@ -221,7 +229,7 @@ def main() -> int:
         "new tokens")
   if args.models:
     print(f"{'model':16} {'batch':>5} {'ours tok/s':>10} {'limit':>10} {'bound':>5} "
-          f"{'of lim':>7} {'hf tok/s':>9} {'hf/ours':>7} {'compile':>8}")
+          f"{'of lim':>7} {'xla lim':>8} {'hf tok/s':>9} {'hf/ours':>7} {'compile':>8}")
   for name in args.models:
     cfg = model_config(name)
     params = random_params(cfg)
@@ -231,12 +239,12 @@ def main() -> int:
       torch.set_num_threads(os.cpu_count() or 1)
       hf_model = hf_model_for(params, cfg)
     params = jax.device_put(params)  # weights live on the device, as in real use
-    decode_rows(name, params, cfg, args, gbs, gflops, hf_model)
+    decode_rows(name, params, cfg, args, (gbs, gflops, small), hf_model)
     del hf_model
     if args.bf16:
       half = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
       decode_rows(name, jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params),
-                  half, args, gbs, gflops, None, label=" bf16")
+                  half, args, (gbs, gflops, small), None, label=" bf16")
   if args.compile_depths:
     times = {d: compile_seconds(d, args.new_tokens, args.input_length)
              for d in args.compile_depths}
