@@ -134,9 +134,10 @@ def step_cost(params, cfg, batch: int, input_length: int, new_tokens: int) -> di
   net = model.T5Gemma(cfg)
 
   def start(params):
-    tokens = jnp.ones((batch, input_length), jnp.int32)
+    tokens = jnp.ones((batch, input_length), jnp.int32)  # every row full: segment ids 1
     encoded = net.apply({"params": params}, tokens, method=net.encode)
-    return net.apply({"params": params}, encoded, tokens, tokens[:, :1], new_tokens,
+    bos = jnp.full((batch, 1), cfg.bos_id, jnp.int32)
+    return net.apply({"params": params}, encoded, jnp.ones_like(tokens), bos, new_tokens,
                      method=net.start_decode)[1]
   cache = jax.eval_shape(start, params)
   cached = sum(x.size for x in jax.tree_util.tree_leaves(cache) if x.ndim > 2)

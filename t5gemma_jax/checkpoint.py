@@ -26,6 +26,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from t5gemma_jax.damaged_checkpoints import DamagedCheckpointError, agree, brief, recorded_items
 from t5gemma_jax.damaged_checkpoints import set_aside, silence_read_noise
+from t5gemma_jax.model import layout
 
 STATE = "state"
 DATA_ITERATOR = "data_iterator"
@@ -285,8 +286,8 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
   try:
     step = _resolve_step(manager, step, path)
     target = abstract_params
-    saved_scanned = _scanned(_saved_tree(manager, step)["params"])
-    converting = cfg is not None and saved_scanned != _scanned(abstract_params)
+    saved_scanned = layout.is_scanned(_saved_tree(manager, step)["params"])
+    converting = cfg is not None and saved_scanned != layout.is_scanned(abstract_params)
     if converting:
       target = _in_layout(abstract_params, cfg, saved_scanned)
     _check_shapes(manager, step, {"params": target}, path)  # requires shardings on every leaf
@@ -298,7 +299,6 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
   finally:
     manager.close()
   if converting:
-    from t5gemma_jax.model import layout
     want = cfg.replace(scan_layers=not saved_scanned)
     params = jax.jit(lambda p: layout.to_layout(p, want),
                      out_shardings=jax.tree_util.tree_map(lambda a: a.sharding,
@@ -319,10 +319,6 @@ def latest_step(directory: str) -> Optional[int]:
     return manager.latest_step()
   finally:
     manager.close()
-
-
-def _scanned(params: Any) -> bool:
-  return isinstance(params, dict) and "layers" in params.get("encoder", {})
 
 
 def _in_layout(abstract_params: Any, cfg: Any, scanned: bool) -> Any:

@@ -7,7 +7,7 @@ Unrolled: `{encoder,decoder}/layers_{i}/...`. Scanned (`scan_layers=True`): the 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -113,9 +113,10 @@ def unrolled_slices(path: tuple[str, ...], cfg: T5GemmaConfig) -> list[tuple[tup
   return [(tuple(path), None)]
 
 
-def is_scanned(params: Params) -> bool:
-  """Whether a model's params are in the scanned layout (the encoder owns layers always)."""
-  return "layers" in params["encoder"]
+def is_scanned(params: Any) -> bool:
+  """Whether a model's params (or a tree of their shapes) are in the scanned layout: the
+  encoder always owns its layers, so its entries tell."""
+  return isinstance(params, Mapping) and "layers" in params.get("encoder", {})
 
 
 def select_beams(cache: Params, rows: jax.Array) -> Params:

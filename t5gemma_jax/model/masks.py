@@ -101,7 +101,7 @@ class MaskSpec:
     split_window: use T5Gemma 2's bidirectional window (ignored when causal).
     q_positions, kv_positions: int [B, T] / [B, S] indices the window compares (j - i). None
       = the row's own order, arange; a decode step sets them (its query sits at position t,
-      its keys in ring slots: `over_keys`). Fused kernels take only the default.
+      its keys in ring slots: `over_keys`; such steps take the XLA path).
   """
 
   q_segments: Array
@@ -122,11 +122,6 @@ class MaskSpec:
   def over_keys(self, kv_segments: Array, kv_positions: Array) -> "MaskSpec":
     """This pattern with other keys: e.g. a decode cache's slots (segment 0 = empty slot)."""
     return self.replace(kv_segments=kv_segments, kv_positions=kv_positions)
-
-  @property
-  def indexed(self) -> bool:
-    """Whether explicit positions are set (then only the XLA path applies)."""
-    return self.q_positions is not None or self.kv_positions is not None
 
   def dense(self) -> Array:
     """The boolean [B, T, S] mask (True = may attend)."""
@@ -161,10 +156,6 @@ class MergedMaskSpec:
 
   self_mask: MaskSpec
   cross_mask: MaskSpec
-
-  @property
-  def indexed(self) -> bool:
-    return self.self_mask.indexed or self.cross_mask.indexed
 
   def dense(self) -> Array:
     """The boolean [B, T, T + S] mask (True = may attend)."""
