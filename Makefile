@@ -21,7 +21,8 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# The quick tier: everything but the tests marked slow (TPU compiles).
+# The quick tier (about 3 minutes here): everything but the tests marked slow (subprocess
+# trainings, multi-process runs, TPU compiles, the longest numerics checks).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 

@@ -39,9 +39,9 @@ setup(
     name="t5gemma-jax",
     version="0.1.0",
     description="T5Gemma encoder-decoder models in JAX/Flax: exact numerics, sharded training.",
-    packages=find_packages(include=["t5gemma_jax", "t5gemma_jax.*", "tasks", "tasks.*"]),
+    packages=find_packages(include=["t5gemma_jax", "t5gemma_jax.*"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES, "tpu": TPU_REQUIRES},
-    entry_points={"console_scripts": ["t5gemma=t5gemma_jax.main:main"]},
+    entry_points={"console_scripts": ["t5gemma=t5gemma_jax.cli.app:main"]},
 )

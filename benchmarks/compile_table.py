@@ -76,7 +76,7 @@ def markdown(path: str) -> str:
 
 def _row(preset: str, topology: str, batch: int, lengths: tuple[int, int], remat: str) -> dict:
   start = time.perf_counter()
-  proc = subprocess.run([sys.executable, "-m", "t5gemma_jax.main", "compile",
+  proc = subprocess.run([sys.executable, "-m", "t5gemma_jax.cli", "compile",
                          *row_args(preset, topology, batch, lengths, remat)],
                         capture_output=True, text=True, cwd=REPO)
   row = {"preset": preset, "topology": topology, "batch_size": batch,

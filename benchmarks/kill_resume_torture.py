@@ -56,7 +56,7 @@ def recipe(model_dir: str, steps: int, checkpoint_period: int) -> list[str]:
 
 
 def command(model_dir: str, steps: int, checkpoint_period: int) -> list[str]:
-  return [sys.executable, "-m", "t5gemma_jax.main", "train",
+  return [sys.executable, "-m", "t5gemma_jax.cli", "train",
           *recipe(model_dir, steps, checkpoint_period)]
 
 
@@ -262,13 +262,15 @@ def compare(whole: str, killed: str, steps: int, checkpoint_period: int) -> dict
 def final_state(model_dir: str, steps: int, checkpoint_period: int):
   """The whole TrainState of checkpoint `steps`, restored as the training loop restores it."""
   import gin
-  from t5gemma_jax import checkpoint, main, sharding
+  from t5gemma_jax import checkpoint, sharding
+  from t5gemma_jax.cli import app, gin_setup
   from t5gemma_jax.model import abstract_params
   from t5gemma_jax.train import optim, step as step_lib
-  args, bindings = main._parse(["train", *recipe(model_dir, steps, checkpoint_period)])
+  invocation = app.parse(["train", *recipe(model_dir, steps, checkpoint_period)])
   try:
-    main._load_gin(args, bindings)
-    cfg = main.train_config()
+    args = invocation.args
+    gin_setup.load(args.command, args.gin_file, invocation.bindings, args.gin_search_path)
+    cfg = gin_setup.train_config()
   finally:
     gin.clear_config()
   mesh = sharding.make_mesh(cfg.mesh)

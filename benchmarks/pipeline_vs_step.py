@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import tasks  # noqa: E402,F401  (registers the tasks)
+from t5gemma_jax import tasks  # noqa: E402,F401  (registers the tasks)
 from t5gemma_jax import config, sharding  # noqa: E402
 from t5gemma_jax.data import pipeline  # noqa: E402
 from t5gemma_jax.model import abstract_params  # noqa: E402

@@ -71,7 +71,7 @@ def run(command: Sequence[str], num_processes: int, devices_per_process: int = 1
   procs, outputs, pumps = [], [], []
   for i in range(num_processes):
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "t5gemma_jax.main", *command],
+        [sys.executable, "-m", "t5gemma_jax.cli", *command],
         env=process_env(i, num_processes, port, devices_per_process),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs.append([])

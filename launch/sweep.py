@@ -281,7 +281,7 @@ def describe(runs: Sequence[Run], axes: Sequence[Axis], base: Sequence[str], roo
 
 
 def local_command(run: Run) -> list[str]:
-  return [sys.executable, "-m", "t5gemma_jax.main", "train", *run.train_args()]
+  return [sys.executable, "-m", "t5gemma_jax.cli", "train", *run.train_args()]
 
 
 def tpu_name(prefix: str, run: Run) -> str:

@@ -238,7 +238,7 @@ def compile_check_command(args: argparse.Namespace, train_args: Sequence[str]) -
                      "the run for it first; or pass --skip_compile_check")
   chips.parse(args.accelerator_type)
   check = train_command(args, train_args)[1:]  # the same bindings as the workers get
-  return [sys.executable, "-m", "t5gemma_jax.main", "compile",
+  return [sys.executable, "-m", "t5gemma_jax.cli", "compile",
           f"--topology={args.accelerator_type}", f"--num_slices={args.num_slices}",
           "--no_decode", *check]
 

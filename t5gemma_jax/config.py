@@ -1,7 +1,7 @@
 """Model configuration: one `ModuleConfig` per stack, a `T5GemmaConfig` for the pair.
 
 Configs are frozen dataclasses so they can be hashed, used as static jit arguments and bound from
-gin at the edges (see `t5gemma_jax/main.py`); the model itself never reads gin.
+gin at the edges (see `t5gemma_jax/cli/`); the model itself never reads gin.
 """
 
 from __future__ import annotations

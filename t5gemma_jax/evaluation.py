@@ -277,11 +277,11 @@ def latest_step_everywhere(directory: str) -> int:
 
 def _file_rows(path: str, vocabulary: str, inputs_length: int, max_examples: Optional[int]):
   """(encoder rows [n, S], input texts, None, vocabulary) for one input per line of `path`."""
-  import tasks  # noqa: F401  (the vocabularies)
-  from tasks import vocabularies
+  from t5gemma_jax import tasks  # noqa: F401  (the vocabularies)
+  from t5gemma_jax.tasks import named_vocabularies
   if not os.path.isfile(path):
     raise FileNotFoundError(f"input file not found: {path}")
-  vocab = vocabularies.get(vocabulary)
+  vocab = named_vocabularies.get(vocabulary)
   with open(path, encoding="utf-8") as f:
     texts = [line.rstrip("\n") for line in f if line.strip()][:max_examples]
   rows = np.zeros((len(texts), inputs_length), np.int32)

@@ -25,8 +25,8 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: minutes-long tests (TPU compiles); `make test-fast` "
-                                     "skips them")
+  config.addinivalue_line("markers", "slow: subprocess trainings, multi-process runs, TPU "
+                          "compiles and checks over ~5 s; `make test-fast` skips them")
 
 
 @pytest.fixture

@@ -23,9 +23,9 @@ import seqio  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-import tasks  # noqa: E402,F401
+from t5gemma_jax import tasks  # noqa: E402,F401
 from t5gemma_jax.data import pipeline  # noqa: E402
-from tasks import files  # noqa: E402
+from t5gemma_jax.tasks import files  # noqa: E402
 
 if "test_multihost" not in seqio.TaskRegistry.names():
   files.file_task("test_multihost", train=tsv)

@@ -1,4 +1,4 @@
-"""One process of tests/test_multiprocess_infer.py: `t5gemma` commands through `main.main`.
+"""One process of tests/test_multiprocess_infer.py: `t5gemma` commands through `app.main`.
 
   python tests/multiprocess_infer_worker.py PORT INDEX COUNT REPORT COMMANDS_JSON
 
@@ -29,7 +29,8 @@ if count > 1:
                              initialization_timeout=120)
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from t5gemma_jax import decoding, evaluation, main  # noqa: E402
+from t5gemma_jax import decoding, evaluation  # noqa: E402
+from t5gemma_jax.cli import app  # noqa: E402
 
 calls, decoded = [0], []
 generate, predictions = decoding.generate, evaluation.predictions
@@ -52,7 +53,7 @@ decoding.generate, evaluation.predictions = counted_generate, recorded_predictio
 results = []
 for argv in commands:
   calls[0], decoded[:] = 0, []
-  status = main.main(argv)
+  status = app.main(argv)
   results.append({"command": argv[0], "status": status, "generate_calls": calls[0],
                   "tokens": list(decoded)})
   if status:

@@ -221,18 +221,19 @@ def test_bad_tensors_are_named(tmp_path):
 
 
 def test_cli_adapt_then_warmup_trains_cross_attention_alone(tmp_path, clean_gin):
-  from t5gemma_jax import evaluation, main, run_files
+  from t5gemma_jax import evaluation, run_files
+  from t5gemma_jax.cli import app
   # An unbalanced pair with the built-in vocabulary's size, so it trains on built-in data.
   _gemma2(tmp_path / "wide", seed=6, vocab_size=2048, **{k: v for k, v in WIDE.items()
                                                          if k != "vocab_size"})
   _gemma2(tmp_path / "narrow", seed=7, vocab_size=2048)
   ckpt = str(tmp_path / "adapted")
-  assert main.main(["adapt", f"--decoder_only={tmp_path}/wide",
+  assert app.main(["adapt", f"--decoder_only={tmp_path}/wide",
                     f"--decoder_from={tmp_path}/narrow", f"--output_dir={ckpt}"]) == 0
   cfg = run_files.read_model_config(ckpt)
   before = jax.device_get(evaluation.load_params(cfg, ckpt))
   run = str(tmp_path / "warmup")
-  assert main.main([
+  assert app.main([
       "train", "--gin_file=runs/adapt_warmup.gin", f"--gin_file={ckpt}/model.gin",
       f"--gin.INIT_FROM='{ckpt}'", f"--gin.MODEL_DIR='{run}'",
       '--gin.MIXTURE_OR_TASK_NAME="cldr_translate_en_de"',

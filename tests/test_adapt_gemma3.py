@@ -210,7 +210,7 @@ def test_bad_tensors_are_named(gemma3, tmp_path):
 
 def _cli(*argv):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-  return subprocess.Popen([sys.executable, "-m", "t5gemma_jax.main", "adapt", *argv], cwd=ROOT,
+  return subprocess.Popen([sys.executable, "-m", "t5gemma_jax.cli", "adapt", *argv], cwd=ROOT,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -233,18 +233,18 @@ def test_cli_bad_input_is_one_line(gemma3, tmp_path):
 
 
 def test_cli_adapt_writes_an_exportable_run(gemma3, tmp_path, capsys, clean_gin):
-  from t5gemma_jax import main
+  from t5gemma_jax.cli import app
   from t5gemma_jax.convert import hf_checkpoint
   folder = gemma3[1]
   # Gemma 2 options are refused for a Gemma 3 folder, before anything is written.
-  code = main.main(["adapt", f"--decoder_only={folder}", f"--decoder_from={folder}",
+  code = app.main(["adapt", f"--decoder_only={folder}", f"--decoder_from={folder}",
                     "--eoi_id=250", f"--output_dir={tmp_path}/refused"])
   err = capsys.readouterr().err
   assert code == 2 and "--decoder_from: Gemma 2 only" in err, err
   assert not os.path.exists(tmp_path / "refused")
 
   run = str(tmp_path / "run")
-  assert main.main(["adapt", f"--decoder_only={folder}", "--eoi_id=250",
+  assert app.main(["adapt", f"--decoder_only={folder}", "--eoi_id=250",
                     f"--output_dir={run}"]) == 0
   hf_checkpoint.export_checkpoint(run, str(tmp_path / "exported"))
   exported, cfg = hf.load(str(tmp_path / "exported"))

@@ -45,6 +45,7 @@ def _assert_matches_xla(cfg, fused_cfg, position: int) -> float:
   return diff
 
 
+@pytest.mark.slow
 def test_splash_matches_xla_in_logits_and_gradients():
   stack = dataclasses.replace(config.stack_preset("tiny"), sliding_window=5)  # GQA 4q / 2kv
   cfg = config.T5GemmaConfig(encoder=stack, decoder=stack)
@@ -59,6 +60,7 @@ def _t5gemma2_cfg(**options):
   return base.replace(encoder=stack, decoder=stack, **options)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["splash", "cudnn"])
 def test_fused_merged_attention_matches_xla(impl):
   """T5Gemma 2: merged [decoder | encoder] keys and the split encoder window in both kernels

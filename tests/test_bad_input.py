@@ -5,8 +5,7 @@ import json
 import os
 
 import pytest
-
-from t5gemma_jax import main
+from t5gemma_jax.cli import app
 
 QUICK = ["--gin_file=runs/demo.gin", '--gin.MIXTURE_OR_TASK_NAME="cldr_translate_en_de"',
          '--gin.TASK_FEATURE_LENGTHS={"inputs": 32, "targets": 16}', "--gin.BATCH_SIZE=4",
@@ -44,8 +43,8 @@ def _small_vocab_model(d):
 def _spm_model():
   """A SentencePiece model with Gemma's special ids: the built-in one, standing in for
   Gemma's tokenizer (the case fails on the data before the tokenizer matters)."""
-  from tasks import vocabularies
-  return vocabularies.BUILTIN.sentencepiece_model_file
+  from t5gemma_jax.tasks import named_vocabularies
+  return named_vocabularies.BUILTIN.sentencepiece_model_file
 
 
 # id: (argv(d, run) -> list, substrings the message must contain, paths that must not exist)
@@ -151,17 +150,18 @@ CASES = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   d = tmp_path_factory.mktemp("trained")
-  assert main.main(_train(str(d))) == 0
+  assert app.main(_train(str(d))) == 0
   return str(d / "run")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_named_without_a_traceback(case, trained, tmp_path, capsys, clean_gin):
   argv_fn, expected, absent = CASES[case]
   d = str(tmp_path)
   argv = [a.replace("{out}", f"{d}/out.jsonl") for a in argv_fn(d, trained)]
   try:
-    code = main.main(argv)
+    code = app.main(argv)
   except SystemExit as e:  # argparse's own usage errors
     code = e.code
   err = capsys.readouterr().err
@@ -177,6 +177,6 @@ def test_bad_input_is_named_without_a_traceback(case, trained, tmp_path, capsys,
 
 
 def test_verbose_shows_the_traceback(tmp_path, capsys, clean_gin):
-  assert main.main(["show_config", "--verbose", "--gin_file=models/tiny.gin",
+  assert app.main(["show_config", "--verbose", "--gin_file=models/tiny.gin",
                     "--gin.preset.name='tinyy'"]) == 2
   assert "Traceback" in capsys.readouterr().err

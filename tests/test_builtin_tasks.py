@@ -8,17 +8,17 @@ import pytest
 import seqio
 import tensorflow as tf
 
-import tasks
-from t5gemma_jax import main
+from t5gemma_jax import tasks
+from t5gemma_jax.cli import app
 from t5gemma_jax.data import pipeline, vocab
-from tasks import files, vocabularies
+from t5gemma_jax.tasks import files, named_vocabularies
 
 LENGTHS = {"inputs": 128, "targets": 64}
 
 
 def _first(task, n=4, split="train"):
   ds = seqio.get_mixture_or_task(task).get_dataset(LENGTHS, split=split, shuffle=True, seed=0)
-  v = vocabularies.BUILTIN
+  v = named_vocabularies.BUILTIN
   return [(v.decode([int(i) for i in ex["inputs"]]), v.decode([int(i) for i in ex["targets"]]))
           for ex in ds.take(n).as_numpy_iterator()]
 
@@ -35,7 +35,7 @@ def test_builtin_supervised_tasks_hold_real_text(split):
 
 
 def test_builtin_pretraining_tasks_use_sentinels_and_mode_tokens():
-  special = vocab.special_tokens(vocabularies.BUILTIN)
+  special = vocab.special_tokens(named_vocabularies.BUILTIN)
   ds = seqio.get_mixture_or_task("python_text_ul2").get_dataset(LENGTHS, shuffle=True, seed=0)
   modes = set()
   for ex in ds.take(60).as_numpy_iterator():
@@ -47,6 +47,7 @@ def test_builtin_pretraining_tasks_use_sentinels_and_mode_tokens():
     assert len(re.findall(r"[A-Za-z]{3,}", inp)) > 10  # real words, not random ids
 
 
+@pytest.mark.slow
 def test_builtin_mixture_feeds_packed_batches():
   cfg = pipeline.DataConfig("builtin_mixture", LENGTHS, global_batch_size=4, seed=0)
   it = pipeline.GlobalBatches(pipeline.host_dataset(cfg))
@@ -89,8 +90,9 @@ def test_file_task_errors_name_the_cause(tmp_path):
     files.file_task("wmt14_ende", train=str(tmp_path / "a.tsv"))
 
 
+@pytest.mark.slow
 def test_show_task_prints_examples_and_statistics(clean_gin, capsys):
-  assert main.main(["show_task", "--task=python_text_ul2", "--n=3", "--inputs_length=128",
+  assert app.main(["show_task", "--task=python_text_ul2", "--n=3", "--inputs_length=128",
                     "--targets_length=64", "--stats_examples=60"]) == 0
   out = capsys.readouterr().out
   assert out.count("--- example") == 3 and "<extra_id_0>" in out
@@ -99,7 +101,7 @@ def test_show_task_prints_examples_and_statistics(clean_gin, capsys):
 
 
 def test_show_task_unknown_name_suggests(clean_gin, capsys):
-  assert main.main(["show_task", "--task=python_text_ul"]) == 2
+  assert app.main(["show_task", "--task=python_text_ul"]) == 2
   assert "did you mean python_text_ul2" in capsys.readouterr().err
 
 
@@ -111,6 +113,6 @@ def test_user_tasks_from_gin(clean_gin, tmp_path, capsys):
       "mine/file_task.name = 'test_gin_file_task'",
       f"mine/file_task.train = '{tmp_path / 't.tsv'}'",
   ]))
-  assert main.main(["show_task", f"--gin_file={gin_file}", "--task=test_gin_file_task",
+  assert app.main(["show_task", f"--gin_file={gin_file}", "--task=test_gin_file_task",
                     "--n=1", "--stats_examples=4"]) == 0
   assert "bonjour" in capsys.readouterr().out

@@ -8,70 +8,32 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-import optax
 import pytest
-import tensorflow as tf
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t5gemma_jax import checkpoint
-from t5gemma_jax.data import pipeline
 from t5gemma_jax.train.state import TrainState
+from tests.helpers.states import (abstract, assert_bitwise, replicated, small_batches,
+                                  small_state)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _state(seed=0, step=1):
-  """A TrainState with nested float32 + bfloat16 params and a non-zero adamw state."""
-  rng = np.random.default_rng(seed)
-  params = {"encoder": {"layer_0": {"kernel": rng.normal(size=(4, 8)).astype(np.float32),
-                                    "scale": rng.normal(size=(8,)).astype(ml_dtypes.bfloat16)}},
-            "decoder": {"embedding": rng.normal(size=(16, 4)).astype(np.float32)}}
-  params = jax.tree.map(jnp.asarray, params)
-  tx = optax.adamw(1e-2)
-  opt_state = tx.init(params)
-  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
-  updates, opt_state = tx.update(grads, opt_state, params)
-  return TrainState(step=jnp.int32(step), params=optax.apply_updates(params, updates),
-                    opt_state=opt_state)
-
-
-def _abstract(tree, sharding):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-def _replicated():
-  return NamedSharding(jax.make_mesh((1,), ("data",)), P())
-
-
-def _assert_bitwise(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape
-    assert x.tobytes() == y.tobytes()
-
-
-def _small_batches():
-  return pipeline.GlobalBatches(tf.data.Dataset.range(100).batch(2).map(lambda x: {"x": x}))
-
-
 def test_round_trip_is_bitwise_and_sharded(tmp_path):
-  state = _state()
-  sharding = _replicated()
+  state = small_state()
+  sharding = replicated()
   with checkpoint.Checkpointer(str(tmp_path), save_every=1) as ckpt:
     assert ckpt.save(1, state)
-    restored = ckpt.restore(None, _abstract(state, sharding))
+    restored = ckpt.restore(None, abstract(state, sharding))
   assert isinstance(restored, TrainState)
-  _assert_bitwise(restored, state)
+  assert_bitwise(restored, state)
   assert restored.params["encoder"]["layer_0"]["scale"].dtype == jnp.bfloat16
   for leaf in jax.tree.leaves(restored):
     assert leaf.sharding == sharding
 
 
 def test_save_every_and_force(tmp_path):
-  state = _state()
+  state = small_state()
   with checkpoint.Checkpointer(str(tmp_path), save_every=5) as ckpt:
     # Orbax's default policy would save the first step of a fresh run; ours does not.
     assert not ckpt.save(1, state)
@@ -84,7 +46,7 @@ def test_save_every_and_force(tmp_path):
 
 
 def test_keep_deletes_older_steps(tmp_path):
-  state = _state()
+  state = small_state()
   with checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=2) as ckpt:
     for step in range(1, 5):
       ckpt.save(step, state)
@@ -96,7 +58,7 @@ def test_keep_deletes_older_steps(tmp_path):
 @pytest.mark.parametrize("mode, values, best", [("min", [0.5, 2.0, 3.0, 1.0], 1),
                                                 ("max", [0.1, 0.9, 0.2, 0.3], 2)])
 def test_keep_best_keeps_the_best_and_the_last(tmp_path, mode, values, best):
-  state = _state()
+  state = small_state()
   with checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=2, keep_best="score",
                                best_mode=mode) as ckpt:
     for step, value in enumerate(values, start=1):
@@ -108,18 +70,18 @@ def test_keep_best_keeps_the_best_and_the_last(tmp_path, mode, values, best):
 
 
 def test_data_iterator_position_is_part_of_the_step(tmp_path):
-  batches = _small_batches()
+  batches = small_batches()
   for _ in range(5):
     next(batches)
-  state = _state()
+  state = small_state()
   with checkpoint.Checkpointer(str(tmp_path), save_every=5) as ckpt:
     assert ckpt.save(5, state, data_iterator=batches)
     # Training goes on while the arrays are written: the saved position must not move.
     for _ in range(3):
       next(batches)
-    fresh = _small_batches()
-    restored = ckpt.restore(5, _abstract(state, _replicated()), data_iterator=fresh)
-  _assert_bitwise(restored, state)
+    fresh = small_batches()
+    restored = ckpt.restore(5, abstract(state, replicated()), data_iterator=fresh)
+  assert_bitwise(restored, state)
   np.testing.assert_array_equal(next(fresh)["x"], [10, 11])  # batch 6
   assert os.listdir(tmp_path / "5" / checkpoint.DATA_ITERATOR) != []
 
@@ -148,52 +110,52 @@ def test_interrupted_save_is_ignored(tmp_path):
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 3, proc.stderr[-2000:]
   assert sorted(os.listdir(tmp_path)) == ["1", "2.orbax-checkpoint-tmp"]  # step 2 half-done
-  abstract = {"params": {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=_replicated())}}
+  target = {"params": {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=replicated())}}
   # A read-only reader leaves the debris in place and still skips it.
-  params = checkpoint.restore_params(str(tmp_path), abstract["params"])
+  params = checkpoint.restore_params(str(tmp_path), target["params"])
   np.testing.assert_array_equal(params["w"], np.ones(4))
   with checkpoint.Checkpointer(str(tmp_path), save_every=1) as ckpt:  # removes the debris
     assert ckpt.latest_step() == 1
-    np.testing.assert_array_equal(ckpt.restore(None, abstract)["params"]["w"], np.ones(4))
+    np.testing.assert_array_equal(ckpt.restore(None, target)["params"]["w"], np.ones(4))
     assert ckpt.save(2, {"params": {"w": jnp.full(4, 5.0)}})  # step 2 can be written again
-    restored = ckpt.restore(None, abstract)
+    restored = ckpt.restore(None, target)
   np.testing.assert_array_equal(restored["params"]["w"], np.full(4, 5.0))
   assert sorted(os.listdir(tmp_path)) == ["1", "2"]
 
 
 def test_restore_params_loads_only_params(tmp_path):
-  state = _state(seed=1)
+  state = small_state(seed=1)
   with checkpoint.Checkpointer(str(tmp_path), save_every=1) as ckpt:
-    ckpt.save(1, _state(seed=2))
+    ckpt.save(1, small_state(seed=2))
     ckpt.save(2, state)
-  sharding = _replicated()
-  params = checkpoint.restore_params(str(tmp_path), _abstract(state.params, sharding))
-  _assert_bitwise(params, state.params)
+  sharding = replicated()
+  params = checkpoint.restore_params(str(tmp_path), abstract(state.params, sharding))
+  assert_bitwise(params, state.params)
   assert all(leaf.sharding == sharding for leaf in jax.tree.leaves(params))
-  older = checkpoint.restore_params(str(tmp_path), _abstract(state.params, sharding), step=1)
-  _assert_bitwise(older, _state(seed=2).params)
+  older = checkpoint.restore_params(str(tmp_path), abstract(state.params, sharding), step=1)
+  assert_bitwise(older, small_state(seed=2).params)
 
 
 def test_errors_name_the_directory_and_the_parameter(tmp_path):
-  state = _state()
-  abstract = _abstract(state, _replicated())
+  state = small_state()
+  target = abstract(state, replicated())
   empty = tmp_path / "empty"
   with checkpoint.Checkpointer(str(empty), save_every=1) as ckpt:
     assert ckpt.latest_step() is None
     with pytest.raises(FileNotFoundError, match=str(empty)):
-      ckpt.restore(None, abstract)
+      ckpt.restore(None, target)
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
-    checkpoint.restore_params(str(tmp_path / "missing"), abstract.params)
+    checkpoint.restore_params(str(tmp_path / "missing"), target.params)
 
   run = tmp_path / "run"
   with checkpoint.Checkpointer(str(run), save_every=1) as ckpt:
     ckpt.save(1, state)
     with pytest.raises(FileNotFoundError, match=r"step 9 .*\(have \[1\]\)"):
-      ckpt.restore(9, abstract)
+      ckpt.restore(9, target)
     with pytest.raises(FileNotFoundError, match="data-iterator"):
-      ckpt.restore(1, abstract, data_iterator=_small_batches())
-    wrong = abstract.replace(params={**abstract.params, "decoder": {
-        "embedding": jax.ShapeDtypeStruct((16, 5), jnp.float32, sharding=_replicated())}})
+      ckpt.restore(1, target, data_iterator=small_batches())
+    wrong = target.replace(params={**target.params, "decoder": {
+        "embedding": jax.ShapeDtypeStruct((16, 5), jnp.float32, sharding=replicated())}})
     with pytest.raises(ValueError, match=r"params/decoder/embedding: checkpoint shape "
                                          r"\(16, 4\), expected \(16, 5\)"):
       ckpt.restore(1, wrong)

@@ -41,7 +41,7 @@ def _run(model, lengths=(256, 128), batch=16, pack=True, **kw):
 
 def _cli(*args):
   """`t5gemma compile ...` in a subprocess: (exit code, stdout, stderr)."""
-  p = subprocess.run([sys.executable, "-m", "t5gemma_jax.main", "compile", *args],
+  p = subprocess.run([sys.executable, "-m", "t5gemma_jax.cli", "compile", *args],
                      capture_output=True, text=True, cwd=REPO, timeout=900)
   return p.returncode, p.stdout, p.stderr
 

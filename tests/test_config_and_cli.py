@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from t5gemma_jax import config, main
+from t5gemma_jax import config
+from t5gemma_jax.cli import app
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +72,7 @@ def test_layer_period_of_custom_patterns():
 
 
 def test_show_config_with_gin_overrides(clean_gin, capsys):
-  rc = main.main(["show_config", "--gin_file=models/2b-2b.gin", "--gin.preset.scan_layers=True",
+  rc = app.main(["show_config", "--gin_file=models/2b-2b.gin", "--gin.preset.scan_layers=True",
                   '--gin.preset.dtype="bfloat16"'])
   assert rc == 0
   out = json.loads(capsys.readouterr().out)
@@ -99,7 +100,7 @@ def test_custom_model_from_gin_dataclasses(clean_gin, tmp_path, capsys):
       "T5GemmaConfig.decoder = @decoder/ModuleConfig()",
       "model_config.cfg = @T5GemmaConfig()",
   ]))
-  assert main.main(["show_config", f"--gin_file={gin_file}"]) == 0
+  assert app.main(["show_config", f"--gin_file={gin_file}"]) == 0
   out = json.loads(capsys.readouterr().out)
   assert out["config"]["decoder"]["num_layers"] == 3
   assert out["config"]["encoder"]["hidden_size"] == 64
@@ -112,10 +113,11 @@ def test_custom_model_from_gin_dataclasses(clean_gin, tmp_path, capsys):
     (["--gin_file=models/tiny.gin", "--gin.preset.remat_policy='x'"], "remat_policy"),
 ])
 def test_bad_gin_input_fails_with_a_named_cause(clean_gin, capsys, argv, match):
-  assert main.main(["show_config", *argv]) == 2
+  assert app.main(["show_config", *argv]) == 2
   assert match in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
   exe = os.path.join(os.path.dirname(sys.executable), "t5gemma")
   proc = subprocess.run([exe, "show_config", "--gin_file=models/tiny.gin"], cwd="/",

@@ -39,6 +39,7 @@ def test_pydoc_topics():
   assert all(isinstance(r, Record) and r.text.strip() == r.text and r.text for r in topics)
 
 
+@pytest.mark.slow
 def test_docstrings_cover_stdlib_and_packages(built):
   _, records, parsed_files = built
   assert parsed_files > 1000  # the stdlib alone has over a thousand source files

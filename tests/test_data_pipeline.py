@@ -7,9 +7,9 @@ import pytest
 import seqio
 import tensorflow_datasets as tfds
 
-import tasks
+from t5gemma_jax import tasks
 from t5gemma_jax.data import pipeline, vocab
-from tasks import files, vocabularies
+from t5gemma_jax.tasks import files, named_vocabularies
 
 LENGTHS = {"inputs": 48, "targets": 24}
 
@@ -40,7 +40,7 @@ def _targets(ds):
 
 
 def test_builtin_vocabulary_special_tokens():
-  v = vocabularies.BUILTIN
+  v = named_vocabularies.BUILTIN
   special = vocab.special_tokens(v)
   assert v.vocab_size == 2048 and v.extra_ids == 128
   assert special.sentinel_ids[:3] == (2047, 2046, 2045)
@@ -67,7 +67,7 @@ def test_gemma_vocabulary_errors_name_the_cause(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope.model"):
     vocab.gemma_vocabulary(str(tmp_path / "nope.model"))
   with pytest.raises(ValueError, match="piece"):
-    vocab.special_tokens(vocabularies.BUILTIN, sentinel_pieces=["<not a piece>"])
+    vocab.special_tokens(named_vocabularies.BUILTIN, sentinel_pieces=["<not a piece>"])
 
 
 def test_packed_batches_have_the_model_features(tsv_task):
@@ -94,7 +94,7 @@ def test_packing_neither_cuts_nor_mixes_examples(tsv_task):
   a = sorted(_targets(pipeline.host_dataset(unpacked)))
   b = sorted(_targets(pipeline.host_dataset(packed)))
   assert len(a) == 40 and a == b
-  v = vocabularies.BUILTIN
+  v = named_vocabularies.BUILTIN
   assert sorted(v.decode([t for t in x if t != 1]) for x in a) == sorted(
       f"target {i}" for i in range(40))
 
@@ -144,7 +144,7 @@ def test_missing_data_files_name_the_path(tmp_path):
 
 
 def test_tfds_tasks_on_mock_data():
-  path = vocabularies.BUILTIN.sentencepiece_model_file  # any Gemma-id SentencePiece model
+  path = named_vocabularies.BUILTIN.sentencepiece_model_file  # any Gemma-id SentencePiece model
   vocab.set_gemma_tokenizer(path)
   with tfds.testing.mock_data(num_examples=6):
     for name in ("wmt14_ende", "wmt16_enro", "cnn_dailymail", "xsum"):
@@ -158,7 +158,7 @@ def test_tfds_tasks_on_mock_data():
 
 
 def test_unprepared_tfds_dataset_says_how_to_prepare(tmp_path, monkeypatch):
-  from tasks.sources import PreparedTfdsSource
+  from t5gemma_jax.tasks.sources import PreparedTfdsSource
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
   source = PreparedTfdsSource("wmt14_translate/de-en:1.0.0")
   source.tfds_dataset._data_dir = str(tmp_path)

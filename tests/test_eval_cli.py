@@ -4,8 +4,11 @@ import json
 
 import pytest
 
-from t5gemma_jax import main, metrics
-from tests.test_train import QUICK
+from t5gemma_jax import metrics
+from t5gemma_jax.cli import app
+from tests.helpers.recipes import QUICK_TRAIN as QUICK
+
+pytestmark = pytest.mark.slow  # subprocess runs or long trainings: `make test` only
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +16,7 @@ def run_dir(tmp_path_factory):
   import gin
   d = tmp_path_factory.mktemp("run")
   gin.clear_config()
-  assert main.main(["train", *QUICK, f'--gin.MODEL_DIR="{d}"', "--gin.TRAIN_STEPS=4"]) == 0
+  assert app.main(["train", *QUICK, f'--gin.MODEL_DIR="{d}"', "--gin.TRAIN_STEPS=4"]) == 0
   return d
 
 
@@ -22,13 +25,13 @@ def test_infer_writes_predictions_for_a_task_and_a_file(clean_gin, run_dir, tmp_
   common = ["infer", "--gin_file=runs/infer.gin", "--gin_file=models/tiny.gin",
             f'--gin.MODEL_DIR="{run_dir}"', f'--gin.INFER_OUTPUT="{out}"',
             "--gin.DecodeConfig.max_new_tokens=8"]
-  assert main.main([*common, "--gin.InferConfig.max_examples=5"]) == 0
+  assert app.main([*common, "--gin.InferConfig.max_examples=5"]) == 0
   records = [json.loads(line) for line in open(out)]
   assert len(records) == 5 and all({"input", "prediction", "target"} <= set(r) for r in records)
   assert records[0]["input"].startswith("translate English to German: ")
   inputs = tmp_path / "in.txt"
   inputs.write_text("translate English to German: Germany\nsummarize: a long text here\n")
-  assert main.main([*common, "--gin.InferConfig.task=None",
+  assert app.main([*common, "--gin.InferConfig.task=None",
                     f'--gin.InferConfig.input_file="{inputs}"',
                     '--gin.DecodeConfig.strategy="beam"']) == 0
   records = [json.loads(line) for line in open(out)]
@@ -41,7 +44,7 @@ def test_eval_appends_metrics(clean_gin, run_dir, capsys):
           f'--gin.MODEL_DIR="{run_dir}"', '--gin.EVAL_TASK="docstring_summarization"',
           "--gin.EvalConfig.num_examples=8", "--gin.DecodeConfig.max_new_tokens=8",
           '--gin.DecodeConfig.strategy="greedy"']
-  assert main.main(argv) == 0
+  assert app.main(argv) == 0
   assert "docstring_summarization: rouge1" in capsys.readouterr().out
   rows = [json.loads(line) for line in open(run_dir / "eval_results.jsonl")]
   assert rows[-1]["task"] == "docstring_summarization" and rows[-1]["step"] == 4
@@ -52,7 +55,7 @@ def test_infer_missing_input_file_is_named(clean_gin, run_dir, tmp_path, capsys)
   argv = ["infer", "--gin_file=runs/infer.gin", "--gin_file=models/tiny.gin",
           f'--gin.MODEL_DIR="{run_dir}"', "--gin.InferConfig.task=None",
           f'--gin.InferConfig.input_file="{tmp_path}/nope.txt"']
-  assert main.main(argv) == 2
+  assert app.main(argv) == 2
   assert "nope.txt" in capsys.readouterr().err
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 import transformers
 
-from t5gemma_jax import config, evaluation, main, model, run_files
+from t5gemma_jax import config, evaluation, model, run_files
+from t5gemma_jax.cli import app, gin_setup
 from t5gemma_jax.convert import hf, hf_checkpoint, params_checkpoint, safetensors_io
 from t5gemma_jax.model import layout
 from tests import hf_reference as ref
@@ -45,7 +46,7 @@ def _tensors(folder):
 def mesh_run(tmp_path_factory):
   """A tiny scanned model trained 3 steps on a (2, 2, 2) mesh of 8 CPU devices by the CLI."""
   run = tmp_path_factory.mktemp("mesh_run") / "run"
-  cmd = [sys.executable, "-m", "t5gemma_jax.main", "train", "--gin_file=runs/demo.gin",
+  cmd = [sys.executable, "-m", "t5gemma_jax.cli", "train", "--gin_file=runs/demo.gin",
          f"--gin.MODEL_DIR='{run}'", '--gin.MIXTURE_OR_TASK_NAME="cldr_translate_en_de"',
          '--gin.TASK_FEATURE_LENGTHS={"inputs": 32, "targets": 16}', "--gin.BATCH_SIZE=8",
          "--gin.TRAIN_STEPS=3", "--gin.CHECKPOINT_PERIOD=3", "--gin.EVAL_PERIOD=0",
@@ -60,7 +61,7 @@ def mesh_run(tmp_path_factory):
 
 def test_mesh_trained_scanned_run_exports_to_transformers(mesh_run, tmp_path, clean_gin):
   out = str(tmp_path / "hf")
-  assert main.main(["export", f"--checkpoint_dir={mesh_run}/checkpoints/3",
+  assert app.main(["export", f"--checkpoint_dir={mesh_run}/checkpoints/3",
                     f"--output_dir={out}", "--verify"]) == 0
   files = set(os.listdir(out))
   assert {"config.json", "generation_config.json", "model.safetensors"} <= files
@@ -107,11 +108,11 @@ def test_import_then_export_is_bitwise(tmp_path, scan, param_dtype, clean_gin):
   hf.save(random_params(cfg, seed=5), cfg, src)
   run = str(tmp_path / "run")
   flags = ["--scan_layers"] if scan else []
-  assert main.main(["import_hf", f"--hf_dir={src}", f"--output_dir={run}", *flags]) == 0
+  assert app.main(["import_hf", f"--hf_dir={src}", f"--output_dir={run}", *flags]) == 0
   assert set(os.listdir(run)) >= {"checkpoints", "model.gin", "model_config.json"}
   assert run_files.read_model_config(run).scan_layers == scan
   out = str(tmp_path / "out")
-  assert main.main(["export", f"--checkpoint_dir={run}", f"--output_dir={out}",
+  assert app.main(["export", f"--checkpoint_dir={run}", f"--output_dir={out}",
                     "--vocabulary=none"]) == 0
   for name in ("model.safetensors", "config.json"):
     with open(os.path.join(src, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
@@ -123,8 +124,9 @@ def test_import_of_a_transformers_folder_decodes_and_its_model_gin_binds(tmp_pat
   hf_model.save_pretrained(tmp_path / "hf")
   run = str(tmp_path / "run")
   cfg = hf_checkpoint.import_hf(str(tmp_path / "hf"), run)
-  main._load_gin(main._parse(["show_config", f"--gin_file={run}/model.gin"])[0], [])
-  assert main.model_config() == cfg
+  invocation = app.parse(["show_config", f"--gin_file={run}/model.gin"])
+  gin_setup.load("show_config", invocation.args.gin_file, [])
+  assert gin_setup.model_config() == cfg
   params = evaluation.load_params(cfg.replace(scan_layers=True), run)
   enc, dec = ref.padded_batch(np.random.default_rng(1), 512, 2, 16, 8)
   ours = np.asarray(jax.jit(model.T5Gemma(cfg.replace(scan_layers=True)).apply)(
@@ -138,7 +140,7 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_on_failure(mesh_ru
   out = tmp_path / "out"
   out.mkdir()
   (out / "keep.txt").write_text("mine")
-  code = main.main(["export", f"--checkpoint_dir={mesh_run}", f"--output_dir={out}"])
+  code = app.main(["export", f"--checkpoint_dir={mesh_run}", f"--output_dir={out}"])
   assert code == 2 and "not empty" in capsys.readouterr().err
   assert os.listdir(out) == ["keep.txt"]
   # A verification that cannot pass: the folder is never moved into place.
@@ -147,13 +149,13 @@ def test_export_refuses_a_non_empty_folder_and_leaves_nothing_on_failure(mesh_ru
                                     tolerance=-1.0)
   assert sorted(os.listdir(tmp_path)) == ["out"]
   # --overwrite replaces it.
-  assert main.main(["export", f"--checkpoint_dir={mesh_run}", f"--output_dir={out}",
+  assert app.main(["export", f"--checkpoint_dir={mesh_run}", f"--output_dir={out}",
                     "--overwrite", "--vocabulary=none"]) == 0
   assert "keep.txt" not in os.listdir(out)
 
 
 def test_missing_truncated_and_foreign_inputs_are_named(mesh_run, tmp_path, clean_gin, capsys):
-  code = main.main(["export", f"--checkpoint_dir={tmp_path}/nope", f"--output_dir={tmp_path}/o"])
+  code = app.main(["export", f"--checkpoint_dir={tmp_path}/nope", f"--output_dir={tmp_path}/o"])
   assert code == 2 and f"{tmp_path}/nope" in capsys.readouterr().err
   # Truncate the data files of a copy of the checkpoint (which file holds the params and which
   # the optimizer state is orbax's business).
@@ -165,7 +167,7 @@ def test_missing_truncated_and_foreign_inputs_are_named(mesh_run, tmp_path, clea
       if os.path.basename(d) == "d":
         with open(os.path.join(d, name), "r+b") as f:
           f.truncate(os.path.getsize(os.path.join(d, name)) // 2)
-  code = main.main(["export", f"--checkpoint_dir={step}", f"--output_dir={tmp_path}/o"])
+  code = app.main(["export", f"--checkpoint_dir={step}", f"--output_dir={tmp_path}/o"])
   err = capsys.readouterr().err
   assert code == 2 and str(step) in err and "damaged" in err, err
   assert not os.path.exists(tmp_path / "o")
@@ -176,7 +178,7 @@ def test_missing_truncated_and_foreign_inputs_are_named(mesh_run, tmp_path, clea
   # A decoder-only Gemma folder given to import_hf names its model type.
   (tmp_path / "g2").mkdir()
   (tmp_path / "g2" / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
-  code = main.main(["import_hf", f"--hf_dir={tmp_path}/g2", f"--output_dir={tmp_path}/r"])
+  code = app.main(["import_hf", f"--hf_dir={tmp_path}/g2", f"--output_dir={tmp_path}/r"])
   err = capsys.readouterr().err
   assert code == 2 and "gemma2" in err and "adapt" in err, err
   assert not os.path.exists(tmp_path / "r")

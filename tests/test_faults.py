@@ -2,29 +2,26 @@
 run SIGKILLed at random moments ends bitwise where an uninterrupted run ends."""
 
 import glob
-import importlib.util
 import logging
 import os
 import shutil
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks import kill_resume_torture as torture
 from t5gemma_jax import checkpoint
-from tests.test_checkpoint import _abstract, _assert_bitwise, _replicated, _small_batches, _state
+from tests.helpers.states import (abstract, assert_bitwise, replicated, small_batches,
+                                  small_state)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location(
-    "kill_resume_torture", os.path.join(REPO, "benchmarks", "kill_resume_torture.py"))
-torture = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)  # for dataclasses
-_spec.loader.exec_module(torture)
 
 STEPS, PERIOD = 12, 2  # checkpoints 8, 10 and 12 are kept
 # A failed tensorstore read leaves orbax's asyncio callbacks to a closed event loop: noise.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.slow,  # subprocess runs: `make test` only
+              pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 
 def _truncate(path):
@@ -44,11 +41,11 @@ def _truncate_state_data(step_dir):
 
 def _three_steps(directory):
   """Steps 1-3 of distinct states, each with the position after that many batches."""
-  batches = _small_batches()
+  batches = small_batches()
   with checkpoint.Checkpointer(str(directory), save_every=1) as ckpt:
     for step in (1, 2, 3):
       next(batches)
-      ckpt.save(step, _state(seed=step), data_iterator=batches)
+      ckpt.save(step, small_state(seed=step), data_iterator=batches)
 
 
 DAMAGE = {
@@ -65,32 +62,32 @@ DAMAGE = {
 def test_damaged_latest_step_is_set_aside_and_the_previous_one_loads(tmp_path, caplog, damage):
   _three_steps(tmp_path)
   DAMAGE[damage](str(tmp_path / "3"))
-  abstract = _abstract(_state(), _replicated())
-  batches = _small_batches()
+  abstract = abstract(small_state(), replicated())
+  batches = small_batches()
   with caplog.at_level(logging.WARNING), \
        checkpoint.Checkpointer(str(tmp_path), save_every=1) as ckpt:
     restored = ckpt.restore(None, abstract, data_iterator=batches)
     assert ckpt.restored_step == 2 and ckpt.all_steps() == [1, 2]
     assert int(next(batches)["x"][0]) == 4  # the batch after two (the third)
-    _assert_bitwise(restored, _state(seed=2))
+    assert_bitwise(restored, small_state(seed=2))
     warned = caplog.text
     assert f"checkpoint {tmp_path / '3'} could not be loaded" in warned
     assert ("state" if "state" in damage else "data_iterator") + ": " in warned
     assert f"{tmp_path / '3'} -> 3.damaged; resuming from step 2" in warned
     # Step 3 can be saved again; the damaged copy stays out of the way (and out of retention).
-    assert ckpt.save(3, _state(seed=7), data_iterator=batches)
+    assert ckpt.save(3, small_state(seed=7), data_iterator=batches)
   assert sorted(os.listdir(tmp_path)) == ["1", "2", "3", "3.damaged"]
   DAMAGE[damage](str(tmp_path / "3"))  # damaged again: set aside under the next free name
   with checkpoint.Checkpointer(str(tmp_path), save_every=1) as ckpt:
-    restored = ckpt.restore(None, abstract, data_iterator=_small_batches())
-  _assert_bitwise(restored, _state(seed=2))
+    restored = ckpt.restore(None, abstract, data_iterator=small_batches())
+  assert_bitwise(restored, small_state(seed=2))
   assert sorted(os.listdir(tmp_path)) == ["1", "2", "3.damaged", "3.damaged-2"]
 
 
 def test_explicit_step_mismatch_and_all_damaged_raise_and_move_nothing(tmp_path):
   _three_steps(tmp_path)
   _truncate_state_data(str(tmp_path / "3"))
-  abstract = _abstract(_state(), _replicated())
+  abstract = abstract(small_state(), replicated())
   with checkpoint.Checkpointer(str(tmp_path), save_every=1) as ckpt:
     # A given step is never replaced by another.
     with pytest.raises(checkpoint.DamagedCheckpointError,
@@ -98,7 +95,7 @@ def test_explicit_step_mismatch_and_all_damaged_raise_and_move_nothing(tmp_path)
       ckpt.restore(3, abstract)
     # Another model's abstract state is not damage: it raises, on the first readable step.
     wrong = abstract.replace(params={**abstract.params, "decoder": {
-        "embedding": jax.ShapeDtypeStruct((16, 5), jnp.float32, sharding=_replicated())}})
+        "embedding": jax.ShapeDtypeStruct((16, 5), jnp.float32, sharding=replicated())}})
     with pytest.raises(ValueError, match="step 2 does not match the abstract state"):
       ckpt.restore(None, wrong)
   for step in ("1", "2"):
@@ -107,7 +104,7 @@ def test_explicit_step_mismatch_and_all_damaged_raise_and_move_nothing(tmp_path)
     with pytest.raises(checkpoint.DamagedCheckpointError,
                        match=r"no checkpoint in .* could be loaded: step 3: state: .*; step 2: "
                              r"data_iterator: .*; step 1: data_iterator: .*Nothing was moved"):
-      ckpt.restore(None, abstract, data_iterator=_small_batches())
+      ckpt.restore(None, abstract, data_iterator=small_batches())
   assert sorted(os.listdir(tmp_path)) == ["1", "2", "3"]
 
 

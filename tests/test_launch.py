@@ -174,7 +174,7 @@ def test_run_refuses_bad_options(extra, train, match):
 def test_run_compiles_for_the_slice_first_and_stops_when_it_does_not_fit(monkeypatch):
   cmds = _run_cmds("--accelerator_type=v5p-64", slices=2, check=True)
   check = cmds[0]
-  assert check[:5] == [sys.executable, "-m", "t5gemma_jax.main", "compile",
+  assert check[:5] == [sys.executable, "-m", "t5gemma_jax.cli", "compile",
                        "--topology=v5p-64"]
   # The same bindings the workers get (MODEL_DIR, the Multislice mesh, the user's).
   assert check[5:] == ["--num_slices=2", "--no_decode", '--gin.MODEL_DIR="gs://bkt/runs/bb"',
@@ -227,7 +227,7 @@ def test_dry_run_prints_runnable_lines_and_runs_nothing(capsys, monkeypatch):
   assert tpu.main(argv) == 0
   lines = capsys.readouterr().out.splitlines()
   assert [shlex.split(line) for line in lines] == tpu.plan(argv)
-  assert shlex.split(lines[0])[1:5] == ["-m", "t5gemma_jax.main", "compile", "--topology=v5p-64"]
+  assert shlex.split(lines[0])[1:5] == ["-m", "t5gemma_jax.cli", "compile", "--topology=v5p-64"]
   assert tpu.main(["run", "t", *BASE, "--model_dir=/x", "--dry_run", "--skip_compile_check",
                    "--", *TRICKY]) == 2
 

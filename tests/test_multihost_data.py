@@ -6,6 +6,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocess runs or long trainings: `make test` only
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -14,6 +14,8 @@ from t5gemma_jax import config
 from t5gemma_jax.convert import params_checkpoint
 from tests.random_params import random_params
 
+pytestmark = pytest.mark.slow  # subprocess runs or long trainings: `make test` only
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "multiprocess_infer_worker.py")
 EXAMPLES, BATCH = 7, 2  # 4 batches, the last one short: 2 per process of 2

@@ -146,6 +146,7 @@ def _signature(d, inputs_len, targets_len):
   return (d.mode,) + _spec_counts(raw, d.noise_density, d.mean_span_length, d.num_spans)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset,length,count", [("ul2", 256, 2100), ("t5gemma2", 128, 1600)])
 def test_ul2_rates_and_mode_tokens(preset, length, count):
   denoisers, rates = objectives.ul2_preset(preset)
@@ -188,6 +189,7 @@ def test_ul2r_preset_rates():
   assert len(set(rates[:2])) == 1 and len(set(rates[2:6])) == 1
 
 
+@pytest.mark.slow
 def test_seed_fixes_the_examples():
   dataset, _ = _stream(100)
   prep = objectives.make_ul2(*objectives.ul2_preset("ul2"), SENTINELS, MODES)

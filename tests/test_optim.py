@@ -165,6 +165,7 @@ def test_schedule_config_errors():
 # --------------------------------------------------------------------------- optimizers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "adafactor"])
 def test_reduces_quadratic(name, scanned_params):
   cfg = optim.OptimizerConfig(name=name, schedule=_constant(1e-2, warmup=2), weight_decay=1e-4)
@@ -272,6 +273,7 @@ def test_lr_multiplier_scales_group_update(few_params):
       np.testing.assert_array_equal(boosted[path], base[path])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "adafactor"])
 def test_global_norm_clipping(name, few_params):
   g1 = _random_like(few_params, seed=4)

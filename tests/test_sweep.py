@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.join(REPO, "launch"))
 import report  # noqa: E402
 import sweep  # noqa: E402
 
+pytestmark = pytest.mark.slow  # subprocess runs or long trainings: `make test` only
+
 # The demo recipe cut down to seconds: a small task, short sequences, 4 steps, 2 validations.
 TINY = ["--gin_file=runs/demo.gin", '--gin.MIXTURE_OR_TASK_NAME="cldr_translate_en_de"',
         '--gin.TASK_FEATURE_LENGTHS={"inputs": 32, "targets": 16}', "--gin.BATCH_SIZE=4",
@@ -120,7 +122,7 @@ def test_sweep_file_print_mode_and_sweep_json(tmp_path, capsys):
       "--gin_file=objectives/span_corruption.gin", "--gin.LEARNING_RATE=0.001"]
   # What the shell would hand to `t5gemma train`, byte for byte.
   assert [shlex.split(line) for line in lines] == [
-      [sys.executable, "-m", "t5gemma_jax.main", "train", *r["args"]] for r in described["runs"]]
+      [sys.executable, "-m", "t5gemma_jax.cli", "train", *r["args"]] for r in described["runs"]]
 
 
 def test_tpu_mode_commands(tmp_path, capsys):

@@ -10,8 +10,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from t5gemma_jax import evaluation, main, model, run_files
+from t5gemma_jax import evaluation, model, run_files
+from t5gemma_jax.cli import app
 from tests import hf_reference as ref
+
+pytestmark = pytest.mark.slow  # subprocess runs or long trainings: `make test` only
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EIGHT = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
@@ -66,7 +69,7 @@ def test_train_step_on_the_mesh_matches_one_device_and_is_sharded():
 def mesh_run(tmp_path_factory):
   """tiny2, scanned, trained 3 steps by the CLI on T5Gemma 2's demo recipe over 8 devices."""
   run = tmp_path_factory.mktemp("t5gemma2_mesh") / "run"
-  cmd = [sys.executable, "-m", "t5gemma_jax.main", "train", "--gin_file=runs/demo_t5gemma2.gin",
+  cmd = [sys.executable, "-m", "t5gemma_jax.cli", "train", "--gin_file=runs/demo_t5gemma2.gin",
          f"--gin.MODEL_DIR='{run}'", '--gin.TASK_FEATURE_LENGTHS={"inputs": 96, "targets": 96}',
          "--gin.BATCH_SIZE=8", "--gin.TRAIN_STEPS=3", "--gin.CHECKPOINT_PERIOD=3",
          "--gin.EVAL_PERIOD=0", "--gin.WARMUP_STEPS=1", "--gin.TrainConfig.eval_tasks=()",
@@ -90,7 +93,7 @@ def test_cli_trains_on_the_mesh_and_exports_to_transformers(mesh_run, tmp_path, 
             if "loss" in r]
   assert len(losses) >= 1 and all(np.isfinite(losses))
   out = str(tmp_path / "hf")
-  assert main.main(["export", f"--checkpoint_dir={mesh_run}", f"--output_dir={out}",
+  assert app.main(["export", f"--checkpoint_dir={mesh_run}", f"--output_dir={out}",
                     "--verify"]) == 0
   hf_model = transformers.T5Gemma2ForConditionalGeneration.from_pretrained(
       out, dtype=torch.float32, attn_implementation="eager").eval()

@@ -48,6 +48,7 @@ def test_tiny2_preset_has_the_t5gemma2_layout():
   assert params["encoder"]["layers"]["block_0"]["self_attn"]["q"]["kernel"].shape[0] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_shared_blocks_equal_two_equal_copies(scan):
   """Forward = the unshared model whose decoder layers copy the encoder's; the gradient of a
@@ -76,6 +77,7 @@ def test_shared_blocks_equal_two_equal_copies(scan):
     assert np.abs(g_plain["decoder"][name]["mlp"]["up"]["kernel"]).max() > 1e-6
 
 
+@pytest.mark.slow
 def test_shared_blocks_train_with_dropout():
   cfg = _cfg(share_blocks=True, scan_layers=True)
   cfg = cfg.replace(encoder=dataclasses.replace(cfg.encoder, dropout_rate=0.1),
@@ -89,6 +91,7 @@ def test_shared_blocks_train_with_dropout():
   np.testing.assert_array_equal(a, run(params, jax.random.PRNGKey(0)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merged", [True, False])
 def test_global_only_cross_attention(merged):
   """A decoder of sliding layers only never reads the encoder under "global"; under "all" it
@@ -112,6 +115,7 @@ def test_global_only_cross_attention(merged):
   assert not np.array_equal(a, b)  # the global layer reads it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(share_blocks=True, scan_layers=True),
                                      dict(cross_attention_layers="global"),
                                      dict(share_blocks=True, cross_attention_layers="global")])
@@ -136,6 +140,7 @@ def test_flops_count_merged_and_global_cross_attention():
   assert glob["cross_attention_projections"] * 6 == full["cross_attention_projections"]
 
 
+@pytest.mark.slow
 def test_shared_blocks_export_as_two_copies_and_global_is_refused(tmp_path):
   from transformers import T5Gemma2ForConditionalGeneration
 
@@ -173,17 +178,15 @@ def test_bad_combinations_are_named():
 def test_t5gemma2_run_files_bind_the_family_defaults(clean_gin, run, preset, task, lengths):
   """Each T5Gemma 2 run file trains a T5Gemma 2 preset on the "t5gemma2" denoisers."""
   import seqio
-  from t5gemma_jax import main
-  args, bindings = main._parse(["train", f"--gin_file={run}", "--gin.MODEL_DIR='/tmp/x'"])
-  main._load_gin(args, bindings)
-  main.data_settings()
-  cfg = main.train_config()
+  from t5gemma_jax.cli import app, gin_setup
+  app.configure(app.parse(["train", f"--gin_file={run}", "--gin.MODEL_DIR='/tmp/x'"]))
+  cfg = gin_setup.train_config()
   assert cfg.model == config.preset(preset)
   assert cfg.mixture_or_task == task and dict(cfg.task_feature_lengths) == lengths
   found = seqio.get_mixture_or_task(task)
   names = [t.name for t in getattr(found, "tasks", [found])]
   if task == "c4_ul2":
-    from tasks import tfds_tasks
+    from t5gemma_jax.tasks import tfds_tasks
     assert tfds_tasks.PRETRAINING[task] == "t5gemma2"
   else:
     assert "python_text_t5gemma2" in names, names

@@ -20,7 +20,7 @@ import transformers
 from t5gemma_jax.convert import tokenizer_files
 from t5gemma_jax.data import corpora
 from t5gemma_jax.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from tasks import vocabularies
+from t5gemma_jax.tasks import named_vocabularies
 
 GEMMA_SYMBOLS = ["<start_of_turn>", "<end_of_turn>", "[NLU]", "[NLG]", "[S2S]"]
 ALL_FILES = sorted([tokenizer_files.TOKENIZER_MODEL, tokenizer_files.TOKENIZER_JSON,
@@ -54,7 +54,7 @@ def texts():
 
 @pytest.fixture(scope="module")
 def builtin():
-  return vocabularies.BUILTIN
+  return named_vocabularies.BUILTIN
 
 
 @pytest.fixture(scope="module")

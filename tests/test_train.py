@@ -16,18 +16,16 @@ import numpy as np
 import optax
 import pytest
 
-from t5gemma_jax import checkpoint, config, evaluation, main
+from t5gemma_jax import checkpoint, config, evaluation
+from t5gemma_jax.cli import app
 from t5gemma_jax.train import optim, step as step_lib
 from t5gemma_jax.train.losses import LossConfig
+from tests.helpers.recipes import QUICK_TRAIN as QUICK
 from tests.random_params import random_params
 
+pytestmark = pytest.mark.slow  # subprocess runs or long trainings: `make test` only
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A short run of the demo recipe on a small built-in task: fast steps, real data.
-QUICK = ["--gin_file=runs/demo.gin", '--gin.MIXTURE_OR_TASK_NAME="cldr_translate_en_de"',
-         '--gin.TASK_FEATURE_LENGTHS={"inputs": 32, "targets": 16}', "--gin.BATCH_SIZE=4",
-         "--gin.TRAIN_STEPS=12", "--gin.CHECKPOINT_PERIOD=2", "--gin.EVAL_PERIOD=0",
-         "--gin.WARMUP_STEPS=2", "--gin.TrainConfig.log_period=1",
-         "--gin.TrainConfig.progress=False"]
 
 
 def _batch(seed, rows=8, s=20, t=10):
@@ -86,7 +84,7 @@ def test_frozen_groups_do_not_change():
 def test_nan_loss_stops_the_run_without_saving_it(clean_gin, tmp_path, capsys):
   argv = ["train", *QUICK, f'--gin.MODEL_DIR="{tmp_path}"', "--gin.LEARNING_RATE=1e30",
           "--gin.TRAIN_STEPS=6"]
-  assert main.main(argv) == 2  # one line on stderr, no traceback
+  assert app.main(argv) == 2  # one line on stderr, no traceback
   assert re.search(r"error: loss is .* at step \d+", capsys.readouterr().err)
   steps = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_every=2).all_steps()
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -98,7 +96,7 @@ def test_demo_recipe_loss_falls(clean_gin, tmp_path, capsys):
   argv = ["train", "--gin_file=runs/demo.gin", f'--gin.MODEL_DIR="{tmp_path}"',
           "--gin.TRAIN_STEPS=40", "--gin.WARMUP_STEPS=5", "--gin.EVAL_PERIOD=40",
           "--gin.CHECKPOINT_PERIOD=40", "--gin.TrainConfig.progress=False"]
-  assert main.main(argv) == 0
+  assert app.main(argv) == 0
   out = capsys.readouterr().out
   assert "validation loss" in out and str(tmp_path) in out
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -109,7 +107,7 @@ def test_demo_recipe_loss_falls(clean_gin, tmp_path, capsys):
 
 
 def _cli(model_dir, *extra):
-  return [sys.executable, "-m", "t5gemma_jax.main", "train", *QUICK,
+  return [sys.executable, "-m", "t5gemma_jax.cli", "train", *QUICK,
           f'--gin.MODEL_DIR="{model_dir}"', *extra]
 
 
@@ -190,8 +188,8 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
 
 def test_fine_tuning_starts_from_another_runs_params(clean_gin, tmp_path, capsys):
   pre, ft = tmp_path / "pre", tmp_path / "ft"
-  assert main.main(["train", *QUICK, f'--gin.MODEL_DIR="{pre}"', "--gin.TRAIN_STEPS=4"]) == 0
-  assert main.main(["train", *QUICK, f'--gin.MODEL_DIR="{ft}"', "--gin.TRAIN_STEPS=3",
+  assert app.main(["train", *QUICK, f'--gin.MODEL_DIR="{pre}"', "--gin.TRAIN_STEPS=4"]) == 0
+  assert app.main(["train", *QUICK, f'--gin.MODEL_DIR="{ft}"', "--gin.TRAIN_STEPS=3",
                     f'--gin.TrainConfig.init_from="{pre}"', "--gin.LEARNING_RATE=0.0"]) == 0
   out = capsys.readouterr().out
   assert f"run fine-tuning from {pre}: steps 0 -> 3" in out
@@ -202,12 +200,12 @@ def test_fine_tuning_starts_from_another_runs_params(clean_gin, tmp_path, capsys
 
 
 def test_misspelt_macro_fails_before_compiling(clean_gin, tmp_path, capsys):
-  rc = main.main(["train", "--gin_file=runs/demo.gin", "--gin.TRAIN_STEP=5",
+  rc = app.main(["train", "--gin_file=runs/demo.gin", "--gin.TRAIN_STEP=5",
                   f'--gin.MODEL_DIR="{tmp_path}"'])
   err = capsys.readouterr().err
   assert rc == 2 and "TRAIN_STEP" in err and "did you mean TRAIN_STEPS" in err
   assert not os.path.exists(tmp_path / "checkpoints")
-  rc = main.main(["train", "--gin_file=runs/demo.gin", "--gin.TrainConfig.batchsize=5"])
+  rc = app.main(["train", "--gin_file=runs/demo.gin", "--gin.TrainConfig.batchsize=5"])
   assert rc == 2 and "batchsize" in capsys.readouterr().err
 
 
@@ -218,7 +216,7 @@ def test_splash_attention_trains_from_the_cli(clean_gin, tmp_path, capsys):
   argv = ["train", *QUICK, f'--gin.MODEL_DIR="{tmp_path}"', "--gin.preset.attention_impl='splash'",
           '--gin.TASK_FEATURE_LENGTHS={"inputs": 128, "targets": 128}', "--gin.TRAIN_STEPS=2",
           "--gin.WARMUP_STEPS=1", "--gin.TrainConfig.eval_tasks=()"]
-  assert main.main(argv) == 0, capsys.readouterr().err
+  assert app.main(argv) == 0, capsys.readouterr().err
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   losses = [r["loss"] for r in records if "loss" in r]
   assert len(losses) == 2 and all(np.isfinite(losses))

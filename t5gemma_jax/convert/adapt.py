@@ -11,8 +11,9 @@
   self-attention norms) when the encoder and decoder widths match, otherwise drawn at random
   (fan-in scaled normal, norms at 0, i.e. a multiplier of 1).
 
-Names and (out, in) -> kernel reshapes come from `hf._entries`: a Gemma 2 tensor name is the
-T5Gemma one with the `encoder.` / `decoder.` level dropped and two norms renamed. Everything is
+Names and (out, in) -> kernel reshapes come from `param_schema.t5gemma_params`: a Gemma 2
+tensor name is the T5Gemma one with the `encoder.` / `decoder.` level dropped and two norms
+renamed (`gemma2_name`). Everything is
 numpy on memory-mapped files; nothing touches an accelerator. Gemma 3 folders are adapted to
 T5Gemma 2 by `adapt_gemma3.from_gemma3`.
 """
@@ -27,7 +28,8 @@ from typing import Any, Optional
 import numpy as np
 
 from t5gemma_jax.config import DTYPES, ModuleConfig, T5GemmaConfig
-from t5gemma_jax.convert import hf
+from t5gemma_jax.convert import hf_gemma_config, hf_reader, param_schema, safetensors_io
+from t5gemma_jax.convert.hf_config import CONFIG_NAME
 from t5gemma_jax.model import layout
 
 Params = dict[str, Any]
@@ -40,14 +42,25 @@ _RENAME = {"pre_self_attn_layernorm": "input_layernorm",
            "pre_cross_attn_layernorm": "input_layernorm",
            "post_cross_attn_layernorm": "post_attention_layernorm",
            "cross_attn": "self_attn"}
-_CROSS = ("cross_attn", "pre_cross_attn_norm", "post_cross_attn_norm")
-_SPECIAL_IDS = (("pad_id", "pad_token_id", 0), ("eos_id", "eos_token_id", 1),
-                ("bos_id", "bos_token_id", 2))
+# (our config field, the HF config key, its default): the ids one tokenizer fixes for both
+# stacks; `adapt_gemma3` reads the same ones.
+SPECIAL_IDS = (("pad_id", "pad_token_id", 0), ("eos_id", "eos_token_id", 1),
+               ("bos_id", "bos_token_id", 2))
 
 
 @dataclasses.dataclass
-class _Source:
-  """One Gemma 2 folder: its parsed config, memory-mapped tensors and the names we used."""
+class Source:
+  """One decoder-only folder (Gemma 2 here, Gemma 3 in `adapt_gemma3`): its parsed config,
+  memory-mapped tensors and the names `take` has read from it.
+
+  Attributes:
+    path: the folder.
+    config_path: its config.json.
+    hf_config: the parsed config.json.
+    module: the stack config built from it.
+    tensors: {name: (array, file)}, once read (`safetensors_io.read_folder`).
+    used: the tensor names asked for so far, to report missing and unexpected ones.
+  """
 
   path: str
   config_path: str
@@ -101,13 +114,12 @@ def from_gemma2(decoder_only: str, decoder_from: Optional[str] = None, *, seed: 
                      "must share one vocabulary")
   special = _special_ids(enc, dec)
 
-  enc.tensors = hf._read_tensors(enc.path)
+  enc.tensors = safetensors_io.read_folder(enc.path)
   if dec is not enc:
-    dec.tensors = hf._read_tensors(dec.path)
+    dec.tensors = safetensors_io.read_folder(dec.path)
   if param_dtype is None:
-    stored = {str(v.dtype) for s in {id(enc): enc, id(dec): dec}.values()
-              for v, _ in s.tensors.values()}
-    param_dtype = stored.pop() if len(stored) == 1 and stored <= set(DTYPES) else "float32"
+    param_dtype = hf_reader.default_param_dtype(
+        *[s.tensors for s in {id(enc): enc, id(dec): dec}.values()])
   cfg = T5GemmaConfig(encoder=enc.module, decoder=dec.module, param_dtype=param_dtype,
                       **special, **options)
 
@@ -122,22 +134,19 @@ def from_gemma2(decoder_only: str, decoder_from: Optional[str] = None, *, seed: 
   target = DTYPES[param_dtype]
   rng = np.random.default_rng(seed)
   params: Params = {}
-  for t5_name, ours, kind, shape in hf._entries(cfg):
-    if mode == "random" and ours[2] in _CROSS:
-      value = _random(rng, kind, shape)
+  for p in param_schema.t5gemma_params(cfg):
+    if mode == "random" and p.group == "cross_attention":
+      value = _random(rng, p)
     else:
-      value = _take(enc if ours[0] == "encoder" else dec, t5_name, kind, shape)
+      value = take(enc if p.path[0] == "encoder" else dec, p)
     if value is None:
       continue  # reported below, with every other missing tensor
-    node = params
-    for key in ours[:-1]:
-      node = node.setdefault(key, {})
-    node[ours[-1]] = value.astype(target, copy=False)
+    hf_reader.set_leaf(params, p.path, value.astype(target, copy=False))
 
   _check_complete(enc)
   if dec is not enc:
     _check_complete(dec)
-  _check_tied_head(dec)
+  check_tied_head(dec)
   return layout.to_layout(params, cfg), cfg
 
 
@@ -149,9 +158,9 @@ def read_config(path: str) -> tuple[str, dict]:
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"decoder-only checkpoint folder not found: {path}")
-  config_path = os.path.join(path, hf.CONFIG_NAME)
+  config_path = os.path.join(path, CONFIG_NAME)
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"no {hf.CONFIG_NAME} in {path}")
+    raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
   with open(config_path) as f:
     try:
       hf_config = json.load(f)
@@ -162,7 +171,7 @@ def read_config(path: str) -> tuple[str, dict]:
   return config_path, hf_config
 
 
-def _open(path: str) -> _Source:
+def _open(path: str) -> Source:
   """Reads and validates a Gemma 2 folder's config.json (tensors are read later)."""
   config_path, hf_config = read_config(path)
   model_type = hf_config.get("model_type")
@@ -180,18 +189,18 @@ def _open(path: str) -> _Source:
   m = dict(hf_config)
   if m.get("hidden_activation") is None:  # older Gemma configs only name it hidden_act
     m["hidden_activation"] = m.get("hidden_act") or "gelu_pytorch_tanh"
-  module = hf._module_from_hf(m, m, config_path)
-  return _Source(path=path, config_path=config_path, hf_config=hf_config, module=module)
+  module = hf_gemma_config.module_from_hf(m, m, config_path)
+  return Source(path=path, config_path=config_path, hf_config=hf_config, module=module)
 
 
-def _special_ids(enc: _Source, dec: _Source) -> dict[str, int]:
+def _special_ids(enc: Source, dec: Source) -> dict[str, int]:
   """pad/eos/bos ids, which the two sources must agree on (one tokenizer feeds both stacks)."""
   out = {}
-  for ours, key, default in _SPECIAL_IDS:
+  for ours, key, default in SPECIAL_IDS:
     values = []
     for s in (enc, dec):
       v = s.hf_config.get(key)
-      values.append(default if v is None else hf._first(v))
+      values.append(default if v is None else hf_gemma_config.first_id(v))
     if values[0] != values[1]:
       raise ValueError(f"{key} differs: {values[0]} in {enc.config_path} but {values[1]} in "
                        f"{dec.config_path}; the encoder and decoder must share one tokenizer")
@@ -199,8 +208,8 @@ def _special_ids(enc: _Source, dec: _Source) -> dict[str, int]:
   return out
 
 
-def _gemma2_name(t5_name: str) -> str:
-  """T5Gemma name -> Gemma 2 name.
+def gemma2_name(t5_name: str) -> str:
+  """T5Gemma (or T5Gemma 2) name -> the decoder-only Gemma 2 (or Gemma 3) name it comes from.
 
   E.g. 'model.decoder.layers.3.pre_cross_attn_layernorm.weight' ->
   'model.layers.3.input_layernorm.weight'.
@@ -209,29 +218,35 @@ def _gemma2_name(t5_name: str) -> str:
   return ".".join(["model"] + [_RENAME.get(p, p) for p in parts[2:]])
 
 
-def _take(source: _Source, t5_name: str, kind: str, shape: tuple[int, ...]) -> Optional[np.ndarray]:
-  """The tensor behind `t5_name` as our kernel; None when the checkpoint lacks it."""
-  name = _gemma2_name(t5_name)
+def take(source: Source, param: param_schema.Param) -> Optional[np.ndarray]:
+  """The decoder-only tensor behind `param` (by `gemma2_name`) in our layout, noted as used.
+
+  Args:
+    source: the folder, tensors read.
+    param: the T5Gemma / T5Gemma 2 parameter to fill.
+
+  Returns:
+    The array, or None when the checkpoint lacks it (reported by the caller's completeness
+    check, with every other missing tensor).
+
+  Raises:
+    ValueError: the stored shape does not match `source`'s config.
+  """
+  name = gemma2_name(param.hf_name)
   source.used.add(name)
-  if name not in source.tensors:
-    return None
-  w, file_path = source.tensors[name]
-  expected = hf._hf_shape(kind, shape)
-  if tuple(w.shape) != expected:
-    raise ValueError(f"parameter {name} in {file_path}: shape {tuple(w.shape)} does not match "
-                     f"{expected} implied by {source.config_path}")
-  return hf._from_hf(kind, w, shape)
+  return hf_reader.take(source.tensors, name, param, source.config_path)
 
 
-def _random(rng: np.random.Generator, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+def _random(rng: np.random.Generator, param: param_schema.Param) -> np.ndarray:
   """A fresh cross-attention parameter: N(0, 1/fan_in) kernels, zero norm scales."""
-  if kind == "copy":  # norm scales; RMSNorm multiplies by 1 + scale
+  shape = param.shape
+  if param.kind == param_schema.COPY:  # norm scales; RMSNorm multiplies by 1 + scale
     return np.zeros(shape, np.float32)
-  fan_in = shape[0] if kind == "in" else int(np.prod(shape[:-1]))
+  fan_in = shape[0] if param.kind == param_schema.IN else int(np.prod(shape[:-1]))
   return rng.standard_normal(shape, dtype=np.float32) * np.float32(fan_in ** -0.5)
 
 
-def _check_complete(source: _Source) -> None:
+def _check_complete(source: Source) -> None:
   missing = sorted(source.used - set(source.tensors))
   if missing:
     raise ValueError(f"{source.path}: {len(missing)} Gemma 2 tensors missing from the "
@@ -242,10 +257,16 @@ def _check_complete(source: _Source) -> None:
                      f"config in {source.config_path}, e.g. {unexpected[:5]}")
 
 
-def _check_tied_head(dec: _Source) -> None:
+def check_tied_head(dec: Source) -> None:
   """An LM head may be stored only as a copy of the embedding: ours is tied to it.
 
   Only the decoder's source matters; the encoder has no output layer.
+
+  Args:
+    dec: the decoder's source, tensors read (Gemma 2 or Gemma 3 names).
+
+  Raises:
+    ValueError: `lm_head.weight` is stored and differs from `model.embed_tokens.weight`.
   """
   if LM_HEAD not in dec.tensors:
     return

@@ -12,9 +12,10 @@ projector are skipped with one logged warning):
   token with this unscaled vector instead of its row, so the token embeds exactly as before.
 
 Nothing is drawn at random, so with an all-padding encoder input the decoder reproduces the
-Gemma 3 logits. Names and kernel reshapes come from `hf_t5gemma2.entries` and `adapt`: a Gemma 3
-tensor name is the T5Gemma 2 one with the `encoder.` / `decoder.` level dropped and the two
-self-attention norms renamed, as for Gemma 2. Everything is numpy on memory-mapped files.
+Gemma 3 logits. Names and kernel reshapes come from `param_schema.t5gemma2_params` and `adapt`:
+a Gemma 3 tensor name is the T5Gemma 2 one with the `encoder.` / `decoder.` level dropped and
+the two self-attention norms renamed, as for Gemma 2 (`adapt.gemma2_name`). Everything is numpy
+on memory-mapped files.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Optional
 import numpy as np
 
 from t5gemma_jax.config import DTYPES, FULL, SLIDING, T5GEMMA2_EOI_ID, T5GemmaConfig
-from t5gemma_jax.convert import adapt, hf, hf_t5gemma2
+from t5gemma_jax.convert import adapt, hf_gemma_config, hf_reader, param_schema, safetensors_io
 from t5gemma_jax.model import layout
 
 Params = dict[str, Any]
@@ -72,19 +73,18 @@ def from_gemma3(decoder_only: str, *, eoi_id: int = T5GEMMA2_EOI_ID,
   del seed  # see Args
   config_path, hf_config = adapt.read_config(decoder_only)
   text, where = _text_config(hf_config, config_path)
-  module = hf_t5gemma2._module_from_hf(text, text, where)
+  module = hf_gemma_config.text_module_from_hf(text, text, where)
   if not 0 <= eoi_id < module.vocab_size:
     raise ValueError(f"eoi_id {eoi_id} is outside the vocabulary of {where} (vocab_size "
                      f"{module.vocab_size}); pass an eoi_id below it")
-  src = adapt._Source(path=decoder_only, config_path=config_path, hf_config=hf_config,
-                      module=module)
-  src.tensors = _text_tensors(hf._read_tensors(decoder_only), decoder_only,
+  src = adapt.Source(path=decoder_only, config_path=config_path, hf_config=hf_config,
+                     module=module)
+  src.tensors = _text_tensors(safetensors_io.read_folder(decoder_only), decoder_only,
                               multimodal=hf_config.get("model_type") == "gemma3")
   if param_dtype is None:
-    stored = {str(v.dtype) for v, _ in src.tensors.values()}
-    param_dtype = stored.pop() if len(stored) == 1 and stored <= set(DTYPES) else "float32"
-  ids = {ours: hf._first(_field(key, text, hf_config, default))
-         for ours, key, default in adapt._SPECIAL_IDS}
+    param_dtype = hf_reader.default_param_dtype(src.tensors)
+  ids = {ours: hf_gemma_config.first_id(_field(key, text, hf_config, default))
+         for ours, key, default in adapt.SPECIAL_IDS}
   cfg = T5GemmaConfig(encoder=module, decoder=module, param_dtype=param_dtype,
                       scan_layers=scan_layers, merged_attention=True, shared_embedding=True,
                       eoi_id=eoi_id, **ids)
@@ -92,21 +92,18 @@ def from_gemma3(decoder_only: str, *, eoi_id: int = T5GEMMA2_EOI_ID,
   target = DTYPES[param_dtype]
   params: Params = {}
   taken: dict[str, Optional[np.ndarray]] = {}  # Gemma 3 name -> our array, shared by both stacks
-  for t5_name, ours, kind, shape in hf_t5gemma2.entries(cfg):
-    if t5_name == _EOI:
+  for p in param_schema.t5gemma2_params(cfg):
+    if p.hf_name == _EOI:
       continue  # derived from the table below
-    name = adapt._gemma2_name(t5_name)
+    name = adapt.gemma2_name(p.hf_name)
     if name not in taken:
-      value = adapt._take(src, t5_name, kind, shape)
+      value = adapt.take(src, p)
       taken[name] = None if value is None else value.astype(target, copy=False)
     if taken[name] is None:
       continue  # reported below, with every other missing tensor
-    node = params
-    for key in ours[:-1]:
-      node = node.setdefault(key, {})
-    node[ours[-1]] = taken[name]
+    hf_reader.set_leaf(params, p.path, taken[name])
   _check_complete(src)
-  adapt._check_tied_head(src)
+  adapt.check_tied_head(src)
 
   embedder = params["encoder"]["embedder"]
   # HF Gemma 3 scales rows by sqrt(d) cast to float32, then to the weight dtype.
@@ -147,7 +144,7 @@ def _text_config(hf_config: dict, config_path: str) -> tuple[dict, str]:
   if not text.get("layer_types"):
     # Configs from before layer_types name only the period (every N-th layer is global).
     period = text.get("sliding_window_pattern") or text.get("_sliding_window_pattern") or 6
-    n = text.get("num_hidden_layers", hf_t5gemma2._TEXT_DEFAULTS["num_hidden_layers"])
+    n = text.get("num_hidden_layers", hf_gemma_config.TEXT_DEFAULTS["num_hidden_layers"])
     text["layer_types"] = [FULL if (i + 1) % int(period) == 0 else SLIDING for i in range(n)]
   return text, where
 
@@ -181,7 +178,7 @@ def _text_tensors(tensors: dict[str, tuple[np.ndarray, str]], path: str, *,
   return out
 
 
-def _check_complete(src: adapt._Source) -> None:
+def _check_complete(src: adapt.Source) -> None:
   missing = sorted(src.used - set(src.tensors))
   if missing:
     raise ValueError(f"{src.path}: {len(missing)} Gemma 3 tensors missing from the checkpoint "

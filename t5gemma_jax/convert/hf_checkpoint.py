@@ -17,7 +17,7 @@ import numpy as np
 
 from t5gemma_jax import run_files
 from t5gemma_jax.config import DTYPES, T5GemmaConfig
-from t5gemma_jax.convert import hf, hf_writer, params_checkpoint
+from t5gemma_jax.convert import hf, hf_t5gemma2, hf_writer, params_checkpoint
 from t5gemma_jax.model import abstract_params, layout
 
 _DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
@@ -136,7 +136,6 @@ def compare_with_transformers(folder: str, params: Any, cfg: T5GemmaConfig,
   import jax.numpy as jnp
   from t5gemma_jax.model import T5Gemma
 
-  from t5gemma_jax.convert import hf_t5gemma2
   t5gemma2 = hf_t5gemma2.matches(cfg)
   cls = (transformers.T5Gemma2ForConditionalGeneration if t5gemma2
          else transformers.T5GemmaForConditionalGeneration)

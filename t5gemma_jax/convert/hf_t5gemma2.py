@@ -1,4 +1,7 @@
-"""The T5Gemma 2 side of `t5gemma_jax.convert.hf`: its nested config.json and tensor names.
+"""The T5Gemma 2 side of `t5gemma_jax.convert.hf`: its nested config.json and vision tensors.
+
+Its tensor names are in `param_schema.t5gemma2_params`; its text stacks' fields in
+`hf_gemma_config.text_module_from_hf`.
 
 Text weights only. `T5Gemma2ForConditionalGeneration` always has a SigLIP vision tower and a
 multimodal projector; they are skipped on load (with one logged notice) and absent from what we
@@ -11,11 +14,11 @@ parameters); see docs/t5gemma2_reference.md §1 and §4.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
 
 import numpy as np
 
 from t5gemma_jax.config import FULL, SLIDING, ModuleConfig, T5GemmaConfig
+from t5gemma_jax.convert import hf_gemma_config
 
 MODEL_TYPE = "t5gemma2"
 # Tied to model.encoder.embed_tokens.*: transformers neither writes nor needs them.
@@ -23,18 +26,6 @@ TIED_KEYS = ("model.decoder.embed_tokens.weight", "model.decoder.embed_tokens.eo
              "lm_head.out_proj.weight")
 _VISION_PARTS = ("vision_tower.", "multi_modal_projector.")
 _LONG_PREFIX, _SHORT_PREFIX = "model.encoder.text_model.", "model.encoder."
-_ATTN = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
-_NORMS = {"pre_self_attn_norm": "pre_self_attn_layernorm",
-          "post_self_attn_norm": "post_self_attn_layernorm",
-          "pre_ffw_norm": "pre_feedforward_layernorm",
-          "post_ffw_norm": "post_feedforward_layernorm"}
-# transformers' T5Gemma2TextConfig defaults, for fields a config.json may leave out.
-_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
-                      num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
-                      head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
-                      rms_norm_eps=1e-6, final_logit_softcapping=None)
-_DEFAULT_THETA = {"full": 1_000_000.0, "local": 10_000.0}
-_SLIDING_PERIOD = 6  # HF default layer_types: every 6th layer is full attention
 _PLACEHOLDER_VISION = dict(model_type="siglip_vision_model", hidden_size=16,
                            intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                            image_size=28, patch_size=14, vision_use_head=False)
@@ -77,67 +68,19 @@ def config_from_hf(hf: dict, source: str, **options) -> T5GemmaConfig:
     raise ValueError(f"{source}: missing the 'encoder' sub-config")
   if not isinstance(hf.get("decoder"), dict):
     raise ValueError(f"{source}: missing the 'decoder' sub-config")
-  stacks = {"encoder": _module_from_hf(enc.get("text_config") or {}, hf, f"{source}: encoder"),
-            "decoder": _module_from_hf(hf["decoder"], hf, f"{source}: decoder")}
+  stacks = {"encoder": hf_gemma_config.text_module_from_hf(enc.get("text_config") or {}, hf,
+                                                           f"{source}: encoder"),
+            "decoder": hf_gemma_config.text_module_from_hf(hf["decoder"], hf,
+                                                           f"{source}: decoder")}
   eoi = hf.get("eoi_token_index")
   eoi = enc.get("eoi_token_index", 256_000) if eoi is None else eoi
   dec = hf["decoder"]
   ids = {k: hf.get(k, dec.get(k, default)) for k, default in
          (("pad_token_id", 0), ("eos_token_id", 1), ("bos_token_id", 2))}
-  eos = ids["eos_token_id"]
   return T5GemmaConfig(**stacks, pad_id=int(ids["pad_token_id"]),
-                       eos_id=int(eos[0] if isinstance(eos, (list, tuple)) else eos),
+                       eos_id=hf_gemma_config.first_id(ids["eos_token_id"]),
                        bos_id=int(ids["bos_token_id"]), merged_attention=True,
                        shared_embedding=True, eoi_id=int(eoi), **options)
-
-
-def _rope_from_hf(m: dict, where: str) -> tuple[float, float, float]:
-  """(full theta, sliding theta, full linear factor) from either rope spelling."""
-  rope = m.get("rope_parameters")
-  if isinstance(rope, dict) and (FULL in rope or SLIDING in rope):
-    full, local = rope.get(FULL) or {}, rope.get(SLIDING) or {}
-  else:  # Gemma-3 style keys; a legacy rope_scaling applies to full layers only
-    full = dict(m.get("rope_scaling") or {}, rope_theta=m.get("rope_theta",
-                                                               _DEFAULT_THETA["full"]))
-    local = {"rope_theta": m.get("rope_local_base_freq", _DEFAULT_THETA["local"])}
-  if local.get("rope_type", "default") != "default":
-    raise ValueError(f"{where}: sliding-layer rope_type {local.get('rope_type')!r} is not "
-                     "supported (default)")
-  full_type = full.get("rope_type", full.get("type", "default"))
-  if full_type not in ("default", "linear"):
-    raise ValueError(f"{where}: full-layer rope_type {full_type!r} is not supported "
-                     "(default, linear)")
-  factor = float(full.get("factor", 1.0)) if full_type == "linear" else 1.0
-  return (float(full.get("rope_theta", _DEFAULT_THETA["full"])),
-          float(local.get("rope_theta", _DEFAULT_THETA["local"])), factor)
-
-
-def _module_from_hf(m: dict, top: dict, where: str) -> ModuleConfig:
-  from t5gemma_jax.convert import hf  # hf dispatches to this module at import time
-  hf.check_supported(m, where)
-  if m.get("attn_logit_softcapping") is not None:
-    raise ValueError(f"{where}: attn_logit_softcapping={m['attn_logit_softcapping']} is set, "
-                     "but transformers' T5Gemma 2 never applies it; refusing an ambiguous model")
-  if m.get("use_bidirectional_attention"):
-    raise ValueError(f"{where}: use_bidirectional_attention=true (transformers then saves a "
-                     "doubled sliding_window); refusing an ambiguous window")
-  f = dict(_TEXT_DEFAULTS, **{k: v for k, v in m.items() if v is not None or k in
-                              ("final_logit_softcapping",)})
-  layer_types = m.get("layer_types") or [
-      FULL if (i + 1) % _SLIDING_PERIOD == 0 else SLIDING for i in range(f["num_hidden_layers"])]
-  full_theta, local_theta, factor = _rope_from_hf(m, where)
-  return ModuleConfig(
-      hidden_size=f["hidden_size"], intermediate_size=f["intermediate_size"],
-      num_layers=f["num_hidden_layers"], num_heads=f["num_attention_heads"],
-      num_kv_heads=f["num_key_value_heads"], head_dim=f["head_dim"],
-      query_pre_attn_scalar=f["query_pre_attn_scalar"], vocab_size=f["vocab_size"],
-      attn_logit_softcapping=None, final_logit_softcapping=f["final_logit_softcapping"],
-      sliding_window=f["sliding_window"], layer_types=layer_types, rope_theta=full_theta,
-      rms_norm_eps=float(f["rms_norm_eps"]),
-      dropout_rate=float(top.get("dropout_rate", m.get("dropout_rate", 0.0))),
-      attention_dropout=float(top.get("attention_dropout", m.get("attention_dropout", 0.0))),
-      qk_norm=True, rope_local_theta=local_theta, rope_scaling_factor=factor,
-      encoder_window="split")
 
 
 def config_to_hf(cfg: T5GemmaConfig, dtype: str) -> dict:
@@ -182,38 +125,7 @@ def config_to_hf(cfg: T5GemmaConfig, dtype: str) -> dict:
       "tie_word_embeddings": True, "vocab_size": cfg.vocab_size, "dtype": dtype, **ids}
 
 
-# ------------------------------------------------------------------------------- names
-
-
-def entries(cfg: T5GemmaConfig) -> Iterator[tuple[str, tuple[str, ...], str, tuple[int, ...]]]:
-  """(hf name, our unrolled path, kind, our shape) of every tensor, names in the short on-disk
-  form that `save_pretrained` writes (`model.encoder.layers...`, not `...text_model...`).
-
-  With `share_blocks` the decoder's layer tensors name the encoder's paths: transformers gets
-  two equal copies, which compute exactly what the shared model does."""
-  check(cfg)
-  d = cfg.encoder.hidden_size
-  yield "model.encoder.embed_tokens.weight", ("encoder", "embedder", "embedding"), "copy", (
-      cfg.vocab_size, d)
-  yield "model.encoder.embed_tokens.eoi_embedding", ("encoder", "embedder", "eoi_embedding"), \
-      "copy", (d,)
-  for side, m in (("encoder", cfg.encoder), ("decoder", cfg.decoder)):
-    f, h, k, dh = m.intermediate_size, m.num_heads, m.num_kv_heads, m.head_dim
-    yield f"model.{side}.norm.weight", (side, "final_norm", "scale"), "copy", (d,)
-    for i in range(m.num_layers):
-      owner = "encoder" if cfg.share_blocks else side
-      pre, ours = f"model.{side}.layers.{i}", (owner, f"layers_{i}")
-      attn, ours_attn = f"{pre}.self_attn", ours + ("self_attn",)
-      yield f"{attn}.q_proj.weight", ours_attn + ("q", "kernel"), "in", (d, h, dh)
-      yield f"{attn}.k_proj.weight", ours_attn + ("k", "kernel"), "in", (d, k, dh)
-      yield f"{attn}.v_proj.weight", ours_attn + ("v", "kernel"), "in", (d, k, dh)
-      yield f"{attn}.o_proj.weight", ours_attn + ("o", "kernel"), "out", (h, dh, d)
-      for norm in ("q_norm", "k_norm"):
-        yield f"{attn}.{norm}.weight", ours_attn + (norm, "scale"), "copy", (dh,)
-      for name, shape in (("gate", (d, f)), ("up", (d, f)), ("down", (f, d))):
-        yield f"{pre}.mlp.{name}_proj.weight", ours + ("mlp", name, "kernel"), "in", shape
-      for norm, hf_norm in _NORMS.items():
-        yield f"{pre}.{hf_norm}.weight", ours + (norm, "scale"), "copy", (d,)
+# ------------------------------------------------------------------------------ vision
 
 
 def is_vision(name: str) -> bool:
@@ -223,7 +135,7 @@ def is_vision(name: str) -> bool:
 
 def text_tensors(tensors: dict[str, tuple[np.ndarray, str]], path: str) -> dict:
   """Drops the vision tensors (one notice) and maps `model.encoder.text_model.*` names, which
-  transformers also accepts, to the short form `entries` uses."""
+  transformers also accepts, to the short form `param_schema.t5gemma2_params` uses."""
   out, skipped = {}, 0
   for name, value in tensors.items():
     if is_vision(name):

@@ -1,10 +1,11 @@
 """Streams parameters into a Hugging Face T5Gemma folder, one tensor at a time.
 
 The folder's layout (which tensor goes to which safetensors shard, at which offset) is planned
-from the config alone, so parameters can arrive one by one, in any order and from any source
-(an in-memory tree, an orbax checkpoint read piece by piece), and are written as they come:
-host memory never holds a second copy of the model. Everything is assembled in a temporary
-folder next to the destination and renamed into place only when complete.
+from the config alone (its `param_schema` table), so parameters can arrive one by one, in any
+order and from any source (an in-memory tree, an orbax checkpoint read piece by piece), and
+are written as they come: host memory never holds a second copy of the model. Everything is
+assembled in a temporary folder next to the destination and renamed into place only when
+complete.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 
 from t5gemma_jax.config import DTYPES, T5GemmaConfig
-from t5gemma_jax.convert import hf, safetensors_io
+from t5gemma_jax.convert import hf_config, param_schema, safetensors_io
 from t5gemma_jax.model import layout
 
 GENERATION_CONFIG = "generation_config.json"
@@ -59,12 +60,12 @@ class FolderWriter:
     check_destination(path, overwrite)
     self.cfg, self.path = cfg.replace(param_dtype=dtype), path
     np_dtype = np.dtype(DTYPES[dtype])
-    # our unrolled path -> [(hf name, kind, our shape)]: several names when blocks are shared
+    # our unrolled path -> [Param]: several names when blocks are shared
     self._targets = {}
     plan = []
-    for name, ours, kind, shape in hf._entries(cfg):
-      self._targets.setdefault(ours, []).append((name, kind, shape))
-      plan.append((name, np_dtype, hf._hf_shape(kind, shape)))
+    for p in param_schema.params_of(cfg):
+      self._targets.setdefault(p.path, []).append(p)
+      plan.append((p.hf_name, np_dtype, p.hf_shape))
     shards = _shard(plan, max_shard_bytes)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -73,7 +74,7 @@ class FolderWriter:
     self._writers, self._file_of = [], {}
     try:
       for n, shard in enumerate(shards):
-        fname = (hf.SINGLE_FILE if len(shards) == 1
+        fname = (safetensors_io.SINGLE_FILE if len(shards) == 1
                  else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors")
         self._writers.append(safetensors_io.PlannedWriter(
             os.path.join(self.tmp, fname), shard, {"format": "pt"}))
@@ -89,11 +90,11 @@ class FolderWriter:
     if ours not in self._targets:
       raise ValueError(f"parameter {'/'.join(ours)} is not part of this T5Gemma config")
     x = np.asarray(array)
-    for name, kind, shape in self._targets[ours]:
-      if tuple(x.shape) != shape:
+    for p in self._targets[ours]:
+      if tuple(x.shape) != p.shape:
         raise ValueError(f"parameter {'/'.join(ours)}: shape {tuple(x.shape)} does not match "
-                         f"{shape} implied by the config")
-      self._file_of[name][1].write(name, hf._to_hf(kind, x))
+                         f"{p.shape} implied by the config")
+      self._file_of[p.hf_name][1].write(p.hf_name, param_schema.to_hf(p.kind, x))
 
   def put_tree(self, params: Any) -> None:
     """Writes every parameter of a tree (scanned or unrolled; numpy or jax arrays), one leaf
@@ -113,9 +114,9 @@ class FolderWriter:
       w.close()
     if len(self._writers) > 1:
       weight_map = {name: fname for name, (fname, _) in sorted(self._file_of.items())}
-      self.add_json(hf.INDEX_FILE, {"metadata": {"total_size": self._total},
+      self.add_json(safetensors_io.INDEX_FILE, {"metadata": {"total_size": self._total},
                                     "weight_map": weight_map})
-    self.add_json(hf.CONFIG_NAME, hf.config_to_hf(self.cfg))
+    self.add_json(hf_config.CONFIG_NAME, hf_config.config_to_hf(self.cfg))
     self.add_json(GENERATION_CONFIG, generation_config(self.cfg))
 
   def commit(self) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from t5gemma_jax import checkpoint, run_files
 from t5gemma_jax.config import T5GemmaConfig
+from t5gemma_jax.convert import hf_writer
 
 _COMMITTED = "commit_success.txt"
 Path = tuple[str, ...]
@@ -166,7 +167,6 @@ def save_params(params: Any, cfg: T5GemmaConfig, out_dir: str, *,
     The step directory written.
   """
   import jax
-  from t5gemma_jax.convert import hf_writer
   hf_writer.check_destination(out_dir, overwrite)
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)

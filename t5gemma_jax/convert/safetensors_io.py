@@ -4,6 +4,7 @@ The `safetensors` package's numpy API has no bfloat16, and released T5Gemma chec
 bfloat16, so we read the format directly: an 8-byte little-endian header length, a JSON header
 {name: {dtype, shape, data_offsets}, "__metadata__": {...}}, then the raw tensor bytes.
 Reads are memory-mapped; writes go to a temporary file that is renamed into place.
+`read_folder` reads a Hugging Face checkpoint's tensors, one file or a sharded set.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+# Hugging Face's file names: one file, or shards listed by an index.
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
 
 def read_header(path: str) -> tuple[dict, int]:
@@ -63,6 +67,40 @@ def load(path: str) -> dict[str, np.ndarray]:
       raise ValueError(f"{path}: tensor {name!r} byte range [{begin}, {end}) does not match "
                        f"shape {shape} {dtype} or the file size {size}")
     out[name] = data[begin:end].view(_DTYPES[dtype]).reshape(shape)
+  return out
+
+
+def read_folder(path: str) -> dict[str, tuple[np.ndarray, str]]:
+  """Memory-maps every tensor of a checkpoint folder's `SINGLE_FILE`, or of the shards its
+  `INDEX_FILE` lists.
+
+  Args:
+    path: the folder.
+
+  Returns:
+    {tensor name: (read-only array, path of the file it is in)}.
+
+  Raises:
+    FileNotFoundError: neither file is there.
+    ValueError: an index without a "weight_map", or a damaged file.
+  """
+  index = os.path.join(path, INDEX_FILE)
+  single = os.path.join(path, SINGLE_FILE)
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f).get("weight_map")
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index}: no 'weight_map' object")
+    files = sorted(set(weight_map.values()))
+  elif os.path.isfile(single):
+    files = [SINGLE_FILE]
+  else:
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+  out = {}
+  for name in files:
+    file_path = os.path.join(path, name)
+    for key, value in load(file_path).items():
+      out[key] = (value, file_path)
   return out
 
 

@@ -22,11 +22,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from t5gemma_jax.convert import param_schema
+
 Params = Any
-GROUPS = ("embeddings", "cross_attention", "encoder", "decoder")
+# The groups and the rule that assigns them are the parameter schema's, so a checkpoint's
+# tensors and the optimizer agree on what, say, "cross_attention" covers.
+GROUPS = param_schema.GROUPS
 SCHEDULES = ("constant", "rsqrt", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adafactor")
-_CROSS_ATTENTION = ("cross_attn", "pre_cross_attn_norm", "post_cross_attn_norm")
 
 
 # ----------------------------------------------------------------------------------- groups
@@ -38,15 +41,7 @@ def _names(path) -> list[str]:
 
 
 def _group_of(path) -> str:
-  names = _names(path)
-  if names[-2:-1] == ["embedder"]:  # the table, and T5Gemma 2's eoi_embedding
-    return "embeddings"
-  stack = names[0] if names else None
-  if stack == "decoder" and any(n in _CROSS_ATTENTION for n in names):
-    return "cross_attention"
-  if stack in ("encoder", "decoder"):
-    return stack
-  raise ValueError(f"parameter {'/'.join(names)} is under neither 'encoder' nor 'decoder'")
+  return param_schema.group_of(_names(path))
 
 
 def param_groups(params: Params) -> Params:

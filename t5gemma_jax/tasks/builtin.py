@@ -5,7 +5,7 @@
 - docstring_summarization: "summarize: <docstring body>" -> its one-line summary (ROUGE).
 - cldr_translate_en_ru / cldr_translate_en_de: CLDR names (territories, languages, currencies,
   scripts, units, ...) from babel (BLEU).
-All use the vocabulary trained on these corpora (`tasks.vocabularies.BUILTIN`); splits are fixed
+All use the vocabulary trained on these corpora (`tasks.named_vocabularies.BUILTIN`); splits are fixed
 by a hash of each item's key.
 """
 
@@ -19,9 +19,9 @@ import tensorflow as tf
 
 from t5gemma_jax import metrics
 from t5gemma_jax.data import corpora, supervised
-from tasks import objectives, vocabularies
+from t5gemma_jax.tasks import named_vocabularies, text_objectives
 
-FEATURES = vocabularies.features(vocabularies.BUILTIN)
+FEATURES = named_vocabularies.features(named_vocabularies.BUILTIN)
 TEXT_TASKS = {"python_text_span_corruption": "span_corruption", "python_text_ul2": "ul2",
               "python_text_prefix_lm": "prefix_lm", "python_text_t5gemma2": "t5gemma2"}
 TRANSLATION = {"cldr_translate_en_ru": ("cldr_en_ru", "Russian"),
@@ -66,8 +66,8 @@ def register_mixture(rates: Mapping[str, float] = DEFAULT_MIXTURE_RATES) -> None
 def register() -> None:
   for task, objective in TEXT_TASKS.items():
     seqio.TaskRegistry.add(task, source=_source("python_text"),
-                           preprocessors=objectives.preprocessors(objective,
-                                                                  vocabularies.BUILTIN),
+                           preprocessors=text_objectives.preprocessors(objective,
+                                                                  named_vocabularies.BUILTIN),
                            output_features=FEATURES)
   seqio.TaskRegistry.add(
       "docstring_summarization", source=_source("docstring_summaries"),

@@ -22,8 +22,8 @@ import seqio
 import tensorflow as tf
 
 from t5gemma_jax import metrics as metrics_lib
-from tasks import objectives, vocabularies
-from tasks.sources import existing_files
+from t5gemma_jax.tasks import named_vocabularies, text_objectives
+from t5gemma_jax.tasks.sources import existing_files
 
 FORMATS = ("tsv", "jsonl", "text", "tfrecord")
 METRICS = {"bleu": metrics_lib.bleu, "rouge": metrics_lib.rouge,
@@ -73,10 +73,10 @@ def file_task(name: str, train: str | Sequence[str], validation: Optional[str] =
     name: task name (must be new).
     train, validation: file patterns per split.
     format: one of FORMATS.
-    objective: "supervised" or a pretraining objective of `tasks.objectives.OBJECTIVES`.
+    objective: "supervised" or a pretraining objective of `tasks.text_objectives.OBJECTIVES`.
     input_key, target_key, text_key: field names in JSONL / TFRecord files.
     prefix: prepended to supervised inputs (e.g. "summarize: ").
-    vocabulary: a name of `tasks.vocabularies.VOCABULARIES`.
+    vocabulary: a name of `tasks.named_vocabularies.VOCABULARIES`.
     metrics: names from METRICS.
   """
   if format not in FORMATS:
@@ -101,7 +101,7 @@ def file_task(name: str, train: str | Sequence[str], validation: Optional[str] =
       raise ValueError(f"file_task {name!r}: text-line files hold no targets; use tsv, jsonl or "
                        "tfrecord for supervised tasks, or a pretraining objective")
     parse = [functools.partial(parser, keys=keys)]
-  vocab = vocabularies.get(vocabulary)
+  vocab = named_vocabularies.get(vocabulary)
   if supervised:
     steps = [*parse, functools.partial(_rename, mapping={input_key: "inputs",
                                                          target_key: "targets"})]
@@ -111,8 +111,8 @@ def file_task(name: str, train: str | Sequence[str], validation: Optional[str] =
               seqio.preprocessors.append_eos_after_trim]
   else:
     steps = [*parse, functools.partial(_rename, mapping={text_key: "text"}),
-             *objectives.preprocessors(objective, vocab)]
+             *text_objectives.preprocessors(objective, vocab)]
   seqio.TaskRegistry.add(name, source=source, preprocessors=steps,
-                         output_features=vocabularies.features(vocab),
+                         output_features=named_vocabularies.features(vocab),
                          metric_fns=[METRICS[m] for m in metrics])
   return name

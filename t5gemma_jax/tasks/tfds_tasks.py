@@ -13,10 +13,10 @@ import seqio
 
 from t5gemma_jax import metrics
 from t5gemma_jax.data import supervised
-from tasks import objectives, vocabularies
-from tasks.sources import PreparedTfdsSource
+from t5gemma_jax.tasks import named_vocabularies, text_objectives
+from t5gemma_jax.tasks.sources import PreparedTfdsSource
 
-GEMMA_FEATURES = vocabularies.features(vocabularies.GEMMA)
+GEMMA_FEATURES = named_vocabularies.features(named_vocabularies.GEMMA)
 # Rows are trimmed to the sequence length after EOS is appended, so the EOS survives.
 TEXT_TO_TEXT_TAIL = [seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
                      seqio.preprocessors.append_eos_after_trim]
@@ -46,7 +46,7 @@ def register_pretraining_mixture(rates=(("c4_ul2", 1.0), ("c4_prefix_lm", 1.0)))
 def register() -> None:
   for task, objective in PRETRAINING.items():
     seqio.TaskRegistry.add(task, source=PreparedTfdsSource(C4),
-                           preprocessors=objectives.preprocessors(objective, vocabularies.GEMMA),
+                           preprocessors=text_objectives.preprocessors(objective, named_vocabularies.GEMMA),
                            output_features=GEMMA_FEATURES)
   register_pretraining_mixture()
   for task, (tfds_name, src, tgt, src_lang, tgt_lang) in TRANSLATION.items():

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Optional
+from typing import Any
+
+from t5gemma_jax.cli import gin_setup
 
 
 def export_args(p: argparse.ArgumentParser) -> None:
@@ -61,17 +63,6 @@ def adapt_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--overwrite", action="store_true")
 
 
-def _bound_model() -> Optional[Any]:
-  """The gin-bound model config, or None when no gin file binds one."""
-  import gin
-  from t5gemma_jax import main
-  try:
-    gin.query_parameter("model_config.cfg")
-  except ValueError:
-    return None
-  return main.model_config()
-
-
 def _vocabulary(choice: str, run_dir: str) -> Any:
   import seqio
   if choice == "none":
@@ -83,8 +74,8 @@ def _vocabulary(choice: str, run_dir: str) -> Any:
     if not os.path.isfile(choice):
       raise FileNotFoundError(f"--vocabulary: SentencePiece model not found: {choice}")
     return seqio.SentencePieceVocabulary(choice)
-  from tasks import vocabularies
-  return vocabularies.get(choice)
+  from t5gemma_jax.tasks import named_vocabularies
+  return named_vocabularies.get(choice)
 
 
 def export(args: argparse.Namespace) -> int:
@@ -93,7 +84,7 @@ def export(args: argparse.Namespace) -> int:
   step_dir = params_checkpoint.find_step(args.checkpoint_dir)
   vocabulary = _vocabulary(args.vocabulary, params_checkpoint.run_dir_of(step_dir))
   report = hf_checkpoint.export_checkpoint(
-      step_dir, args.output_dir, cfg=_bound_model(), dtype=args.dtype,
+      step_dir, args.output_dir, cfg=gin_setup.bound_model(), dtype=args.dtype,
       overwrite=args.overwrite, vocabulary=vocabulary, verify=args.verify,
       tolerance=args.tolerance)
   print(f"exported {report['step_dir']} ({report['parameters']:,} parameters, "

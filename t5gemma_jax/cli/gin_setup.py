@@ -1,0 +1,200 @@
+"""What gin may bind, and how a command's gin files and `--gin.NAME=VALUE` flags are read.
+
+Configs stay plain dataclasses; gin learns about them here and nowhere else. Every command reads
+its model from the `model_config.cfg` binding, a run from `train_config.cfg` (or
+`infer_config.cfg`, `eval_config.cfg`), and data options from `data_settings.*`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+import re
+from typing import Iterator, Mapping, Optional, Sequence
+
+import gin
+
+from t5gemma_jax import config
+
+# gin files ship beside the package's sources in a checkout (the repository's `gin/`).
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "gin")
+RUN_COMMANDS = ("train", "compile", "infer", "eval")
+
+gin.external_configurable(config.preset, "preset")
+gin.external_configurable(config.stack_preset, "stack_preset")
+gin.external_configurable(config.ModuleConfig, "ModuleConfig")
+gin.external_configurable(config.T5GemmaConfig, "T5GemmaConfig")
+_registered: set[str] = set()
+
+
+def _register_file_task() -> None:
+  """`file_task` (gin files reference it) loads seqio and TensorFlow: registered when the first
+  gin file is read, after `backends.quiet_start`, not when the CLI is imported."""
+  if "file_task" in _registered:
+    return
+  from t5gemma_jax.tasks import files
+  gin.external_configurable(files.file_task, "file_task")
+  _registered.add("file_task")
+
+
+def _register_run_configurables() -> None:
+  """Training and decoding configs become configurables only when a command needs them, so
+  that `show_config` does not import the trainer."""
+  if "run" in _registered:
+    return
+  from t5gemma_jax import evaluation, sharding
+  from t5gemma_jax.train import loop, losses, optim
+  for cls, name in ((loop.TrainConfig, "TrainConfig"), (optim.OptimizerConfig, "OptimizerConfig"),
+                    (optim.ScheduleConfig, "ScheduleConfig"), (losses.LossConfig, "LossConfig"),
+                    (sharding.MeshConfig, "MeshConfig"), (evaluation.DecodeConfig, "DecodeConfig"),
+                    (evaluation.InferConfig, "InferConfig"), (evaluation.EvalConfig, "EvalConfig")):
+    gin.external_configurable(cls, name)
+  _registered.add("run")
+
+
+@gin.configurable
+def model_config(cfg: config.T5GemmaConfig = gin.REQUIRED) -> config.T5GemmaConfig:
+  """The model every command works on; gin files bind `model_config.cfg = @preset()`."""
+  if not isinstance(cfg, config.T5GemmaConfig):
+    raise ValueError(f"gin binding model_config.cfg must be a T5GemmaConfig, got {type(cfg)}")
+  return cfg
+
+
+def bound_model() -> Optional[config.T5GemmaConfig]:
+  """The gin-bound model config, or None when no gin file binds one."""
+  try:
+    gin.query_parameter("model_config.cfg")
+  except ValueError:
+    return None
+  return model_config()
+
+
+@gin.configurable
+def train_config(cfg=gin.REQUIRED):
+  """The run `t5gemma train` executes; gin files bind `train_config.cfg = @TrainConfig()`."""
+  from t5gemma_jax.train import loop
+  if not isinstance(cfg, loop.TrainConfig):
+    raise ValueError("gin binding train_config.cfg must be @TrainConfig()")
+  return cfg
+
+
+@gin.configurable
+def infer_config(cfg=gin.REQUIRED):
+  """`t5gemma infer` runs this; gin binds `infer_config.cfg = @InferConfig()`."""
+  return cfg
+
+
+@gin.configurable
+def eval_config(cfg=gin.REQUIRED):
+  """`t5gemma eval` runs this; gin binds `eval_config.cfg = @EvalConfig()`."""
+  return cfg
+
+
+@gin.configurable
+def data_settings(gemma_tokenizer: Optional[str] = None, builtin_vocab_size: int = 2048,
+                  builtin_sentinels: int = 128,
+                  builtin_mixture_rates: Optional[Mapping[str, float]] = None,
+                  c4_pretrain_rates: Optional[Mapping[str, float]] = None,
+                  user_tasks: Sequence[str] = ()):
+  """The bound `tasks.DataSettings` (see there); the CLI passes it to `tasks.configure`."""
+  from t5gemma_jax import tasks
+  return tasks.DataSettings(gemma_tokenizer, builtin_vocab_size, builtin_sentinels,
+                            builtin_mixture_rates, c4_pretrain_rates, tuple(user_tasks))
+
+
+def parse_bindings(flags: Sequence[str]) -> list[str]:
+  """`--gin.NAME=VALUE` flags -> gin statements `NAME = VALUE`.
+
+  Raises:
+    ValueError: a flag that is not a binding, or a binding without `=VALUE`.
+  """
+  bindings = []
+  for item in flags:
+    if not item.startswith("--gin."):
+      raise ValueError(f"unrecognised argument {item!r} (bindings look like --gin.NAME=VALUE)")
+    name, sep, value = item[len("--gin."):].partition("=")
+    if not sep:
+      raise ValueError(f"gin binding {item!r} has no '=VALUE'")
+    bindings.append(f"{name} = {value}")
+  return bindings
+
+
+class _SearchMissFilter(logging.Filter):
+  """gin logs an ERROR for every search-path miss while resolving includes; they are noise."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Path not found:")
+
+
+@contextlib.contextmanager
+def _quiet_search_misses() -> Iterator[None]:
+  root, quiet = logging.getLogger(), _SearchMissFilter()
+  root.addFilter(quiet)
+  try:
+    yield
+  finally:
+    root.removeFilter(quiet)
+
+
+def find_gin_file(name: str, search: Sequence[str]) -> str:
+  """The first `folder/name` that exists, for folder in `search`."""
+  found = next((os.path.join(d, name) for d in search if os.path.isfile(os.path.join(d, name))),
+               None)
+  if found is None:
+    raise FileNotFoundError(f"gin file {name!r} not found (searched {', '.join(search)})")
+  return found
+
+
+def load(command: str, gin_files: Sequence[str], bindings: Sequence[str],
+         search_paths: Sequence[str] = ()) -> None:
+  """Clears gin, then reads `gin_files` and `bindings` (gin statements) and finalises.
+
+  Args:
+    command: the command that will run (decides which configurables exist).
+    gin_files: paths as given, else looked up in ".", `search_paths`, then `GIN_DIR`.
+    bindings: `NAME = VALUE` statements, applied after the files.
+    search_paths: extra folders for gin files and their include statements.
+
+  Raises:
+    FileNotFoundError: a gin file that is nowhere on the search path.
+    ValueError: a gin file or binding gin rejects, naming it; a macro binding no file defines.
+  """
+  gin.clear_config()  # each command starts from its own files (main may run twice in-process)
+  _register_file_task()
+  if command in RUN_COMMANDS:
+    _register_run_configurables()
+  search = [".", *search_paths, GIN_DIR]
+  for path in search[1:]:
+    if os.path.isdir(path):
+      gin.add_config_file_search_path(path)  # for include statements inside gin files
+  with _quiet_search_misses():
+    for f in gin_files:
+      found = find_gin_file(f, search)
+      try:
+        gin.parse_config_file(found)
+      except Exception as e:  # syntax errors, unknown configurables, ...
+        raise ValueError(f"gin file {found}: {e}") from e
+  defined = set(re.findall(r"^([A-Z][A-Z0-9_]*)\s*=", gin.config_str(), re.M))
+  for binding in bindings:
+    name = binding.split(" = ", 1)[0]
+    if re.fullmatch(r"[A-Z][A-Z0-9_]*", name) and name not in defined:
+      close = difflib.get_close_matches(name, sorted(defined), n=3)
+      hint = f"; did you mean {', '.join(close)}?" if close else ""
+      raise ValueError(f"gin binding --gin.{name}: no gin file defines the macro {name}{hint}")
+    try:
+      gin.parse_config(binding)
+    except Exception as e:  # gin raises several types; all mean "this binding is wrong"
+      raise ValueError(f"gin binding --gin.{binding.replace(' = ', '=', 1)}: {e}") from e
+  gin.finalize()
+
+
+def apply_data_settings():
+  """Builds `tasks.DataSettings` from the bound `data_settings.*`, configures the tasks with
+  it and returns it."""
+  from t5gemma_jax import tasks
+  settings = data_settings()
+  tasks.configure(settings)
+  return settings

@@ -1,0 +1,74 @@
+"""`t5gemma train`, `infer`, `eval` and `compile`: the commands that run a gin-described job."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import gin
+
+from t5gemma_jax.cli import compile_command, gin_setup
+
+
+def train(args: argparse.Namespace) -> int:
+  """Trains (or resumes) the run described by gin; prints a summary at the end."""
+  del args
+  from t5gemma_jax.train import loop
+  summary = loop.run(gin_setup.train_config(), extra_files={"config.gin": gin.config_str()})
+  print(summary_text(summary))
+  return 0
+
+
+def summary_text(s: dict) -> str:
+  """The end-of-run summary of `loop.run` as lines for a terminal."""
+  def num(key, fmt):
+    return format(s[key], fmt) if s.get(key) is not None else "n/a"
+  lines = [
+      f"run {s['start']}: steps {s['first_step']} -> {s['last_step']}"
+      + (" (stopped by SIGTERM, checkpoint saved)" if s.get("preempted") else ""),
+      f"final train loss {num('train_loss', '.4f')}, validation loss "
+      f"{num('validation_loss', '.4f')}, {num('tokens_per_s', ',.0f')} non-padding tokens/s",
+      f"checkpoints: {s['checkpoints']}",
+      f"metrics:     {s['metrics']}",
+      f"tensorboard: tensorboard --logdir {s['tensorboard']}",
+  ]
+  for task, values in sorted(s.get("metrics_by_task", {}).items()):
+    lines.append(f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(values.items())))
+  for task, records in sorted(s.get("examples", {}).items()):
+    lines.append(f"examples from {task} (validation):")
+    for r in records:
+      lines += [f"  input:      {r['input'][:100]}", f"  prediction: {r['prediction'][:100]}",
+                f"  reference:  {r.get('target', '')[:100]}"]
+  return "\n".join(lines)
+
+
+def compile_run(args: argparse.Namespace) -> int:
+  """Compiles the run described by gin for a TPU topology (no TPU needed)."""
+  return compile_command.run(args, gin_setup.train_config())
+
+
+def infer(args: argparse.Namespace) -> int:
+  """Decodes a task split or a text file with a run's checkpoint into JSONL."""
+  del args
+  import jax
+  from t5gemma_jax import evaluation
+  cfg = gin_setup.infer_config()
+  n = evaluation.infer(cfg)
+  if jax.process_index() == 0:  # it wrote the file; the others only decoded their share
+    print(f"wrote {n} predictions to {cfg.output}")
+  return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+  """Metrics (BLEU, ROUGE, ...) of a run's checkpoint on a task split."""
+  del args
+  import jax
+  from t5gemma_jax import evaluation
+  cfg = gin_setup.eval_config()
+  results = evaluation.run_eval(cfg)
+  if jax.process_index() != 0:  # same results on every process; one report, by the writer
+    return 0
+  for task, values in results.items():
+    print(task + ": " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(values.items())))
+  print(f"appended to {os.path.join(cfg.model_dir, 'eval_results.jsonl')}")
+  return 0

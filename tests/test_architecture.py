@@ -1,0 +1,83 @@
+"""The package's shape: no import cycles, no imports of another module's private names, gin
+only in the CLI, and the model, train step, FLOP count and decoding importable without
+TensorFlow, seqio or gin (a GPU host has none of them)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from tools import import_graph
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _edges():
+  return import_graph.graph(import_graph.module_files(ROOT))
+
+
+def test_no_import_cycles():
+  assert import_graph.package_cycles(_edges()) == []
+
+
+def test_no_module_takes_another_modules_private_names():
+  assert import_graph.private_imports(_edges()) == []
+
+
+def test_only_the_cli_imports_gin():
+  users = sorted(path for name, path in import_graph.module_files(ROOT).items()
+                 if not name.startswith("t5gemma_jax.cli")
+                 and any(w.split(".")[0] == "gin" for w in import_graph.third_party_imports(path)))
+  assert users == []
+
+
+def test_no_test_module_imports_another():
+  """Shared test code lives in tests/helpers/ (or conftest.py), not in test_*.py files."""
+  taken = []
+  for name in sorted(os.listdir(os.path.join(ROOT, "tests"))):
+    if name.endswith(".py"):
+      for module in import_graph.third_party_imports(os.path.join(ROOT, "tests", name)):
+        if module.split(".")[-1].startswith("test_"):
+          taken.append((name, module))
+  assert taken == []
+
+
+def test_the_checker_finds_a_planted_cycle_and_private_import(tmp_path):
+  """The checks above pass because the code is clean, not because the checker is blind."""
+  package = tmp_path / "t5gemma_jax"
+  (package / "sub").mkdir(parents=True)
+  (package / "__init__.py").write_text("from t5gemma_jax import a  # a package's own child\n")
+  (package / "a.py").write_text("def f():\n  from t5gemma_jax.sub import b  # hidden\n")
+  (package / "sub" / "__init__.py").write_text("")
+  (package / "sub" / "b.py").write_text("from t5gemma_jax import a as m\nx = m._hidden\n")
+  (package / "c.py").write_text("from t5gemma_jax.a import _f\n")
+  edges = import_graph.graph(import_graph.module_files(str(tmp_path)))
+  assert import_graph.package_cycles(edges) == [["t5gemma_jax.a", "t5gemma_jax.sub.b"]]
+  assert import_graph.private_imports(edges) == [
+      ("t5gemma_jax.c", "t5gemma_jax.a", "_f"), ("t5gemma_jax.sub.b", "t5gemma_jax.a", "_hidden")]
+
+
+_BLOCKED = textwrap.dedent("""
+    import importlib, sys
+
+    class Blocked:
+      def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "seqio", "gin", "tensorflow_datasets"):
+          raise ImportError("blocked: " + name)
+
+    sys.meta_path.insert(0, Blocked())
+    for name in sys.argv[1:]:
+      importlib.import_module(name)
+    from t5gemma_jax import config, model
+    model.abstract_params(config.preset("tiny"), boxed=False)
+""")
+
+
+def test_model_train_step_flops_and_decoding_import_without_tensorflow_seqio_gin():
+  modules = ["t5gemma_jax.model", "t5gemma_jax.train.step", "t5gemma_jax.train.optim",
+             "t5gemma_jax.train.losses", "t5gemma_jax.train.flops", "t5gemma_jax.decoding",
+             "t5gemma_jax.sharding", "t5gemma_jax.convert.hf"]
+  proc = subprocess.run([sys.executable, "-c", _BLOCKED, *modules], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
