@@ -22,6 +22,11 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
     "numpy>=1.26",
+    # Imported directly, so declared (orbax and jax bring them too): paths local or gs://
+    # (storage.py, checkpoints), absl logging, bfloat16 numpy arrays.
+    "etils[epath]==1.15.0",
+    "absl-py==2.5.1",
+    "ml_dtypes==0.7.0",
 ]
 
 TEST_REQUIRES = [

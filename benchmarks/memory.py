@@ -44,7 +44,7 @@ if {side!r} == "jax":
   ts.jax_step_time(cfg, b, 3, keep_params=False)
 else:
   import jax.numpy as jnp
-  from tests.random_params import random_params
+  from tests.helpers.random_params import random_params
   ts.hf_step_time(cfg, random_params(cfg), b, 3, 2)
 print(json.dumps({{"peak_above_start": status("VmHWM") - base, "params": params}}))
 """

@@ -212,10 +212,16 @@ class Checkpointer:
 
   def _try_step(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, Any]:
     """(state, None), or (None, what could not be read), the same on every process."""
+    with silence_read_noise() as noise:  # a failing read's echoes come from other threads
+      state, problem = self._read_step(step, abstract_state, data_iterator)
+      if problem is not None:
+        noise.failed()  # its other reads still finish for a moment: the exit waits for quiet
+      return state, problem
+
+  def _read_step(self, step: int, abstract_state: Any, data_iterator: Any) -> tuple[Any, Any]:
+    """`_try_step`'s reads, under `silence_read_noise`."""
     where = self._step_dir(step)
     problem = None
-    # Before reading: a failing read's echoes can be printed by other threads while it fails.
-    silence_read_noise()
     try:
       saved = _saved_tree(self._manager, step)
       if not jax.tree_util.tree_leaves(saved):

@@ -9,11 +9,14 @@ for whoever wants to look at them.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import re
 import sys
-from typing import Optional
+import time
+from typing import Iterator, Optional
 
 import jax
 import numpy as np
@@ -32,40 +35,100 @@ def brief(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[:600]}" if text else type(error).__name__
 
 
-def silence_read_noise() -> None:
-  """Drops the echoes of a failed orbax read that Python would print as unraisable errors.
+class ReadNoise:
+  """What a `silence_read_noise` block knows: whether its read failed, when an echo came last."""
+
+  def __init__(self):
+    self.dropped = 0
+    self._failed_at: Optional[float] = None
+    self._last_echo = 0.0
+
+  def failed(self) -> None:
+    """Marks the read as failed: the block's exit waits for its leftovers to go quiet."""
+    self._failed_at = time.monotonic()
+
+  def _echo(self) -> None:
+    self.dropped += 1
+    self._last_echo = time.monotonic()
+
+  def _linger(self, quiet_s: float, max_s: float) -> None:
+    if self._failed_at is None:
+      return
+    deadline = self._failed_at + max_s
+    while time.monotonic() < deadline:
+      wait = max(self._failed_at, self._last_echo) + quiet_s - time.monotonic()
+      if wait <= 0:
+        return
+      time.sleep(min(wait, 0.05))
+
+
+@contextlib.contextmanager
+def silence_read_noise(quiet_s: float = 0.5, max_linger_s: float = 5.0) -> Iterator[ReadNoise]:
+  """Within the block, drops the echoes of a failed orbax read that Python would print.
 
   When one array of a step cannot be read, orbax's event loop closes while tensorstore still
   completes the other reads: their callbacks then raise 'Event loop is closed' (or a coroutine
-  dies with the read error), often at interpreter exit, printed as tracebacks after the real,
-  already reported, error. Other unraisable errors still reach the previous hook. The same
-  reads' tasks, garbage-collected with their exception unretrieved, make asyncio log "Task
-  exception was never retrieved" with a traceback: asyncio's logger is limited to CRITICAL.
-  A callback that tensorstore runs on its own thread reports the same 'Event loop is closed'
-  through `PyErr_Print`, i.e. `sys.excepthook`, which gets the same filter. Installed before
-  each step is read: those threads may print while the read is still failing.
-  """
-  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-  previous = sys.unraisablehook
-  if getattr(previous, "_drops_read_noise", False):
-    return
+  dies with the read error), printed as unraisable-error tracebacks after the real, already
+  reported, error. A callback that tensorstore runs on its own thread reports the same
+  'Event loop is closed' through `PyErr_Print`, i.e. `sys.excepthook`, which gets the same
+  filter. The same reads' tasks, garbage-collected with their exception unretrieved, make
+  asyncio log "Task exception was never retrieved": asyncio's logger is limited to CRITICAL.
+  Other errors still reach the previous hooks.
 
-  def hook(unraisable):
+  The hooks are process-wide, so they are installed only around the read (other threads may
+  print while it is still failing), and the previous hooks and log level come back on exit,
+  also when the block raises. A failed read's other reads still finish on tensorstore's
+  threads for a moment after the failure is known: after `ReadNoise.failed()` the exit first
+  waits until no echo has come for `quiet_s` (at most `max_linger_s`), then collects garbage so
+  that leftover tasks and coroutines report into the filter rather than at interpreter exit.
+  A nested block installs nothing more and shares the outer block's `ReadNoise`.
+
+  Args:
+    quiet_s: after a failed read, how long without echoes counts as over.
+    max_linger_s: after a failed read, the longest wait for that.
+
+  Yields:
+    The block's `ReadNoise`: call `failed()` on it when the read failed.
+  """
+  outer = getattr(sys.unraisablehook, "_read_noise", None)
+  if outer is not None:
+    yield outer
+    return
+  noise = ReadNoise()
+  asyncio_log = logging.getLogger("asyncio")
+  previous_level = asyncio_log.level
+  previous_unraisable, previous_excepthook = sys.unraisablehook, sys.excepthook
+
+  def unraisable_hook(unraisable):
     error, source = unraisable.exc_value, unraisable.object
     code = getattr(source, "cr_code", None)
     if _loop_closed(error) or (code is not None and "orbax" in code.co_filename):
+      noise._echo()
       return
-    previous(unraisable)
-
-  previous_excepthook = sys.excepthook
+    previous_unraisable(unraisable)
 
   def excepthook(kind, error, tb):
-    if not _loop_closed(error):
+    if _loop_closed(error):
+      noise._echo()
+    else:
       previous_excepthook(kind, error, tb)
 
-  hook._drops_read_noise = True
-  sys.unraisablehook = hook
-  sys.excepthook = excepthook
+  unraisable_hook._read_noise = noise
+  asyncio_log.setLevel(logging.CRITICAL)
+  sys.unraisablehook, sys.excepthook = unraisable_hook, excepthook
+  try:
+    yield noise
+  finally:
+    try:
+      noise._linger(quiet_s, max_linger_s)
+      gc.collect()
+    finally:
+      # Restored only where still ours: a hook someone installed meanwhile is theirs to undo.
+      if sys.unraisablehook is unraisable_hook:
+        sys.unraisablehook = previous_unraisable
+      if sys.excepthook is excepthook:
+        sys.excepthook = previous_excepthook
+      asyncio_log.setLevel(previous_level)
 
 
 def _loop_closed(error: BaseException) -> bool:

@@ -15,7 +15,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 from t5gemma_jax import model
 from t5gemma_jax.convert import adapt, safetensors_io
 from t5gemma_jax.model import layout
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 
 SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
@@ -52,6 +52,7 @@ def _assert_trees_equal(a, b):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_adapted_decoder_reproduces_gemma2(tmp_path):
   hf_model = _gemma2(tmp_path / "g2", seed=0)
   params, cfg = adapt.from_gemma2(str(tmp_path / "g2"))
@@ -98,6 +99,7 @@ def test_adapted_decoder_reproduces_gemma2(tmp_path):
   assert bite > 1e-1
 
 
+@pytest.mark.slow
 def test_unbalanced_pair_has_model_shapes_and_trains(tmp_path):
   _gemma2(tmp_path / "wide", seed=1, max_shard_size="40KB", **WIDE)
   _gemma2(tmp_path / "narrow", seed=2)
@@ -220,6 +222,7 @@ def test_bad_tensors_are_named(tmp_path):
     adapt.from_gemma2(folder)
 
 
+@pytest.mark.slow
 def test_cli_adapt_then_warmup_trains_cross_attention_alone(tmp_path, clean_gin):
   from t5gemma_jax import evaluation, run_files
   from t5gemma_jax.cli import app

@@ -18,7 +18,7 @@ from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalG
 from t5gemma_jax import model
 from t5gemma_jax.convert import adapt_gemma3, hf, safetensors_io
 from t5gemma_jax.model import layout
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 
 S, L = "sliding_attention", "full_attention"
 TEXT = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
@@ -47,6 +47,7 @@ def _apply(cfg, params, enc, dec):
   return np.asarray(jax.jit(model.T5Gemma(cfg).apply)({"params": params}, enc, dec))
 
 
+@pytest.mark.slow
 def test_adapted_decoder_reproduces_gemma3(gemma3):
   hf_model, folder = gemma3
   params, cfg = adapt_gemma3.from_gemma3(folder, eoi_id=EOI)
@@ -96,6 +97,7 @@ def test_adapted_decoder_reproduces_gemma3(gemma3):
   assert bite > 1e-1
 
 
+@pytest.mark.slow
 def test_adapted_model_loads_in_transformers_t5gemma2(gemma3, tmp_path):
   from transformers import T5Gemma2ForConditionalGeneration
 
@@ -122,6 +124,7 @@ def _rename(folder, fn):
   safetensors_io.save(tensors, path, {"format": "pt"})
 
 
+@pytest.mark.slow
 def test_multimodal_folder_adapts_to_its_text_part(gemma3, tmp_path, caplog):
   text_model, folder = gemma3
   torch.manual_seed(1)
@@ -214,6 +217,7 @@ def _cli(*argv):
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line(gemma3, tmp_path):
   llama = _write_config(tmp_path / "llama", model_type="llama")
   cases = {  # name: (argv, substrings of the error line); both run at once to save start-up time
@@ -232,6 +236,7 @@ def test_cli_bad_input_is_one_line(gemma3, tmp_path):
     assert not os.path.exists(tmp_path / f"out_{name}")
 
 
+@pytest.mark.slow
 def test_cli_adapt_writes_an_exportable_run(gemma3, tmp_path, capsys, clean_gin):
   from t5gemma_jax.cli import app
   from t5gemma_jax.convert import hf_checkpoint

@@ -10,7 +10,7 @@ import pytest
 
 from t5gemma_jax import config, model
 from t5gemma_jax.model import attention, attention_kernels, masks
-from tests.random_params import random_params
+from tests.helpers.random_params import random_params
 
 
 def _batch(length=128):
@@ -77,6 +77,7 @@ def test_fused_merged_attention_matches_xla(impl):
   print(f"{impl} merged attention: max |logit diff| {diff:.2e}")
 
 
+@pytest.mark.slow
 def test_splash_masks_bite():
   """The kernel really applies the split window and the merged layout: changing either moves
   the logits (so the parity above is not vacuous)."""
@@ -126,7 +127,7 @@ import flax.linen as nn
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from t5gemma_jax import config, model, sharding
-from tests.random_params import random_params
+from tests.helpers.random_params import random_params
 jax.config.update("jax_default_matmul_precision", "highest")
 mesh = sharding.make_mesh(sharding.MeshConfig(ici=(2, 2, 2)))
 xla = config.preset("tiny2")

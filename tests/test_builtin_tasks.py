@@ -23,6 +23,7 @@ def _first(task, n=4, split="train"):
           for ex in ds.take(n).as_numpy_iterator()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "validation"])
 def test_builtin_supervised_tasks_hold_real_text(split):
   for inp, tgt in _first("cldr_translate_en_ru", split=split):
@@ -34,6 +35,7 @@ def test_builtin_supervised_tasks_hold_real_text(split):
     assert "\n" not in tgt and len(tgt.split()) >= 3
 
 
+@pytest.mark.slow
 def test_builtin_pretraining_tasks_use_sentinels_and_mode_tokens():
   special = vocab.special_tokens(named_vocabularies.BUILTIN)
   ds = seqio.get_mixture_or_task("python_text_ul2").get_dataset(LENGTHS, shuffle=True, seed=0)
@@ -59,6 +61,7 @@ def test_builtin_mixture_feeds_packed_batches():
   assert fill > 0.5, f"packing fills only {fill:.0%} of the encoder rows"
 
 
+@pytest.mark.slow
 def test_file_tasks_in_every_format(tmp_path):
   rows = [{"src": f"the number {i}", "tgt": f"die Zahl {i}"} for i in range(12)]
   (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -105,6 +108,7 @@ def test_show_task_unknown_name_suggests(clean_gin, capsys):
   assert "did you mean python_text_ul2" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_user_tasks_from_gin(clean_gin, tmp_path, capsys):
   (tmp_path / "t.tsv").write_text("hello there\tbonjour\n" * 5)
   gin_file = tmp_path / "tasks.gin"

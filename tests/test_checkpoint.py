@@ -105,6 +105,7 @@ _CRASH = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_interrupted_save_is_ignored(tmp_path):
   proc = subprocess.run([sys.executable, "-c", _CRASH, str(tmp_path)], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)

@@ -11,7 +11,7 @@ import pytest
 from t5gemma_jax import config
 from t5gemma_jax.convert import hf, safetensors_io
 from t5gemma_jax.model import layout
-from tests.random_params import random_params
+from tests.helpers.random_params import random_params
 
 
 def _cfg(**options):

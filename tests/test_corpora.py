@@ -60,6 +60,7 @@ def test_docstrings_cover_stdlib_and_packages(built):
   assert all(t == t.strip() for t in by_key.values())
 
 
+@pytest.mark.slow
 def test_docstring_cache(built, monkeypatch):
   cache_dir, records, _ = built
   files = os.listdir(os.path.join(cache_dir, "corpora"))
@@ -98,6 +99,7 @@ def test_damaged_cache_is_rebuilt_and_missing_packages_skipped(tmp_path):
     corpora.docstrings(("jax.numpy",), stdlib=False, cache_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_other_process_imports_nothing_and_splits_alike(tmp_path, built):
   _, records, _ = built
   keys = [r.key for r in records[:2000]]
@@ -117,6 +119,7 @@ def test_other_process_imports_nothing_and_splits_alike(tmp_path, built):
   assert result["splits"] == [corpora.split_of(k) for k in keys]
 
 
+@pytest.mark.slow
 def test_summarization_pairs(built):
   _, records, _ = built
   pairs = corpora.summarization_pairs(records)
@@ -164,6 +167,7 @@ def test_cldr_unknown_locale():
     corpora.cldr_pairs("xx_NOPE")
 
 
+@pytest.mark.slow
 def test_split(built):
   _, records, _ = built
   keys = [r.key for r in records]
@@ -182,6 +186,7 @@ def test_split(built):
     corpora.select(records, "dev")
 
 
+@pytest.mark.slow
 def test_load(built):
   cache_dir, records, _ = built
   sizes = {}

@@ -70,6 +70,7 @@ def test_gemma_vocabulary_errors_name_the_cause(tmp_path):
     vocab.special_tokens(named_vocabularies.BUILTIN, sentinel_pieces=["<not a piece>"])
 
 
+@pytest.mark.slow
 def test_packed_batches_have_the_model_features(tsv_task):
   cfg = pipeline.DataConfig(tsv_task, LENGTHS, global_batch_size=4, num_epochs=1, shuffle=False)
   batch = next(pipeline.GlobalBatches(pipeline.host_dataset(cfg)))
@@ -107,6 +108,7 @@ def test_two_shards_are_disjoint_and_cover_the_split(tsv_task):
   assert shards[0] | shards[1] == everything
 
 
+@pytest.mark.slow
 def test_same_seed_same_batches(tsv_task):
   def first(seed):
     cfg = pipeline.DataConfig(tsv_task, LENGTHS, 4, seed=seed)
@@ -118,6 +120,7 @@ def test_same_seed_same_batches(tsv_task):
   assert any(not np.array_equal(x, z) for x, z in zip(a, c))
 
 
+@pytest.mark.slow
 def test_iterator_position_survives_save_and_restore(tsv_task, tmp_path):
   cfg = pipeline.DataConfig(tsv_task, LENGTHS, 4, seed=3)
   it = pipeline.GlobalBatches(pipeline.host_dataset(cfg))
@@ -143,6 +146,7 @@ def test_missing_data_files_name_the_path(tmp_path):
     files.file_task("test_missing_files", train=str(tmp_path / "missing-*.tsv"))
 
 
+@pytest.mark.slow
 def test_tfds_tasks_on_mock_data():
   path = named_vocabularies.BUILTIN.sentencepiece_model_file  # any Gemma-id SentencePiece model
   vocab.set_gemma_tokenizer(path)

@@ -18,8 +18,10 @@ from t5gemma_jax import config, evaluation, model, run_files
 from t5gemma_jax.cli import app, gin_setup
 from t5gemma_jax.convert import hf, hf_checkpoint, params_checkpoint, safetensors_io
 from t5gemma_jax.model import layout
-from tests import hf_reference as ref
-from tests.random_params import random_params
+from tests.helpers import hf_reference as ref
+from tests.helpers.random_params import random_params
+
+pytestmark = pytest.mark.slow  # subprocess runs or long trainings: `make test` only
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EIGHT = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(

@@ -62,11 +62,11 @@ DAMAGE = {
 def test_damaged_latest_step_is_set_aside_and_the_previous_one_loads(tmp_path, caplog, damage):
   _three_steps(tmp_path)
   DAMAGE[damage](str(tmp_path / "3"))
-  abstract = abstract(small_state(), replicated())
+  target = abstract(small_state(), replicated())
   batches = small_batches()
   with caplog.at_level(logging.WARNING), \
        checkpoint.Checkpointer(str(tmp_path), save_every=1) as ckpt:
-    restored = ckpt.restore(None, abstract, data_iterator=batches)
+    restored = ckpt.restore(None, target, data_iterator=batches)
     assert ckpt.restored_step == 2 and ckpt.all_steps() == [1, 2]
     assert int(next(batches)["x"][0]) == 4  # the batch after two (the third)
     assert_bitwise(restored, small_state(seed=2))
@@ -79,7 +79,7 @@ def test_damaged_latest_step_is_set_aside_and_the_previous_one_loads(tmp_path, c
   assert sorted(os.listdir(tmp_path)) == ["1", "2", "3", "3.damaged"]
   DAMAGE[damage](str(tmp_path / "3"))  # damaged again: set aside under the next free name
   with checkpoint.Checkpointer(str(tmp_path), save_every=1) as ckpt:
-    restored = ckpt.restore(None, abstract, data_iterator=small_batches())
+    restored = ckpt.restore(None, target, data_iterator=small_batches())
   assert_bitwise(restored, small_state(seed=2))
   assert sorted(os.listdir(tmp_path)) == ["1", "2", "3.damaged", "3.damaged-2"]
 
@@ -87,14 +87,14 @@ def test_damaged_latest_step_is_set_aside_and_the_previous_one_loads(tmp_path, c
 def test_explicit_step_mismatch_and_all_damaged_raise_and_move_nothing(tmp_path):
   _three_steps(tmp_path)
   _truncate_state_data(str(tmp_path / "3"))
-  abstract = abstract(small_state(), replicated())
+  target = abstract(small_state(), replicated())
   with checkpoint.Checkpointer(str(tmp_path), save_every=1) as ckpt:
     # A given step is never replaced by another.
     with pytest.raises(checkpoint.DamagedCheckpointError,
                        match=f"checkpoint {tmp_path / '3'} could not be loaded: state: "):
-      ckpt.restore(3, abstract)
+      ckpt.restore(3, target)
     # Another model's abstract state is not damage: it raises, on the first readable step.
-    wrong = abstract.replace(params={**abstract.params, "decoder": {
+    wrong = target.replace(params={**target.params, "decoder": {
         "embedding": jax.ShapeDtypeStruct((16, 5), jnp.float32, sharding=replicated())}})
     with pytest.raises(ValueError, match="step 2 does not match the abstract state"):
       ckpt.restore(None, wrong)
@@ -104,7 +104,7 @@ def test_explicit_step_mismatch_and_all_damaged_raise_and_move_nothing(tmp_path)
     with pytest.raises(checkpoint.DamagedCheckpointError,
                        match=r"no checkpoint in .* could be loaded: step 3: state: .*; step 2: "
                              r"data_iterator: .*; step 1: data_iterator: .*Nothing was moved"):
-      ckpt.restore(None, abstract, data_iterator=small_batches())
+      ckpt.restore(None, target, data_iterator=small_batches())
   assert sorted(os.listdir(tmp_path)) == ["1", "2", "3"]
 
 

@@ -196,6 +196,7 @@ def test_matches_model_matmuls():
   assert traced_train == 3 * expected_forward
 
 
+@pytest.mark.slow
 def test_six_n_d_rule_for_2b():
   """2b-2b at S = T = 128: total within 20% of 6 * sum over tokens of the weights they touch.
 

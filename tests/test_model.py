@@ -11,7 +11,8 @@ import pytest
 
 from t5gemma_jax import config, model
 from t5gemma_jax.model import layout
-from tests.random_params import random_params
+from tests.helpers.param_counts import expected_param_count
+from tests.helpers.random_params import random_params
 
 
 def _cfg(**options):
@@ -41,6 +42,7 @@ def _batch(seed=0, b=2, s=16, t=10, vocab=2048):
   return enc, dec
 
 
+@pytest.mark.slow
 def test_packed_rows_match_examples_run_alone():
   cfg = _cfg()
   params = _init(cfg)
@@ -96,6 +98,7 @@ def _plain_reference():
   return cfg, params, enc, dec, logits, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan,remat", [(True, "none"), (False, "full"), (True, "minimal"),
                                         (True, "full")])
 def test_scan_and_remat_match_plain_model(scan, remat):
@@ -126,6 +129,7 @@ def test_layout_round_trip_keeps_every_array():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_bfloat16_activations_stay_close_to_float32():
   cfg = _cfg()
   params = _init(cfg)
@@ -140,6 +144,7 @@ def test_bfloat16_activations_stay_close_to_float32():
   assert err.mean() < 0.02 * ref.std()
 
 
+@pytest.mark.slow
 def test_dropout_is_active_only_when_not_deterministic():
   base = _cfg()
   enc_cfg = dataclasses.replace(base.encoder, dropout_rate=0.3, attention_dropout=0.2)
@@ -176,11 +181,14 @@ def test_every_parameter_has_logical_axis_names():
                                           leaf.names[0] == "layers")
 
 
-@pytest.mark.parametrize("name", config.PRESETS)
+# The tiny presets in the quick tier; the released sizes (seconds each to trace) in `make test`.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n.startswith("tiny") else
+                                               pytest.mark.slow) for n in config.PRESETS])
 def test_every_preset_builds_abstractly(name):
   cfg = config.preset(name, scan_layers=True)
   shapes = jax.eval_shape(lambda: model.T5Gemma(cfg).init(
       jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)))
   count = sum(int(np.prod(x.value.shape)) for x in jax.tree_util.tree_leaves(
       shapes, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
-  assert count > 0
+  # Exactly the count the config's fields imply (tests/helpers/param_counts.py, no model code).
+  assert count == expected_param_count(cfg), (count, expected_param_count(cfg))

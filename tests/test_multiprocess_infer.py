@@ -12,7 +12,7 @@ import pytest
 
 from t5gemma_jax import config
 from t5gemma_jax.convert import params_checkpoint
-from tests.random_params import random_params
+from tests.helpers.random_params import random_params
 
 pytestmark = pytest.mark.slow  # subprocess runs or long trainings: `make test` only
 

@@ -12,7 +12,7 @@ import pytest
 
 from t5gemma_jax.config import preset
 from t5gemma_jax.train import optim
-from tests.random_params import random_params
+from tests.helpers.random_params import random_params
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 
 from t5gemma_jax import model
 from t5gemma_jax.convert import hf
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 
 # name: (encoder overrides, decoder overrides). Sequences are 20 (encoder) and 12 (decoder)
 # tokens long, so every sliding window below is shorter than the sequence.

@@ -1,22 +1,30 @@
 """The model runs sharded on an 8-device CPU mesh from its logical axis names alone."""
 
 import os
+import pytest
 import subprocess
 import sys
 import textwrap
 
+pytestmark = pytest.mark.slow  # subprocess runs or long trainings: `make test` only
+
 SCRIPT = textwrap.dedent("""
-    import os
+    import math, os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import flax.linen as nn
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from t5gemma_jax import config, model
+    from t5gemma_jax import config, model, sharding
+    from t5gemma_jax.sharding import RULES
 
     assert jax.device_count() == 8
-    rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"),
-             ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor"))
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    rule = dict(RULES)  # logical name -> mesh axes, the project's one table
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), sharding.MESH_AXES)
+
+    def mesh_size(axes):
+      names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+      return math.prod(mesh.shape[a] for a in names)
+
     for scan in (False, True):
       cfg = config.preset("tiny", scan_layers=scan, remat_policy="minimal")
       net = model.T5Gemma(cfg)
@@ -25,22 +33,42 @@ SCRIPT = textwrap.dedent("""
       dec = rng.integers(3, 2048, (8, 12)).astype(np.int32)
       enc[:, -4:] = 0
       init = lambda: net.init(jax.random.PRNGKey(0), enc, dec)
-      specs = nn.get_partition_spec(jax.eval_shape(init))
-      shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        variables = jax.jit(init, out_shardings=shardings)()
-        params = nn.meta.unbox(variables)["params"]
-        batch = NamedSharding(mesh, P(("data", "fsdp")))
+      abstract = jax.eval_shape(init)
+      shardings = sharding.logical_to_shardings(abstract, mesh)["params"]
+      with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        # Unboxed inside the jit, as training's init_state does: placed by `shardings` alone
+        # (unboxing outside a jit here would reshard each array by the rules itself, hiding a
+        # wrong `logical_to_shardings`).
+        params = jax.jit(lambda: nn.meta.unbox(init())["params"], out_shardings=shardings)()
+        batch = NamedSharding(mesh, P(rule["batch"]))
         logits = jax.jit(net.apply)({"params": params}, jax.device_put(enc, batch),
                                     jax.device_put(dec, batch))
+      # Every array sits where RULES put its logical dimensions: its sharding, and the shape
+      # of the piece each device holds (the tiny preset divides evenly on this mesh).
+      boxed = jax.tree_util.tree_leaves_with_path(
+          abstract["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+      placed = jax.tree_util.tree_leaves(params)
+      assert len(boxed) == len(placed) > 0
+      sharded_axes = set()
+      for (path, box), array in zip(boxed, placed):
+        name = jax.tree_util.keystr(path)
+        assert set(box.names) <= set(rule), (name, box.names, "a name RULES do not cover")
+        want = P(*(rule[n] for n in box.names))
+        assert array.sharding.is_equivalent_to(NamedSharding(mesh, want), array.ndim), (
+            name, array.sharding.spec, want)
+        piece = tuple(d // mesh_size(rule[n]) for d, n in zip(array.shape, box.names))
+        assert array.addressable_shards[0].data.shape == piece, (name, piece)
+        sharded_axes |= {rule[n] for n in box.names if rule[n] is not None}
+      assert sharded_axes == {"fsdp", "tensor"}, sharded_axes  # both model axes in use
       up = params["decoder"]["layers"]["block_0"] if scan else params["decoder"]["layers_0"]
       up = up["mlp"]["up"]["kernel"]
-      want = P(None, "fsdp", "tensor") if scan else P("fsdp", "tensor")
-      assert up.sharding.spec == want, up.sharding.spec
+      want = P(rule["layers"], rule["embed"], rule["mlp"]) if scan else P(rule["embed"],
+                                                                          rule["mlp"])
+      assert up.sharding.is_equivalent_to(NamedSharding(mesh, want), up.ndim), up.sharding.spec
       assert up.addressable_shards[0].data.shape[-2:] == (32, 64)  # 64x128 split 2 x 2
       emb = params["encoder"]["embedder"]["embedding"]
-      assert emb.sharding.spec == P("tensor", "fsdp"), emb.sharding.spec
-      assert logits.sharding.spec[0] == ("data", "fsdp"), logits.sharding.spec
+      assert emb.sharding.spec == P(rule["vocab"], rule["embed"]), emb.sharding.spec
+      assert logits.sharding.spec[0] == rule["batch"], logits.sharding.spec
       host = jax.tree_util.tree_map(np.asarray, params)
       ref = jax.jit(net.apply)({"params": host}, enc, dec)
       np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=2e-5, rtol=2e-5)
@@ -69,7 +97,7 @@ DECODE_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from t5gemma_jax import config, decoding, sharding
     from t5gemma_jax.model import abstract_params
-    from tests.random_params import random_params
+    from tests.helpers.random_params import random_params
 
     cfg = config.preset("tiny")
     params = random_params(cfg, seed=3)

@@ -12,7 +12,7 @@ import pytest
 
 from t5gemma_jax import evaluation, model, run_files
 from t5gemma_jax.cli import app
-from tests import hf_reference as ref
+from tests.helpers import hf_reference as ref
 
 pytestmark = pytest.mark.slow  # subprocess runs or long trainings: `make test` only
 
@@ -24,7 +24,7 @@ STEP_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P
     from t5gemma_jax import config
-    from tests.mesh_training import random_batches, train_losses
+    from tests.helpers.mesh_training import random_batches, train_losses
 
     assert jax.device_count() == 8
     batches = random_batches(2, 40, 24, enc_pad=7, dec_pad=3)

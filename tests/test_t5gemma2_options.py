@@ -13,9 +13,9 @@ from t5gemma_jax.config import FULL, SLIDING
 from t5gemma_jax.convert import hf
 from t5gemma_jax.model import layout
 from t5gemma_jax.train import flops
-from tests import hf_reference as ref
-from tests.greedy_checks import assert_greedy_is_teacher_forced
-from tests.random_params import random_params
+from tests.helpers import hf_reference as ref
+from tests.helpers.greedy_checks import assert_greedy_is_teacher_forced
+from tests.helpers.random_params import random_params
 
 
 def _cfg(**options):

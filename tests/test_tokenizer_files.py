@@ -147,6 +147,7 @@ def test_sentinels_at_seqio_ids(exports):
     assert tok.decode(ids, skip_special_tokens=True) in (vocab.decode(ids), plain), text
 
 
+@pytest.mark.slow
 def test_whole_validation_corpora(exported):
   """Every validation text matches, except float32 ties in the unigram lattice (see the module
   docstring): the same pieces in another order, decoding to the same text."""

@@ -21,7 +21,7 @@ from t5gemma_jax.cli import app
 from t5gemma_jax.train import optim, step as step_lib
 from t5gemma_jax.train.losses import LossConfig
 from tests.helpers.recipes import QUICK_TRAIN as QUICK
-from tests.random_params import random_params
+from tests.helpers.random_params import random_params
 
 pytestmark = pytest.mark.slow  # subprocess runs or long trainings: `make test` only
 

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P
     from t5gemma_jax import config
-    from tests.mesh_training import random_batches, train_losses
+    from tests.helpers.mesh_training import random_batches, train_losses
 
     # Every sharded dimension divisible by 8: heads, kv heads, mlp, vocab and embed.
     stack = dataclasses.replace(config.stack_preset("tiny"), num_heads=8, num_kv_heads=8,

@@ -13,20 +13,38 @@ from t5gemma_jax import storage
 
 
 class MetricsWriter:
-  """One JSON object per logged step in metrics.jsonl, and scalars under tensorboard/."""
+  """One JSON object per logged step in metrics.jsonl, and scalars under tensorboard/.
+
+  Read metrics.jsonl with `storage.read_records`: in a bucket it is written as numbered parts
+  (see `storage.AppendLog`).
+  """
 
   def __init__(self, model_dir: str):
+    """Opens the logs (on process 0; the others write nothing).
+
+    Args:
+      model_dir: the run directory, local or remote.
+    """
     self._enabled = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
+    # TensorFlow writes an event file in a bucket by uploading all of it at each flush: there
+    # TensorBoard is flushed on TensorFlow's own period (2 minutes) rather than at each write.
+    self._flush_tb = not storage.is_remote(model_dir)
     if self._enabled:
-      # Append: a resumed run continues the same file (local or in a bucket).
+      # Append: a resumed run continues the same log (local or in a bucket).
       self._jsonl = storage.AppendLog(os.path.join(model_dir, "metrics.jsonl"))
       import tensorflow as tf
       self._tf = tf
       self._tb = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    """Logs `metrics` under `step`; non-finite values are written as strings in the JSON.
+
+    Args:
+      step: the training step.
+      metrics: name -> value (None: not measured this time, left out of TensorBoard).
+    """
     if not self._enabled:
       return
     clean = {k: (float(v) if v is not None else None) for k, v in metrics.items()}
@@ -37,9 +55,11 @@ class MetricsWriter:
       for k, v in clean.items():
         if v is not None:
           self._tf.summary.scalar(k, v)
-    self._tb.flush()
+    if self._flush_tb:
+      self._tb.flush()
 
   def close(self) -> None:
+    """Uploads or fsyncs what is buffered and closes both logs."""
     if self._enabled:
       self._jsonl.close()
       self._tb.close()
