@@ -35,9 +35,9 @@ def row_args(preset: str, topology: str, batch: int, lengths: tuple[int, int],
              remat: str, mesh: str = MESH) -> list[str]:
   run = "runs/pretrain_t5gemma2.gin" if preset in T5GEMMA2 else "runs/pretrain.gin"
   return [f"--topology={topology}", f"--gin_file={run}", f"--gin_file=models/{preset}.gin",
-          f"--gin_file={mesh}", "--gin.preset.scan_layers=True",
-          f"--gin.preset.remat_policy='{remat}'", "--gin.preset.dtype='bfloat16'",
-          "--gin.preset.param_dtype='bfloat16'", f"--gin.BATCH_SIZE={batch}",
+          f"--gin_file={mesh}", "--gin.RunOptions.scan_layers=True",
+          f"--gin.RunOptions.remat_policy='{remat}'", "--gin.RunOptions.dtype='bfloat16'",
+          "--gin.RunOptions.param_dtype='bfloat16'", f"--gin.BATCH_SIZE={batch}",
           f'--gin.TASK_FEATURE_LENGTHS={{"inputs": {lengths[0]}, "targets": {lengths[1]}}}',
           "--gin.MODEL_DIR='/tmp/compile_table'", "--no_decode"]
 

@@ -23,20 +23,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from t5gemma_jax import config, sharding  # noqa: E402
+from t5gemma_jax import config, presets, sharding  # noqa: E402
 from t5gemma_jax.model import abstract_params  # noqa: E402
+from t5gemma_jax.run_options import RunOptions  # noqa: E402
 from t5gemma_jax.train import optim, step as step_lib  # noqa: E402
 from t5gemma_jax.train.losses import LossConfig  # noqa: E402
 
 
-def compile_seconds(cfg: config.T5GemmaConfig, batch: int, inputs: int, targets: int) -> float:
+def compile_seconds(cfg: config.T5GemmaConfig, run: RunOptions, batch: int, inputs: int,
+                    targets: int) -> float:
   """Seconds to lower and compile one train step for `cfg` (fresh, no compilation cache)."""
   optimizer = optim.make_optimizer(optim.OptimizerConfig(name="adamw"),
-                                   abstract_params(cfg, boxed=False))
+                                   abstract_params(cfg, run, boxed=False))
   mesh = sharding.make_mesh(sharding.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1])
-  abstract, shardings = step_lib.state_shardings(cfg, optimizer, mesh)
-  train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, LossConfig()),
-                                step_lib.make_eval_step(cfg, LossConfig()), shardings, mesh)
+  abstract, shardings = step_lib.state_shardings(cfg, optimizer, mesh, run)
+  train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, LossConfig(), run=run),
+                                step_lib.make_eval_step(cfg, LossConfig(), run), shardings,
+                                mesh)
   tokens = {"encoder_input_tokens": (batch, inputs), "decoder_input_tokens": (batch, targets),
             "decoder_target_tokens": (batch, targets), "decoder_loss_weights": (batch, targets)}
   example = {k: jax.ShapeDtypeStruct(s, jnp.int32) for k, s in tokens.items()}
@@ -46,10 +49,10 @@ def compile_seconds(cfg: config.T5GemmaConfig, batch: int, inputs: int, targets:
   return time.perf_counter() - start
 
 
-def with_depth(cfg: config.T5GemmaConfig, layers: int, scan: bool) -> config.T5GemmaConfig:
+def with_depth(cfg: config.T5GemmaConfig, layers: int) -> config.T5GemmaConfig:
   def stack(m):
     return dataclasses.replace(m, num_layers=layers, layer_types=None)
-  return cfg.replace(encoder=stack(cfg.encoder), decoder=stack(cfg.decoder), scan_layers=scan)
+  return cfg.replace(encoder=stack(cfg.encoder), decoder=stack(cfg.decoder))
 
 
 def main(argv=None) -> int:
@@ -62,12 +65,12 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   jax.config.update("jax_enable_compilation_cache", False)
   depths = [int(d) for d in args.depths.split(",")]
-  base = config.preset(args.preset)
+  base = presets.preset(args.preset)
   out = {"preset": args.preset, "device": jax.devices()[0].device_kind}
   for scan in (True, False):
     for layers in depths:
-      seconds = compile_seconds(with_depth(base, layers, scan), args.batch, args.inputs,
-                                args.targets)
+      seconds = compile_seconds(with_depth(base, layers), RunOptions(scan_layers=scan),
+                                args.batch, args.inputs, args.targets)
       out[f"{'scan' if scan else 'unrolled'}_{layers}"] = seconds
       print(f"{'scan    ' if scan else 'unrolled'} {layers:3d} layers per stack: "
             f"{seconds:6.1f} s compile")

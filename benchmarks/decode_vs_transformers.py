@@ -39,14 +39,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from t5gemma_jax import config, decoding, model  # noqa: E402
+from t5gemma_jax import config, decoding, model, presets  # noqa: E402
+from t5gemma_jax.run_options import RunOptions  # noqa: E402
 from t5gemma_jax.model import layout  # noqa: E402
 
 
 def model_config(name: str) -> config.T5GemmaConfig:
   """A preset, or "PRESET@VOCAB" for the same stacks with a smaller vocabulary."""
   preset, _, vocab = name.partition("@")
-  cfg = config.preset(preset)
+  cfg = presets.preset(preset)
   if vocab:
     size = int(vocab.lower().replace("k", "000"))
     cfg = cfg.replace(encoder=dataclasses.replace(cfg.encoder, vocab_size=size),
@@ -170,12 +171,13 @@ def hf_seconds(hf_model, enc, new_tokens, repeats):
   return timed(run, repeats)
 
 
-def decode_rows(name, params, cfg, args, speeds, hf_model, label=""):
+def decode_rows(name, params, cfg, args, speeds, hf_model, label="", run=RunOptions()):
   for batch in args.batches:
     enc = np.random.default_rng(batch).integers(
         3, cfg.vocab_size - 1, (batch, args.input_length)).astype(np.int32)
     run = lambda: jax.block_until_ready(decoding.generate(
-        params, cfg, enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens))
+        params, cfg, enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+        run=run))
     start = time.perf_counter()
     run()
     compile_s = time.perf_counter() - start
@@ -199,11 +201,11 @@ def decode_rows(name, params, cfg, args, speeds, hf_model, label=""):
 
 def compile_seconds(depth: int, new_tokens: int, input_length: int) -> float:
   """Compile time of greedy decoding for a tiny-width decoder of `depth` layers, scanned."""
-  base = config.preset("tiny", scan_layers=True)
+  base, run = presets.preset("tiny"), RunOptions(scan_layers=True)
   cfg = base.replace(decoder=dataclasses.replace(base.decoder, num_layers=depth,
                                                  layer_types=None))
-  params = model.abstract_params(cfg, boxed=False)
-  fn = jax.jit(decoding.generate_function(cfg, "greedy", new_tokens))
+  params = model.abstract_params(cfg, run, boxed=False)
+  fn = jax.jit(decoding.generate_function(cfg, "greedy", new_tokens, run=run))
   tokens = jax.ShapeDtypeStruct((1, input_length), jnp.int32)
   start = time.perf_counter()
   fn.lower(params, tokens, jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()
@@ -243,9 +245,9 @@ def main() -> int:
     decode_rows(name, params, cfg, args, (gbs, gflops, small), hf_model)
     del hf_model
     if args.bf16:
-      half = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
+      half = RunOptions(dtype="bfloat16", param_dtype="bfloat16")
       decode_rows(name, jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params),
-                  half, args, (gbs, gflops, small), None, label=" bf16")
+                  cfg, args, (gbs, gflops, small), None, label=" bf16", run=half)
   if args.compile_depths:
     times = {d: compile_seconds(d, args.new_tokens, args.input_length)
              for d in args.compile_depths}

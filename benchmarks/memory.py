@@ -34,7 +34,7 @@ def status(key):
 
 args = argparse.Namespace(preset={preset!r}, vocab_size={vocab}, scan=False, remat="none",
                           dtype="float32", attention_impl="xla")
-cfg = ts.model_config(args)
+cfg = ts.model_config(args)  # float32, unrolled, XLA attention: the RunOptions defaults
 b = ts.make_batch(cfg, {batch}, {inputs}, {targets})
 params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params(cfg, boxed=False)))
 base = status("VmRSS")

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from t5gemma_jax import tasks  # noqa: E402,F401  (registers the tasks)
-from t5gemma_jax import config, sharding  # noqa: E402
+from t5gemma_jax import presets, sharding  # noqa: E402
 from t5gemma_jax.data import pipeline  # noqa: E402
 from t5gemma_jax.model import abstract_params  # noqa: E402
 from t5gemma_jax.train import optim, step as step_lib  # noqa: E402
@@ -44,7 +44,7 @@ def pipeline_rate(task: str, lengths: dict, batch: int, steps: int) -> tuple[flo
 
 def step_rate(lengths: dict, batch: int, steps: int) -> float:
   """The project's own train step (AdamW, z-loss) on the tiny model, one device."""
-  cfg = config.preset("tiny")
+  cfg = presets.preset("tiny")
   opt_cfg = optim.OptimizerConfig(name="adamw", schedule=optim.ScheduleConfig(
       name="constant", learning_rate=1e-3, warmup_steps=0))
   optimizer = optim.make_optimizer(opt_cfg, abstract_params(cfg, boxed=False))

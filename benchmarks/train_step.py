@@ -28,8 +28,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from t5gemma_jax import config, sharding  # noqa: E402
+from t5gemma_jax import config, presets, sharding  # noqa: E402
 from t5gemma_jax.model import abstract_params  # noqa: E402
+from t5gemma_jax.run_options import RunOptions  # noqa: E402
 from t5gemma_jax.train import flops, optim, step as step_lib  # noqa: E402
 from t5gemma_jax.train.losses import LossConfig  # noqa: E402
 
@@ -66,20 +67,20 @@ def real_tokens(b: dict) -> int:
   return int((b["encoder_input_tokens"] > 0).sum() + (b["decoder_input_tokens"] > 0).sum())
 
 
-def jax_step_time(cfg, b, steps: int, keep_params: bool = True,
-                  profile_dir: str = "") -> tuple[float, float, object]:
+def jax_step_time(cfg, b, steps: int, keep_params: bool = True, profile_dir: str = "",
+                  run: RunOptions = RunOptions()) -> tuple[float, float, object]:
   """(seconds per step, compile seconds, the initial params on the host or None) of our train
   step on one device; with `profile_dir`, the timed steps are traced there (TensorBoard's
   profile plugin or Perfetto read it)."""
   opt_cfg = optim.OptimizerConfig(name="adamw", clip_grad_norm=None, schedule=optim.ScheduleConfig(
       name="constant", learning_rate=1e-3, warmup_steps=0))
-  optimizer = optim.make_optimizer(opt_cfg, abstract_params(cfg, boxed=False))
+  optimizer = optim.make_optimizer(opt_cfg, abstract_params(cfg, run, boxed=False))
   mesh = sharding.make_mesh(sharding.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1])
-  state, shardings = step_lib.init_state(cfg, optimizer, mesh, seed=0)
+  state, shardings = step_lib.init_state(cfg, optimizer, mesh, seed=0, run=run)
   params0 = jax.device_get(state.params) if keep_params else None
   loss = LossConfig(z_loss=0.0)  # the same objective as transformers' cross-entropy
-  train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, loss),
-                                step_lib.make_eval_step(cfg, loss), shardings, mesh)
+  train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, loss, run=run),
+                                step_lib.make_eval_step(cfg, loss, run), shardings, mesh)
   batch = {k: jnp.asarray(v) for k, v in b.items()}
   rng = jax.random.PRNGKey(0)
   start = time.perf_counter()
@@ -133,13 +134,16 @@ def hf_step_time(cfg, params, b, steps: int, threads: int) -> float:
   return float(np.median(times))
 
 
+def run_options(args) -> RunOptions:
+  return RunOptions(scan_layers=args.scan, remat_policy=args.remat, dtype=args.dtype,
+                    attention_impl=args.attention_impl)
+
+
 def model_config(args) -> config.T5GemmaConfig:
-  cfg = config.preset(args.preset, scan_layers=args.scan, remat_policy=args.remat,
-                      dtype=args.dtype)
+  cfg = presets.preset(args.preset)
   if args.attention_impl == "cudnn":  # cuDNN has no logit softcap (T5Gemma 2-style blocks)
     cfg = cfg.replace(encoder=dataclasses.replace(cfg.encoder, attn_logit_softcapping=None),
                       decoder=dataclasses.replace(cfg.decoder, attn_logit_softcapping=None))
-  cfg = cfg.replace(attention_impl=args.attention_impl)
   if args.vocab_size:
     cfg = cfg.replace(encoder=dataclasses.replace(cfg.encoder, vocab_size=args.vocab_size),
                       decoder=dataclasses.replace(cfg.decoder, vocab_size=args.vocab_size))
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
   table = flops.peak_flops()  # None on CPUs
   peak = table if table is not None else measured_peak()
   per_step, compile_s, params = jax_step_time(cfg, b, args.steps, keep_params=args.against_hf,
-                                              profile_dir=args.profile)
+                                              profile_dir=args.profile, run=run_options(args))
   step_flops = flops.training_flops_per_step(cfg, args.batch, args.inputs, args.targets)
   out = {"preset": args.preset, "vocab_size": cfg.vocab_size, "batch": args.batch,
          "inputs": args.inputs, "targets": args.targets, "scan": args.scan,

@@ -276,7 +276,7 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
     directory: that run's checkpoint directory (the one given to `Checkpointer`).
     abstract_params: the params tree of `jax.ShapeDtypeStruct`s with shardings.
     step: the step; None for the latest.
-    cfg: the model's `T5GemmaConfig`; with it, a checkpoint saved in the other layout
+    cfg: the model's architecture; with it, a checkpoint saved in the other layout
       (scanned vs unrolled) is read in its own layout and converted on the devices.
 
   Returns:
@@ -305,8 +305,7 @@ def restore_params(directory: str, abstract_params: Any, step: Optional[int] = N
   finally:
     manager.close()
   if converting:
-    want = cfg.replace(scan_layers=not saved_scanned)
-    params = jax.jit(lambda p: layout.to_layout(p, want),
+    params = jax.jit(lambda p: layout.to_layout(p, cfg, not saved_scanned),
                      out_shardings=jax.tree_util.tree_map(lambda a: a.sharding,
                                                           abstract_params))(params)
   return params
@@ -330,15 +329,18 @@ def latest_step(directory: str) -> Optional[int]:
 def _in_layout(abstract_params: Any, cfg: Any, scanned: bool) -> Any:
   """`abstract_params` in the scanned (or unrolled) layout, sharded by the same rules."""
   from t5gemma_jax import model, sharding
-  other = cfg.replace(scan_layers=scanned)
-  first = jax.tree_util.tree_leaves(abstract_params)[0].sharding
-  shapes = model.abstract_params(other, boxed=False)
-  if isinstance(first, jax.sharding.NamedSharding):
-    shardings = sharding.logical_to_shardings(model.abstract_params(other), first.mesh)
+  from t5gemma_jax.run_options import RunOptions
+  other = RunOptions(scan_layers=scanned)
+  first = jax.tree_util.tree_leaves(abstract_params)[0]
+  shapes = model.abstract_params(cfg, other, boxed=False)
+  if isinstance(first.sharding, jax.sharding.NamedSharding):
+    shardings = sharding.logical_to_shardings(model.abstract_params(cfg, other),
+                                              first.sharding.mesh)
   else:
-    shardings = jax.tree_util.tree_map(lambda _: first, shapes)
+    shardings = jax.tree_util.tree_map(lambda _: first.sharding, shapes)
+  # Every parameter is stored in one dtype (RunOptions.param_dtype): take the caller's.
   return jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, first.dtype, sharding=s), shapes, shardings)
 
 
 def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:

@@ -1,4 +1,4 @@
-"""Model configuration: one `ModuleConfig` per stack, a `T5GemmaConfig` for the pair.
+"""Model architecture: one `ModuleConfig` per stack, a `T5GemmaConfig` for the pair.
 
 Configs are frozen dataclasses so they can be hashed, used as static jit arguments and bound from
 gin at the edges (see `t5gemma_jax/cli/`); the model itself never reads gin.
@@ -9,16 +9,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import jax.numpy as jnp
-
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
-REMAT_POLICIES = ("none", "full", "minimal")
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 ENCODER_WINDOWS = ("symmetric", "split")
 CROSS_ATTENTION_LAYERS = ("all", "global")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def alternating_layer_types(num_layers: int) -> tuple[str, ...]:
@@ -118,19 +113,14 @@ class ModuleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class T5GemmaConfig:
-  """An encoder and a decoder stack plus the options that only change how the model runs.
+  """The architecture of an encoder-decoder: what a checkpoint *is*.
+
+  How a run computes it (dtypes, scan, remat, attention kernel) is `run_options.RunOptions`,
+  kept apart so that the same checkpoint runs under any options.
 
   Attributes:
     encoder, decoder: the two stacks; the decoder's cross-attention reads `encoder.hidden_size`.
     pad_id, eos_id, bos_id: special token ids (0, 1, 2 in every released checkpoint).
-    dtype: activation dtype name ("float32", "bfloat16"); softmax, norms and logits stay float32.
-    param_dtype: dtype name in which parameters are created and stored.
-    scan_layers: run each stack with `nn.scan` over its repeating unit of layers.
-    remat_policy: "none", "full" (recompute everything) or "minimal" (keep the named matmul
-      outputs: projections, attention output, MLP activations).
-    attention_impl: "xla" (portable, the reference), "cudnn" (GPU flash attention; needs no
-      attention softcap) or "splash" (TPU Pallas kernel) for training, teacher forcing and
-      the encoder pass of decoding; decoding's cached steps (one query) use "xla".
     merged_attention: T5Gemma 2 decoder: no cross-attention module; the decoder's `self_attn`
       also projects the encoder output with its own k/v kernels (and k_norm, but no RoPE) and
       one softmax runs over [decoder keys; encoder keys]. Needs equal hidden sizes.
@@ -151,11 +141,6 @@ class T5GemmaConfig:
   pad_id: int = 0
   eos_id: int = 1
   bos_id: int = 2
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  attention_impl: str = "xla"
   merged_attention: bool = False
   shared_embedding: bool = False
   eoi_id: Optional[int] = None
@@ -163,26 +148,6 @@ class T5GemmaConfig:
   cross_attention_layers: str = "all"
 
   def __post_init__(self):
-    for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in DTYPES:
-        raise ValueError(f"T5GemmaConfig.{name} must be one of {sorted(DTYPES)}, "
-                         f"got {getattr(self, name)!r}")
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"T5GemmaConfig.remat_policy must be one of {REMAT_POLICIES}, "
-                       f"got {self.remat_policy!r}")
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"T5GemmaConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
-                       f"got {self.attention_impl!r}")
-    if self.attention_impl != "xla":
-      for side in ("encoder", "decoder"):
-        m = getattr(self, side)
-        if m.attention_dropout:
-          raise ValueError(f"attention_impl={self.attention_impl!r} has no attention dropout; "
-                           f"{side}.attention_dropout is {m.attention_dropout}")
-        if self.attention_impl == "cudnn" and m.attn_logit_softcapping is not None:
-          raise ValueError(f"attention_impl='cudnn' cannot softcap attention logits, but "
-                           f"{side}.attn_logit_softcapping is {m.attn_logit_softcapping}; use "
-                           "'xla' or 'splash', or a config without softcapping")
     self._check_t5gemma2_options()
     if self.encoder.vocab_size != self.decoder.vocab_size:
       raise ValueError(f"encoder.vocab_size ({self.encoder.vocab_size}) and decoder.vocab_size "
@@ -212,19 +177,18 @@ class T5GemmaConfig:
                        f"(size {self.encoder.vocab_size})")
 
   @property
-  def is_t5gemma2(self) -> bool:
-    """Whether any T5Gemma 2 feature is on (what the T5Gemma 1 checkpoint format cannot hold)."""
-    return (self.merged_attention or self.shared_embedding or self.eoi_id is not None
+  def family(self) -> str:
+    """The parameter layout family: "t5gemma2" (merged attention or one shared table, stored in
+    transformers' T5Gemma 2 format) or "t5gemma"."""
+    return "t5gemma2" if self.merged_attention or self.shared_embedding else "t5gemma"
+
+  @property
+  def has_t5gemma2_features(self) -> bool:
+    """Whether any T5Gemma 2 feature is on (what the T5Gemma 1 format cannot hold), in either
+    family."""
+    return (self.family == "t5gemma2" or self.eoi_id is not None
             or any(m.qk_norm or m.rope_local_theta is not None or m.rope_scaling_factor != 1.0
                    for m in (self.encoder, self.decoder)))
-
-  @property
-  def activation_dtype(self):
-    return DTYPES[self.dtype]
-
-  @property
-  def parameter_dtype(self):
-    return DTYPES[self.param_dtype]
 
   @property
   def vocab_size(self) -> int:
@@ -238,111 +202,6 @@ class T5GemmaConfig:
     return dataclasses.replace(self, **changes)
 
 
-# name: (num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim)
-_RELEASED_STACKS = {
-    "s": (8, 512, 1024, 8, 8, 64),
-    "b": (12, 768, 2048, 12, 12, 64),
-    "l": (24, 1024, 2816, 16, 16, 64),
-    "ml": (26, 1152, 6912, 4, 4, 256),
-    "xl": (24, 2048, 5120, 32, 32, 64),
-    "2b": (26, 2304, 9216, 8, 4, 256),
-    "9b": (42, 3584, 14336, 16, 8, 256),
-}
-
-# A model small enough for unit tests and the offline demo, but with every feature switched on:
-# GQA, a sliding window shorter than typical test sequences and both layer types.
-_TINY = ModuleConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, vocab_size=2048,
-                     sliding_window=16)
-
-# T5Gemma 2 (text), name: (num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads,
-# head_dim, sliding_window). "270m" is confirmed from a public print of the released config
-# (docs/t5gemma2_reference.md §6). "1b" and "4b" are NOT confirmed: they are the Gemma 3 1B / 4B
-# text stacks, which T5Gemma 2 is adapted from; likewise their vocabulary (262144, as 270m;
-# Gemma 3 4B itself has 262208) and the RoPE settings copied from 270m.
-_T5GEMMA2_STACKS = {
-    "270m": (18, 640, 2048, 4, 1, 256, 512),
-    "1b": (26, 1152, 6912, 4, 1, 256, 512),   # unconfirmed
-    "4b": (34, 2560, 10240, 8, 4, 256, 1024),  # unconfirmed
-}
-T5GEMMA2_EOI_ID = 256000
-T5GEMMA2_PERIOD = 6  # every 6th layer is full attention (5 local : 1 global)
-
-# "tiny2": T5Gemma 2 in miniature for tests and its offline demo: the tiny stack with 6 layers
-# in the 5:1 pattern; vocab 2048 of the built-in vocabulary plus 128 ids it never produces, the
-# first of which is eoi (as 256000 is outside the text pieces of Gemma 3's tokenizer).
-_TINY2_EOI_ID = 2048
-PRESETS = ("tiny", "s-s", "b-b", "l-l", "ml-ml", "xl-xl", "2b-2b", "9b-2b", "9b-9b",
-           "270m-270m", "1b-1b", "4b-4b", "tiny2")
-
-
-def stack_preset(name: str) -> ModuleConfig:
-  """The `ModuleConfig` of one released stack size ("s", "b", ..., "9b") or "tiny"."""
-  if name == "tiny":
-    return _TINY
-  if name not in _RELEASED_STACKS:
-    raise ValueError(f"unknown stack size {name!r}; known: tiny, {', '.join(_RELEASED_STACKS)}")
-  layers, hidden, ffn, heads, kv_heads, head_dim = _RELEASED_STACKS[name]
-  return ModuleConfig(hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
-                      num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                      query_pre_attn_scalar=head_dim)
-
-
-def t5gemma2_stack(name: str) -> ModuleConfig:
-  """One T5Gemma 2 text stack ("270m", "1b", "4b"): q/k norms, 5:1 local:global layers, RoPE
-  1e4 on local and 1e6 with linear scaling 8 on global layers, the split encoder window, no
-  softcaps."""
-  if name not in _T5GEMMA2_STACKS:
-    raise ValueError(f"unknown T5Gemma 2 size {name!r}; known: {', '.join(_T5GEMMA2_STACKS)}")
-  layers, hidden, ffn, heads, kv_heads, head_dim, window = _T5GEMMA2_STACKS[name]
-  types = tuple(FULL if (i + 1) % T5GEMMA2_PERIOD == 0 else SLIDING for i in range(layers))
-  return ModuleConfig(hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
-                      num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                      query_pre_attn_scalar=256, vocab_size=262144, attn_logit_softcapping=None,
-                      final_logit_softcapping=None, sliding_window=window, layer_types=types,
-                      rope_theta=1_000_000.0, qk_norm=True, rope_local_theta=10_000.0,
-                      rope_scaling_factor=8.0, encoder_window="split")
-
-
-def _t5gemma2_options(eoi_id: int) -> dict:
-  return dict(merged_attention=True, shared_embedding=True, eoi_id=eoi_id)
-
-
-def preset(name: str, **options) -> T5GemmaConfig:
-  """A named model: "tiny", a released T5Gemma pair such as "2b-2b" or "9b-2b"
-  (encoder-decoder), a T5Gemma 2 pair ("270m-270m", "1b-1b", "4b-4b") or "tiny2".
-
-  Args:
-    name: one of `PRESETS`.
-    **options: run-time fields of `T5GemmaConfig` (dtype, param_dtype, scan_layers, ...).
-
-  Returns:
-    The frozen config.
-  """
-  if name not in PRESETS:
-    raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-  allowed = [f.name for f in dataclasses.fields(T5GemmaConfig) if f.name not in ("encoder",
-                                                                                 "decoder")]
-  unknown = sorted(set(options) - set(allowed))
-  if unknown:
-    raise ValueError(f"preset: unknown option(s) {unknown}; options are {allowed}")
-  if name == "tiny2":
-    stack = dataclasses.replace(
-        t5gemma2_stack("270m"), **{f: getattr(_TINY, f) for f in (
-            "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
-            "query_pre_attn_scalar", "sliding_window")},
-        num_layers=T5GEMMA2_PERIOD, vocab_size=_TINY.vocab_size + 128,
-        layer_types=(SLIDING,) * (T5GEMMA2_PERIOD - 1) + (FULL,))
-    return T5GemmaConfig(encoder=stack, decoder=stack,
-                         **{**_t5gemma2_options(_TINY2_EOI_ID), **options})
-  enc_name, dec_name = ("tiny", "tiny") if name == "tiny" else name.split("-")
-  if enc_name in _T5GEMMA2_STACKS:
-    return T5GemmaConfig(encoder=t5gemma2_stack(enc_name), decoder=t5gemma2_stack(dec_name),
-                         **{**_t5gemma2_options(T5GEMMA2_EOI_ID), **options})
-  return T5GemmaConfig(encoder=stack_preset(enc_name), decoder=stack_preset(dec_name), **options)
-
-
-
 # ------------------------------------------------------------------------ serialisation
 
 
@@ -351,11 +210,17 @@ def to_dict(cfg: T5GemmaConfig) -> dict:
   return dataclasses.asdict(cfg)
 
 
+# Run options that `model_config.json` files written before `RunOptions` existed also hold.
+_LEGACY_RUN_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
+
+
 def from_dict(d: dict, source: str = "config") -> T5GemmaConfig:
-  """The inverse of `to_dict`; unknown or missing fields are errors naming `source`."""
+  """The inverse of `to_dict`; unknown or missing fields are errors naming `source` (run
+  options that older files recorded beside the architecture are skipped)."""
   try:
     stacks = {side: ModuleConfig(**d[side]) for side in ("encoder", "decoder")}
-    rest = {k: v for k, v in d.items() if k not in ("encoder", "decoder")}
+    rest = {k: v for k, v in d.items()
+            if k not in ("encoder", "decoder", *_LEGACY_RUN_FIELDS)}
     return T5GemmaConfig(**stacks, **rest)
   except (KeyError, TypeError) as e:
     raise ValueError(f"{source}: not a T5GemmaConfig ({e})") from None

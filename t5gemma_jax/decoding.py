@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.model import T5Gemma, layout, masks
+from t5gemma_jax.run_options import RunOptions
 
 Array = jax.Array
 Cache = Any
@@ -178,24 +179,24 @@ def beam_search(logits: Array, cache: Cache, tokens_to_logits: TokensToLogits,
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(cfg: T5GemmaConfig, strategy: str, max_new_tokens: int, temperature: float,
-              top_k: int, top_p: float, num_beams: int, length_penalty: float,
-              min_new_tokens: int):
+def _compiled(cfg: T5GemmaConfig, run: RunOptions, strategy: str, max_new_tokens: int,
+              temperature: float, top_k: int, top_p: float, num_beams: int,
+              length_penalty: float, min_new_tokens: int):
   return jax.jit(generate_function(cfg, strategy, max_new_tokens, temperature, top_k, top_p,
-                                   num_beams, length_penalty, min_new_tokens))
+                                   num_beams, length_penalty, min_new_tokens, run=run))
 
 
 def generate_function(cfg: T5GemmaConfig, strategy: str = "greedy", max_new_tokens: int = 32,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                       num_beams: int = 4, length_penalty: float = 0.6,
-                      min_new_tokens: int = 0):
+                      min_new_tokens: int = 0, run: RunOptions = RunOptions()):
   """The whole decoding loop, not yet jitted: `run(params, encoder_input_tokens, rng)` ->
-  int32 [B, max_new_tokens], for params in the layout `cfg.scan_layers` says. `generate`
+  int32 [B, max_new_tokens], for params in the layout `run.scan_layers` says. `generate`
   jits it; `t5gemma compile` lowers it for a TPU topology."""
-  net = T5Gemma(cfg)
+  net = T5Gemma(cfg, run)
   beams = num_beams if strategy == "beam" else 1
 
-  def run(params, encoder_input_tokens, rng):
+  def decode(params, encoder_input_tokens, rng):
     variables = {"params": params}
     tokens = jnp.repeat(encoder_input_tokens, beams, axis=0)  # rows, then beams
     encoder_segment_ids = masks.segment_ids_from_tokens(tokens, cfg.pad_id)
@@ -223,19 +224,19 @@ def generate_function(cfg: T5GemmaConfig, strategy: str = "greedy", max_new_toke
       out = jax.lax.with_sharding_constraint(out, jax.sharding.PartitionSpec())
     return out
 
-  return run
+  return decode
 
 
 def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
              max_new_tokens: int, strategy: str = "greedy", num_beams: int = 4,
              length_penalty: float = 0.6, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, min_new_tokens: int = 0,
-             mesh=None) -> Array:
+             mesh=None, run: RunOptions = RunOptions()) -> Array:
   """Decodes every row of a batch.
 
   Args:
     params: model params (scanned or not).
-    cfg: the model config.
+    cfg: the architecture.
     encoder_input_tokens: int32 [B, S], 0 = padding (rows may have different lengths).
     max_new_tokens: decoder steps at most.
     strategy: "greedy", "sample" or "beam".
@@ -245,6 +246,7 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
     min_new_tokens: EOS is impossible before this many tokens (transformers' min_new_tokens).
     mesh: decode with the batch sharded over this mesh's (data, fsdp) axes, as in training
       (params should already be placed on it, e.g. a training state's params).
+    run: dtypes and attention kernel; the layer layout is read from `params`.
 
   Returns:
     int32 [B, max_new_tokens]: generated tokens (BOS excluded), EOS then padding.
@@ -257,9 +259,9 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
     raise ValueError(f"num_beams must be >= 1, got {num_beams}")
   if strategy == "sample" and temperature <= 0:
     raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-  # Decode the params as they are stored (a config that says otherwise is corrected here).
-  cfg = cfg.replace(scan_layers=layout.is_scanned(params))
-  fn = _compiled(cfg, strategy, int(max_new_tokens), float(temperature), int(top_k),
+  # Decode the params as they are stored (options that say otherwise are corrected here).
+  run = run.replace(scan_layers=layout.is_scanned(params))
+  fn = _compiled(cfg, run, strategy, int(max_new_tokens), float(temperature), int(top_k),
                  float(top_p), int(num_beams), float(length_penalty), int(min_new_tokens))
   tokens = jnp.asarray(encoder_input_tokens, jnp.int32)
   if mesh is None:

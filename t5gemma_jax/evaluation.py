@@ -19,6 +19,7 @@ from t5gemma_jax import atomic, decoding, storage
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.model import abstract_params
+from t5gemma_jax.run_options import RunOptions
 
 
 def strip(tokens: Sequence[int], eos_id: int, pad_id: int = 0) -> list[int]:
@@ -212,7 +213,8 @@ class InferConfig:
   """`t5gemma infer`: decode a task split or a text file with a run's latest checkpoint.
 
   Attributes:
-    model: the model config.
+    model: the architecture.
+    run: how to compute it (dtypes, attention kernel; the layer layout follows the checkpoint).
     model_dir: the run whose latest checkpoint is used.
     output: JSONL path (written atomically): {"input", "prediction", "target"?} per line.
     task, split: what to decode; or `input_file` (one input per line) with `vocabulary`.
@@ -223,6 +225,7 @@ class InferConfig:
   model: T5GemmaConfig
   model_dir: str
   output: str
+  run: RunOptions = RunOptions()
   task: Optional[str] = None
   split: str = "validation"
   input_file: Optional[str] = None
@@ -232,16 +235,18 @@ class InferConfig:
   decode: DecodeConfig = DecodeConfig()
 
 
-def load_params(cfg: T5GemmaConfig, model_dir: str, step: Optional[int] = None) -> Any:
+def load_params(cfg: T5GemmaConfig, model_dir: str, step: Optional[int] = None,
+                run: RunOptions = RunOptions()) -> Any:
   """A run's checkpoint params, whole on this process's first local device.
 
   In a multi-process run each process reads its own copy (the device of `jax.devices()[0]`
   may belong to another process), and all read the step process 0 finds newest.
 
   Args:
-    cfg: the model config.
+    cfg: the architecture.
     model_dir: the run directory (its `checkpoints/` are read).
     step: the step; None for the newest.
+    run: the params come in `run.param_dtype` and the layout `run.scan_layers` says.
 
   Returns:
     The params tree of `jax.Array`s on `jax.local_devices()[0]`.
@@ -253,7 +258,7 @@ def load_params(cfg: T5GemmaConfig, model_dir: str, step: Optional[int] = None) 
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      abstract_params(cfg, boxed=False))
+      abstract_params(cfg, run, boxed=False))
   return checkpoint.restore_params(directory, abstract, step=step, cfg=cfg)
 
 
@@ -309,13 +314,14 @@ def _task_rows(task_name: str, split: str, inputs_length: int, targets_length: i
   return np.stack(rows), texts, targets, task.output_features["targets"].vocabulary
 
 
-def _decode_rows(params: Any, model: T5GemmaConfig, source, decode: DecodeConfig) -> list[dict]:
+def _decode_rows(params: Any, model: T5GemmaConfig, source, decode: DecodeConfig,
+                 run: RunOptions) -> list[dict]:
   """[{"input", "prediction", "target"?}] in row order, from `_file_rows` / `_task_rows`'s
   (rows [n, S], texts, targets or None, vocabulary); on every process of a multi-process run."""
   rows, texts, targets, vocab = source
   batches = (rows[i:i + decode.batch_size] for i in range(0, len(rows), decode.batch_size))
   tokens = predictions(params, model, batches, decode.max_new_tokens, decode.batch_size,
-                       **decode.options())
+                       run=run, **decode.options())
   records = []
   for i, (text, row) in enumerate(zip(texts, tokens)):
     record = {"input": text, "prediction": vocab.decode(strip(row, model.eos_id))}
@@ -326,10 +332,12 @@ def _decode_rows(params: Any, model: T5GemmaConfig, source, decode: DecodeConfig
 
 
 def task_records(params: Any, model: T5GemmaConfig, task: str, split: str, inputs_length: int,
-                 max_examples: Optional[int], decode: DecodeConfig) -> list[dict]:
+                 max_examples: Optional[int], decode: DecodeConfig,
+                 run: RunOptions = RunOptions()) -> list[dict]:
   """[{"input", "prediction", "target"}] for the first examples of a task split."""
   return _decode_rows(params, model, _task_rows(task, split, inputs_length,
-                                                decode.max_new_tokens, max_examples), decode)
+                                                decode.max_new_tokens, max_examples), decode,
+                      run)
 
 
 def infer(cfg: InferConfig) -> int:
@@ -347,7 +355,8 @@ def infer(cfg: InferConfig) -> int:
   else:
     source = _task_rows(cfg.task, cfg.split, cfg.inputs_length, cfg.decode.max_new_tokens,
                         cfg.max_examples)
-  records = _decode_rows(load_params(cfg.model, cfg.model_dir), cfg.model, source, cfg.decode)
+  params = load_params(cfg.model, cfg.model_dir, run=cfg.run)
+  records = _decode_rows(params, cfg.model, source, cfg.decode, cfg.run)
   if jax.process_index() == 0:  # the others hold the same records
     atomic.write_text(cfg.output, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                           for r in records))
@@ -361,6 +370,7 @@ class EvalConfig:
   model: T5GemmaConfig
   model_dir: str
   task: str
+  run: RunOptions = RunOptions()
   split: str = "validation"
   task_feature_lengths: Mapping[str, int] = dataclasses.field(
       default_factory=lambda: {"inputs": 256, "targets": 128})
@@ -378,9 +388,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, dict[str, float]]:
   # The step is fixed first and the params read at it: a step committed meanwhile by a run
   # still training cannot be logged under the previous step's number.
   step = latest_step_everywhere(os.path.join(cfg.model_dir, "checkpoints"))
-  params = load_params(cfg.model, cfg.model_dir, step=step)
+  params = load_params(cfg.model, cfg.model_dir, step=step, run=cfg.run)
   d = cfg.decode
   return evaluate(params, cfg.model, cfg.task, cfg.split, cfg.task_feature_lengths,
                   max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
                   num_examples=cfg.num_examples, model_dir=cfg.model_dir, step=step,
-                  **d.options())
+                  run=cfg.run, **d.options())

@@ -68,8 +68,8 @@ _BLOCKED = textwrap.dedent("""
     sys.meta_path.insert(0, Blocked())
     for name in sys.argv[1:]:
       importlib.import_module(name)
-    from t5gemma_jax import config, model
-    model.abstract_params(config.preset("tiny"), boxed=False)
+    from t5gemma_jax import config, model, presets
+    model.abstract_params(presets.preset("tiny"), boxed=False)
 """)
 
 

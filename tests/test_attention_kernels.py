@@ -1,4 +1,4 @@
-"""attention_impl: the splash kernel (Pallas interpret mode on CPU) and the cuDNN path's
+"""RunOptions.attention_impl: the splash kernel (Pallas interpret mode on CPU) and the cuDNN path's
 `jax.nn.dot_product_attention` call (run by XLA here) against our XLA attention."""
 
 import dataclasses
@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5gemma_jax import config, model
+from t5gemma_jax import config, model, presets
 from t5gemma_jax.model import attention, attention_kernels, masks
+from t5gemma_jax.run_options import RunOptions
 from tests.helpers.random_params import random_params
 
 
@@ -23,21 +24,21 @@ def _batch(length=128):
   return enc, dec
 
 
-def _assert_matches_xla(cfg, fused_cfg, position: int) -> float:
-  """Logits (max |diff| < 1e-4, returned) and gradients (1e-5 relative) of `fused_cfg` equal
-  those of the XLA reference `cfg` on a padded batch of length 128."""
+def _assert_matches_xla(cfg, impl: str, position: int) -> float:
+  """Logits (max |diff| < 1e-4, returned) and gradients (1e-5 relative) of `cfg` computed with
+  `attention_impl=impl` equal those of the XLA reference on a padded batch of length 128."""
   params = random_params(cfg, seed=0)
   enc, dec = _batch()
   real = dec != 0
 
-  def loss(p, c):
-    logits = model.T5Gemma(c).apply({"params": p}, enc, dec)
+  def loss(p, run):
+    logits = model.T5Gemma(cfg, run).apply({"params": p}, enc, dec)
     return (jnp.sum(jnp.where(real[..., None], jax.nn.log_softmax(logits), 0.0)[..., position]),
             logits)
 
   grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
-  g_xla, l_xla = grad(params, cfg)
-  g_fused, l_fused = grad(params, fused_cfg)
+  g_xla, l_xla = grad(params, RunOptions())
+  g_fused, l_fused = grad(params, RunOptions(attention_impl=impl))
   diff = float(np.max(np.abs(np.asarray(l_fused) - np.asarray(l_xla))[real]))
   assert diff < 1e-4
   for a, b in zip(jax.tree_util.tree_leaves(g_xla), jax.tree_util.tree_leaves(g_fused)):
@@ -47,17 +48,17 @@ def _assert_matches_xla(cfg, fused_cfg, position: int) -> float:
 
 @pytest.mark.slow
 def test_splash_matches_xla_in_logits_and_gradients():
-  stack = dataclasses.replace(config.stack_preset("tiny"), sliding_window=5)  # GQA 4q / 2kv
+  stack = dataclasses.replace(presets.stack_preset("tiny"), sliding_window=5)  # GQA 4q / 2kv
   cfg = config.T5GemmaConfig(encoder=stack, decoder=stack)
-  _assert_matches_xla(cfg, cfg.replace(attention_impl="splash"), position=5)
+  _assert_matches_xla(cfg, "splash", position=5)
 
 
-def _t5gemma2_cfg(**options):
+def _t5gemma2_cfg(**changes):
   """tiny2 cut to one sliding and one global layer per stack, window 5 (split in the encoder)."""
-  base = config.preset("tiny2")
+  base = presets.preset("tiny2")
   stack = dataclasses.replace(base.encoder, num_layers=2, sliding_window=5,
                               layer_types=(config.SLIDING, config.FULL))
-  return base.replace(encoder=stack, decoder=stack, **options)
+  return base.replace(encoder=stack, decoder=stack, **changes)
 
 
 @pytest.mark.slow
@@ -70,7 +71,7 @@ def test_fused_merged_attention_matches_xla(impl):
     original = attention_kernels.cudnn_attention
     attention_kernels.cudnn_attention = lambda *a, **k: original(*a, **k, implementation=None)
   try:
-    diff = _assert_matches_xla(cfg, cfg.replace(attention_impl=impl), position=7)
+    diff = _assert_matches_xla(cfg, impl, position=7)
   finally:
     if impl == "cudnn":
       attention_kernels.cudnn_attention = original
@@ -81,11 +82,13 @@ def test_fused_merged_attention_matches_xla(impl):
 def test_splash_masks_bite():
   """The kernel really applies the split window and the merged layout: changing either moves
   the logits (so the parity above is not vacuous)."""
-  cfg = _t5gemma2_cfg(attention_impl="splash")
-  params = random_params(_t5gemma2_cfg(), seed=1)  # (its shape probe is shorter than 128)
+  cfg = _t5gemma2_cfg()
+  params = random_params(cfg, seed=1)
   enc, dec = _batch()
   real = dec != 0
-  run = lambda c: np.asarray(jax.jit(model.T5Gemma(c).apply)({"params": params}, enc, dec))
+  splash = RunOptions(attention_impl="splash")
+  run = lambda c: np.asarray(jax.jit(model.T5Gemma(c, splash).apply)({"params": params}, enc,
+                                                                     dec))
   ours = run(cfg)
   sym = dataclasses.replace(cfg.encoder, encoder_window="symmetric")
   assert np.max(np.abs(run(cfg.replace(encoder=sym)) - ours)[real]) > 1e-3
@@ -110,12 +113,16 @@ def test_cudnn_call_matches_xla(causal, window):
 
 
 def test_fused_attention_configs_are_checked():
+  cudnn = RunOptions(attention_impl="cudnn")
   with pytest.raises(ValueError, match="attn_logit_softcapping"):
-    config.preset("tiny", attention_impl="cudnn")  # Gemma 2 softcaps attention logits
+    cudnn.check(presets.preset("tiny"))  # Gemma 2 softcaps attention logits
+  with pytest.raises(ValueError, match="attn_logit_softcapping"):  # the model checks too
+    tokens = jnp.ones((1, 4), jnp.int32)
+    model.T5Gemma(presets.preset("tiny"), cudnn).init(jax.random.PRNGKey(0), tokens, tokens)
   with pytest.raises(ValueError, match="attention_impl must be one of"):
-    config.preset("tiny", attention_impl="flash")
-  stack = dataclasses.replace(config.stack_preset("tiny"), attn_logit_softcapping=None)
-  config.T5GemmaConfig(encoder=stack, decoder=stack, attention_impl="cudnn")  # fine
+    RunOptions(attention_impl="flash")
+  stack = dataclasses.replace(presets.stack_preset("tiny"), attn_logit_softcapping=None)
+  cudnn.check(config.T5GemmaConfig(encoder=stack, decoder=stack))  # fine
   with pytest.raises(ValueError, match="multiples of 128"):
     attention_kernels._block(100)
 
@@ -126,13 +133,13 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import flax.linen as nn
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from t5gemma_jax import config, model, sharding
+from t5gemma_jax import model, presets, sharding
+from t5gemma_jax.run_options import RunOptions
 from tests.helpers.random_params import random_params
 jax.config.update("jax_default_matmul_precision", "highest")
 mesh = sharding.make_mesh(sharding.MeshConfig(ici=(2, 2, 2)))
-xla = config.preset("tiny2")
-splash = xla.replace(attention_impl="splash")
-params = random_params(xla, seed=0)
+cfg = presets.preset("tiny2")
+params = random_params(cfg, seed=0)
 rng = np.random.default_rng(0)
 enc = rng.integers(3, 2048, (4, 128)).astype(np.int32)
 dec = rng.integers(3, 2048, (4, 128)).astype(np.int32)
@@ -141,8 +148,9 @@ dec[:, 0] = 2
 batch = NamedSharding(mesh, P(sharding.BATCH_AXES))
 out = {}
 with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-  for name, cfg in (("xla", xla), ("splash", splash)):
-    fn = jax.jit(lambda p, e, d, cfg=cfg: model.T5Gemma(cfg).apply({"params": p}, e, d))
+  for name in ("xla", "splash"):
+    net = model.T5Gemma(cfg, RunOptions(attention_impl=name))
+    fn = jax.jit(lambda p, e, d, net=net: net.apply({"params": p}, e, d))
     args = (params, jax.device_put(enc, batch), jax.device_put(dec, batch))
     out[name] = np.asarray(fn(*args))
     if name == "splash":

@@ -34,8 +34,8 @@ def _small_vocab_model(d):
   """A gin file binding a tiny model with a 1024-id embedding (the built-in vocabulary has
   2048 ids)."""
   import dataclasses
-  from t5gemma_jax import config
-  tiny = config.preset("tiny")
+  from t5gemma_jax import config, presets
+  tiny = presets.preset("tiny")
   small = dataclasses.replace(tiny.encoder, vocab_size=1024)
   return _write(f"{d}/small.gin", config.to_gin(tiny.replace(encoder=small, decoder=small)))
 
@@ -73,12 +73,12 @@ CASES = {
     "unknown_preset_option": (lambda d, r: ["show_config", "--gin_file=models/tiny.gin",
                                             "--gin.preset.scan=True"], ["scan"], []),
     "bad_dtype": (lambda d, r: ["show_config", "--gin_file=models/tiny.gin",
-                                "--gin.preset.dtype='float8'"], ["dtype", "float8"], []),
+                                "--gin.RunOptions.dtype='float8'"], ["dtype", "float8"], []),
     "bad_remat": (lambda d, r: ["show_config", "--gin_file=models/tiny.gin",
-                                "--gin.preset.remat_policy='some'"], ["remat_policy", "some"],
+                                "--gin.RunOptions.remat_policy='some'"], ["remat_policy", "some"],
                   []),
     "cudnn_with_softcap": (lambda d, r: ["show_config", "--gin_file=models/tiny.gin",
-                                         "--gin.preset.attention_impl='cudnn'"],
+                                         "--gin.RunOptions.attention_impl='cudnn'"],
                            ["attn_logit_softcapping"], []),
     "unknown_optimizer": (lambda d, r: _train(d, "--gin.OptimizerConfig.name='sgd'"),
                           ["sgd", "adamw"], ["{d}/run"]),

@@ -8,7 +8,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from t5gemma_jax import tasks
+from t5gemma_jax import tasks  # noqa: F401  (registers the built-in tasks)
 from t5gemma_jax.cli import app
 from t5gemma_jax.data import pipeline, vocab
 from t5gemma_jax.tasks import files, named_vocabularies

@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from t5gemma_jax import chips, config
+from t5gemma_jax import chips, config, presets
+from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.config import FULL
 from t5gemma_jax.train import aot, loop, optim
 
@@ -21,6 +22,7 @@ pytest.importorskip("libtpu", reason="TPU compiles need libtpu (the test extra i
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCANNED = RunOptions(scan_layers=True)
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +64,8 @@ def test_accelerator_types_map_to_slices():
 
 def test_cli_compiles_the_demo_run_with_splash_and_prints_json():
   code, out, err = _cli("--topology=v5p-8", "--gin_file=runs/demo.gin",
-                        "--gin.preset.scan_layers=True", "--gin.preset.attention_impl='splash'")
+                        "--gin.RunOptions.scan_layers=True",
+                        "--gin.RunOptions.attention_impl='splash'")
   assert code == 0, err
   report = json.loads(out.strip().splitlines()[-1])
   assert report["topology"] == "v5p-8" and report["chips"] == 4 and report["fits"] is True
@@ -82,8 +85,8 @@ def test_cli_compiles_the_demo_run_with_splash_and_prints_json():
 @pytest.mark.parametrize("preset", ["tiny", "tiny2"])
 def test_splash_lowers_through_mosaic_per_shard(preset):
   """The kernel is a Mosaic custom call inside shard_map: each chip runs it on its own rows."""
-  model = config.preset(preset, scan_layers=True, attention_impl="splash", dtype="bfloat16")
-  found, cfg, mesh = aot.target_mesh(_run(model), "v5p-8")
+  run = RunOptions(scan_layers=True, attention_impl="splash", dtype="bfloat16")
+  found, cfg, mesh = aot.target_mesh(_run(presets.preset(preset), run=run), "v5p-8")
   compiled = aot.compile_train_step(cfg, mesh)
   hlo = compiled.executable.as_text()
   calls = [line for line in hlo.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
@@ -96,24 +99,25 @@ def test_splash_lowers_through_mosaic_per_shard(preset):
 
 
 def test_tiny2_compiles_with_xla_attention():
-  report = aot.compile_run(_run(config.preset("tiny2", scan_layers=True)), "v5p-8")
+  report = aot.compile_run(_run(presets.preset("tiny2"), run=SCANNED), "v5p-8")
   assert report["fits"] and report["decode"]["fits"]
 
 
 def test_multislice_puts_the_slices_on_the_data_axis():
-  report = aot.compile_run(_run(config.preset("tiny", scan_layers=True)), "v5p-8",
+  report = aot.compile_run(_run(presets.preset("tiny"), run=SCANNED), "v5p-8",
                            num_slices=2, decode=False)
   assert report["chips"] == 8 and report["num_slices"] == 2 and report["fits"]
   assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
 
 
 def test_fsdp_gathers_parameters_and_scatters_gradients_inside_the_layer_loop():
-  base = config.preset("tiny", scan_layers=True, remat_policy="minimal", dtype="bfloat16",
-                       param_dtype="bfloat16")
+  base = presets.preset("tiny")
+  run = RunOptions(scan_layers=True, remat_policy="minimal", dtype="bfloat16",
+                   param_dtype="bfloat16")
   deep = {side: dataclasses.replace(getattr(base, side), num_layers=8, layer_types=None)
           for side in ("encoder", "decoder")}
   report = aot.compile_run(_run(base.replace(**deep), lengths=(512, 512), batch=32,
-                                pack=False), "v5p-8", decode=False)
+                                pack=False, run=run), "v5p-8", decode=False)
   coll = report["collectives"]
   # 4 repeats of the (sliding, full) pair per stack: parameters are gathered and gradients
   # reduce-scattered once per layer inside the scanned loops, not all before / after them.
@@ -126,7 +130,7 @@ def test_model_flops_equal_xla_flops_when_nothing_is_masked_away():
   """Full bidirectional attention, no windows, no remat: XLA executes what the model needs
   except the causal decoder's upper triangle (dense) and elementwise work (not matmuls)."""
   stack = dataclasses.replace(
-      config.stack_preset("tiny"), hidden_size=512, intermediate_size=2048, num_heads=4,
+      presets.stack_preset("tiny"), hidden_size=512, intermediate_size=2048, num_heads=4,
       num_kv_heads=4, head_dim=128, query_pre_attn_scalar=128, vocab_size=2048,
       layer_types=(FULL, FULL), attn_logit_softcapping=None, final_logit_softcapping=None)
   cfg = _run(config.T5GemmaConfig(encoder=stack, decoder=stack), lengths=(128, 128), batch=8,
@@ -139,7 +143,7 @@ def test_model_flops_equal_xla_flops_when_nothing_is_masked_away():
 def test_a_run_that_cannot_fit_exits_3_and_find_batch_finds_the_largest(tmp_path):
   # Tiny layers with a 262k vocabulary and 2048 targets: ~2 GiB of logits per row, so a
   # 16 GiB v5e chip holds a handful of rows and the search takes few compiles.
-  stack = dataclasses.replace(config.stack_preset("tiny"), vocab_size=262144)
+  stack = dataclasses.replace(presets.stack_preset("tiny"), vocab_size=262144)
   model = config.T5GemmaConfig(encoder=stack, decoder=stack)
   model_gin = tmp_path / "big_vocab.gin"
   model_gin.write_text(config.to_gin(model))

@@ -8,30 +8,31 @@ import sys
 
 import pytest
 
-from t5gemma_jax import config
+from t5gemma_jax import config, presets
+from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.cli import app
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_released_sizes():
-  two_b = config.stack_preset("2b")
+  two_b = presets.stack_preset("2b")
   assert (two_b.num_layers, two_b.hidden_size, two_b.intermediate_size, two_b.num_heads,
           two_b.num_kv_heads, two_b.head_dim) == (26, 2304, 9216, 8, 4, 256)
-  cfg = config.preset("9b-2b")
+  cfg = presets.preset("9b-2b")
   assert cfg.encoder.hidden_size == 3584 and cfg.decoder.hidden_size == 2304
   assert cfg.encoder.layer_types[:3] == ("sliding_attention", "full_attention",
                                          "sliding_attention")
   assert cfg.encoder.layer_period == 2
-  for name in config.PRESETS:
-    c = config.preset(name)
+  for name in presets.PRESETS:
+    c = presets.preset(name)
     assert c.encoder.query_pre_attn_scalar == c.encoder.head_dim
 
 
 def test_two_b_preset_matches_transformers_defaults():
   from transformers import T5GemmaModuleConfig
   theirs = T5GemmaModuleConfig()  # transformers' defaults are the 2B stack
-  ours = config.stack_preset("2b")
+  ours = presets.stack_preset("2b")
   assert (theirs.hidden_size, theirs.intermediate_size, theirs.num_hidden_layers,
           theirs.num_attention_heads, theirs.num_key_value_heads, theirs.head_dim,
           theirs.query_pre_attn_scalar, theirs.sliding_window, theirs.vocab_size) == (
@@ -50,20 +51,48 @@ def test_two_b_preset_matches_transformers_defaults():
 ])
 def test_bad_module_config_names_the_field(change, match):
   with pytest.raises(ValueError, match=match):
-    dataclasses.replace(config.stack_preset("tiny"), num_layers=2, **change)
+    dataclasses.replace(presets.stack_preset("tiny"), num_layers=2, **change)
 
 
 def test_bad_run_options_name_the_field():
-  with pytest.raises(ValueError, match="T5GemmaConfig.dtype"):
-    config.preset("tiny", dtype="float64")
-  with pytest.raises(ValueError, match="remat_policy"):
-    config.preset("tiny", remat_policy="some")
+  with pytest.raises(ValueError, match="RunOptions.dtype"):
+    RunOptions(dtype="float64")
+  with pytest.raises(ValueError, match="RunOptions.remat_policy"):
+    RunOptions(remat_policy="some")
   with pytest.raises(ValueError, match="unknown preset 'huge'"):
-    config.preset("huge")
+    presets.preset("huge")
+
+
+def test_architecture_and_run_options_are_apart(tmp_path):
+  """A run directory records the architecture alone; presets take no run options."""
+  from t5gemma_jax import run_files
+  arch = {f.name for f in dataclasses.fields(config.T5GemmaConfig)}
+  run = {f.name for f in dataclasses.fields(RunOptions)}
+  assert not arch & run and {"dtype", "scan_layers", "attention_impl"} <= run
+  run_files.write_model_files(presets.preset("tiny2"), str(tmp_path))
+  saved = json.loads((tmp_path / run_files.MODEL_CONFIG).read_text())
+  assert not set(saved) & run
+  assert run_files.read_model_config(str(tmp_path)) == presets.preset("tiny2")
+  # model_config.json files written before RunOptions existed still read.
+  saved.update(dtype="bfloat16", scan_layers=True)
+  (tmp_path / run_files.MODEL_CONFIG).write_text(json.dumps(saved))
+  assert run_files.read_model_config(str(tmp_path)) == presets.preset("tiny2")
+  with pytest.raises(TypeError):
+    presets.preset("tiny", scan_layers=True)
+
+
+def test_model_gin_files_are_generated_from_the_preset_table(tmp_path):
+  from tools import gen_model_gins
+  assert gen_model_gins.stale() == []
+  for name in presets.PRESETS:
+    (tmp_path / f"{name}.gin").write_text(presets.model_gin(name))
+  (tmp_path / "tiny.gin").write_text("preset.name = 'tiny'\n")  # edited by hand
+  (tmp_path / "old.gin").write_text("")  # no such preset
+  assert gen_model_gins.stale(str(tmp_path)) == ["tiny", "old"]
 
 
 def test_layer_period_of_custom_patterns():
-  c = config.stack_preset("tiny")
+  c = presets.stack_preset("tiny")
   assert dataclasses.replace(c, num_layers=3, layer_types=None).layer_period == 2
   six = ("sliding_attention",) * 5 + ("full_attention",)
   assert dataclasses.replace(c, num_layers=12, layer_types=six * 2).layer_period == 6
@@ -72,11 +101,12 @@ def test_layer_period_of_custom_patterns():
 
 
 def test_show_config_with_gin_overrides(clean_gin, capsys):
-  rc = app.main(["show_config", "--gin_file=models/2b-2b.gin", "--gin.preset.scan_layers=True",
-                  '--gin.preset.dtype="bfloat16"'])
+  rc = app.main(["show_config", "--gin_file=models/2b-2b.gin", "--gin.RunOptions.scan_layers=True",
+                  '--gin.RunOptions.dtype="bfloat16"'])
   assert rc == 0
   out = json.loads(capsys.readouterr().out)
-  assert out["config"]["scan_layers"] is True and out["config"]["dtype"] == "bfloat16"
+  assert out["run_options"]["scan_layers"] is True and out["run_options"]["dtype"] == "bfloat16"
+  assert "scan_layers" not in out["config"]
   assert out["config"]["encoder"]["num_layers"] == 26
   # Gemma 2 2B (2.61e9 with its embedding) plus 26 cross-attention blocks in the decoder.
   assert 2.6e9 < out["parameters"]["encoder"] < 2.62e9
@@ -108,9 +138,12 @@ def test_custom_model_from_gin_dataclasses(clean_gin, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,match", [
     (["--gin_file=models/nope.gin"], "gin file 'models/nope.gin' not found"),
-    (["--gin_file=models/tiny.gin", "--gin.preset.dtyp=1"], "unknown option(s) ['dtyp']"),
+    (["--gin_file=models/tiny.gin", "--gin.RunOptions.dtyp=1"],
+     "'RunOptions' doesn't have a parameter named 'dtyp'"),
+    (["--gin_file=models/tiny.gin", "--gin.preset.scan_layers=True"],
+     "'preset' doesn't have a parameter named 'scan_layers'"),
     (["--gin_file=models/tiny.gin", "--gin.nothing.x=1"], "--gin.nothing.x=1"),
-    (["--gin_file=models/tiny.gin", "--gin.preset.remat_policy='x'"], "remat_policy"),
+    (["--gin_file=models/tiny.gin", "--gin.RunOptions.remat_policy='x'"], "remat_policy"),
 ])
 def test_bad_gin_input_fails_with_a_named_cause(clean_gin, capsys, argv, match):
   assert app.main(["show_config", *argv]) == 2
@@ -126,4 +159,4 @@ def test_console_script_is_installed():
   assert json.loads(proc.stdout)["config"]["encoder"]["vocab_size"] == 2048
   bad = subprocess.run([exe, "show_config", "--gin_file=models/tiny.gin", "--gin.preset.x=1"],
                        cwd="/", capture_output=True, text=True, timeout=120)
-  assert bad.returncode == 2 and "preset: unknown option(s) ['x']" in bad.stderr
+  assert bad.returncode == 2 and "'preset' doesn't have a parameter named 'x'" in bad.stderr

@@ -8,18 +8,19 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from t5gemma_jax import config
-from t5gemma_jax.convert import hf, safetensors_io
+from t5gemma_jax import config, presets
+from t5gemma_jax.run_options import RunOptions
+from t5gemma_jax.convert import hf, hf_config, safetensors_io
 from t5gemma_jax.model import layout
 from tests.helpers.random_params import random_params
 
 
-def _cfg(**options):
-  enc = config.stack_preset("tiny")
+def _cfg():
+  enc = presets.stack_preset("tiny")
   dec = config.ModuleConfig(hidden_size=48, intermediate_size=96, num_layers=3, num_heads=4,
                             num_kv_heads=1, head_dim=8, query_pre_attn_scalar=8,
                             vocab_size=enc.vocab_size, sliding_window=4)
-  return config.T5GemmaConfig(encoder=enc, decoder=dec, **options)
+  return config.T5GemmaConfig(encoder=enc, decoder=dec)
 
 
 def _assert_bitwise(a, b):
@@ -35,8 +36,8 @@ def _assert_bitwise(a, b):
 @pytest.mark.parametrize("scan", [False, True])
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
 def test_round_trip_is_bitwise(tmp_path, scan, param_dtype):
-  cfg = _cfg(scan_layers=scan, param_dtype=param_dtype)
-  params = random_params(cfg, seed=3)
+  cfg = _cfg()
+  params = random_params(cfg, seed=3, run=RunOptions(scan_layers=scan, param_dtype=param_dtype))
   hf.save(params, cfg, str(tmp_path / "out"))
   loaded, loaded_cfg = hf.load(str(tmp_path / "out"), scan_layers=scan)
   assert loaded_cfg == cfg
@@ -65,7 +66,7 @@ def test_load_can_cast_and_scan(tmp_path):
   params = random_params(cfg, seed=5)
   hf.save(params, cfg, str(tmp_path / "out"))
   loaded, loaded_cfg = hf.load(str(tmp_path / "out"), param_dtype="bfloat16", scan_layers=True)
-  assert loaded_cfg.param_dtype == "bfloat16" and loaded_cfg.scan_layers
+  assert loaded_cfg == cfg
   leaf = loaded["decoder"]["layers"]["block_0"]["mlp"]["up"]["kernel"]
   assert leaf.dtype == ml_dtypes.bfloat16 and leaf.shape == (1, 48, 96)
   assert "layers_2" in loaded["decoder"]  # 3 layers = one scanned pair + one left over
@@ -124,7 +125,7 @@ def test_missing_files_name_the_path(tmp_path):
   (tmp_path / "cfg_only").mkdir()
   with pytest.raises(FileNotFoundError, match="config.json.*cfg_only"):
     hf.load(str(tmp_path / "cfg_only"))
-  (tmp_path / "cfg_only" / "config.json").write_text(json.dumps(hf.config_to_hf(_cfg())))
+  (tmp_path / "cfg_only" / "config.json").write_text(json.dumps(hf_config.config_to_hf(_cfg())))
   with pytest.raises(FileNotFoundError, match="model.safetensors.*cfg_only"):
     hf.load(str(tmp_path / "cfg_only"))
 
@@ -140,8 +141,8 @@ def test_truncated_safetensors_is_reported(tmp_path):
 
 def test_config_matches_transformers_reading_of_it():
   from transformers import T5GemmaConfig
-  cfg = config.preset("9b-2b")
-  theirs = T5GemmaConfig(**hf.config_to_hf(cfg))
+  cfg = presets.preset("9b-2b")
+  theirs = T5GemmaConfig(**hf_config.config_to_hf(cfg))
   assert theirs.decoder.cross_attention_hidden_size == 3584
-  assert hf.config_from_hf(theirs.to_dict()) == cfg
+  assert hf_config.config_from_hf(theirs.to_dict()) == cfg
   assert theirs.encoder.num_hidden_layers == 42 and theirs.decoder.num_hidden_layers == 26

@@ -7,7 +7,7 @@ import pytest
 import seqio
 import tensorflow_datasets as tfds
 
-from t5gemma_jax import tasks
+from t5gemma_jax import tasks  # noqa: F401  (registers the built-in tasks)
 from t5gemma_jax.data import pipeline, vocab
 from t5gemma_jax.tasks import files, named_vocabularies
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from t5gemma_jax import config, decoding, model
+from t5gemma_jax import config, decoding, model, presets
+from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.convert import hf
 from t5gemma_jax.model import layout
 from tests.helpers import hf_reference as ref
@@ -15,12 +16,12 @@ from tests.helpers.greedy_checks import assert_greedy_is_teacher_forced
 from tests.helpers.random_params import random_params
 
 
-def _cfg(**options):
+def _cfg():
   # Windows (3 and 4) much shorter than the 24 generated tokens: the ring caches wrap.
-  enc = dataclasses.replace(config.stack_preset("tiny"), num_layers=2, sliding_window=3)
-  dec = dataclasses.replace(config.stack_preset("tiny"), num_layers=3, sliding_window=4,
+  enc = dataclasses.replace(presets.stack_preset("tiny"), num_layers=2, sliding_window=3)
+  dec = dataclasses.replace(presets.stack_preset("tiny"), num_layers=3, sliding_window=4,
                             num_kv_heads=1, layer_types=None)
-  return config.T5GemmaConfig(encoder=enc, decoder=dec, **options)
+  return config.T5GemmaConfig(encoder=enc, decoder=dec)
 
 
 def _inputs(b=3, s=12, seed=0):
@@ -31,11 +32,11 @@ def _inputs(b=3, s=12, seed=0):
   return enc
 
 
-def _varied_params(cfg, seed):
+def _varied_params(cfg, seed, run=RunOptions()):
   """Random params whose greedy rows vary: as drawn (embeddings ~ N(0, 1/d), scaled by
   sqrt(d) on input and tied to the output) a row soon repeats one token forever, a fixed point
   that a cache which forgets or mixes up positions reproduces as well."""
-  params = random_params(cfg, seed=seed)
+  params = random_params(cfg, seed=seed, run=run)
   table = params["decoder"]["embedder"]["embedding"]
   params["decoder"]["embedder"]["embedding"] = table * 0.1
   return params
@@ -44,8 +45,8 @@ def _varied_params(cfg, seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_greedy_equals_teacher_forced_argmax(scan):
-  cfg = _cfg(scan_layers=scan)
-  params = _varied_params(cfg, seed=1)
+  cfg = _cfg()
+  params = _varied_params(cfg, seed=1, run=RunOptions(scan_layers=scan))
   enc = _inputs()
   # min_new_tokens: no row stops early, so every ring (3 and 4 slots) wraps many times.
   out = np.asarray(decoding.generate(params, cfg, enc, max_new_tokens=24, min_new_tokens=24))
@@ -64,12 +65,12 @@ def test_greedy_equals_teacher_forced_argmax(scan):
 def test_decode_steps_equal_teacher_forced_logits(options):
   """The model's cache path, logit for logit: start_decode with a 5-token prefix, then 15
   single steps through rings of 4 slots (decoder) equal the teacher-forced forward pass."""
-  cfg = _cfg(**options)
-  params = random_params(cfg, seed=8)
+  cfg, run = _cfg(), RunOptions(**options)
+  params = random_params(cfg, seed=8, run=run)
   enc = _inputs()
   dec = np.random.default_rng(1).integers(3, 2048, (3, 20)).astype(np.int32)
   dec[:, 0] = cfg.bos_id
-  net = model.T5Gemma(cfg)
+  net = model.T5Gemma(cfg, run)
   variables = {"params": params}
   expected = np.asarray(net.apply(variables, enc, dec))
   encoded = net.apply(variables, enc, method=net.encode)
@@ -113,12 +114,11 @@ def test_scanned_and_unscanned_params_decode_the_same_tokens():
   enc = _inputs()
   kw = dict(max_new_tokens=16, min_new_tokens=16)
   plain = np.asarray(decoding.generate(params, cfg, enc, **kw))
-  scanned_cfg = cfg.replace(scan_layers=True)
-  scanned = layout.scan_params(params, scanned_cfg)
+  scanned = layout.scan_params(params, cfg)
   assert "layers" in scanned["decoder"]
-  np.testing.assert_array_equal(decoding.generate(scanned, scanned_cfg, enc, **kw), plain)
+  np.testing.assert_array_equal(decoding.generate(scanned, cfg, enc, **kw), plain)
   beams = dict(strategy="beam", num_beams=3, max_new_tokens=10)
-  np.testing.assert_array_equal(decoding.generate(scanned, scanned_cfg, enc, **beams),
+  np.testing.assert_array_equal(decoding.generate(scanned, cfg, enc, **beams),
                                 decoding.generate(params, cfg, enc, **beams))
 
 

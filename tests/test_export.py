@@ -14,7 +14,8 @@ import pytest
 import torch
 import transformers
 
-from t5gemma_jax import config, evaluation, model, run_files
+from t5gemma_jax import config, evaluation, model, presets, run_files
+from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.cli import app, gin_setup
 from t5gemma_jax.convert import hf, hf_checkpoint, params_checkpoint, safetensors_io
 from t5gemma_jax.model import layout
@@ -28,12 +29,15 @@ EIGHT = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
 
 
-def _cfg(**options):
-  enc = config.stack_preset("tiny")
+SCANNED = RunOptions(scan_layers=True)
+
+
+def _cfg():
+  enc = presets.stack_preset("tiny")
   dec = dataclasses.replace(enc, hidden_size=48, intermediate_size=96, num_layers=3,
                             num_kv_heads=1, head_dim=8, query_pre_attn_scalar=8,
                             layer_types=None)
-  return config.T5GemmaConfig(encoder=enc, decoder=dec, **options)
+  return config.T5GemmaConfig(encoder=enc, decoder=dec)
 
 
 def _tensors(folder):
@@ -54,7 +58,7 @@ def mesh_run(tmp_path_factory):
          "--gin.TRAIN_STEPS=3", "--gin.CHECKPOINT_PERIOD=3", "--gin.EVAL_PERIOD=0",
          "--gin.WARMUP_STEPS=1",
          "--gin.TrainConfig.eval_tasks=()", "--gin.TrainConfig.progress=False",
-         "--gin.preset.scan_layers=True", "--gin.MeshConfig.ici=(2, 2, 2)"]
+         "--gin.RunOptions.scan_layers=True", "--gin.MeshConfig.ici=(2, 2, 2)"]
   proc = subprocess.run(cmd, cwd=REPO, env=EIGHT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "steps 0 -> 3" in proc.stdout, proc.stdout
@@ -72,10 +76,9 @@ def test_mesh_trained_scanned_run_exports_to_transformers(mesh_run, tmp_path, cl
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
 
   cfg = run_files.read_model_config(mesh_run)
-  assert cfg.scan_layers
-  params = evaluation.load_params(cfg, mesh_run)  # gathered from the (2, 2, 2) shards
+  params = evaluation.load_params(cfg, mesh_run, run=SCANNED)  # gathered from the shards
   enc, dec = ref.padded_batch(np.random.default_rng(0), cfg.vocab_size, 3, 20, 12)
-  ours = np.asarray(jax.jit(model.T5Gemma(cfg).apply)({"params": params}, enc, dec))
+  ours = np.asarray(jax.jit(model.T5Gemma(cfg, SCANNED).apply)({"params": params}, enc, dec))
   theirs = ref.logits(hf_model.eval(), enc, dec)
   real = dec != 0
   assert np.max(np.abs(ours - theirs)[real]) < 1e-4
@@ -96,8 +99,9 @@ def test_bfloat16_export_and_restore_in_the_other_layout(mesh_run, tmp_path):
   assert {str(t.dtype) for t in _tensors(out).values()} == {"bfloat16"}
   # The scanned checkpoint restores into the unrolled layout, converted on the device.
   cfg = run_files.read_model_config(mesh_run)
-  scanned = evaluation.load_params(cfg, mesh_run)
-  unrolled = evaluation.load_params(cfg.replace(scan_layers=False), mesh_run)
+  scanned = evaluation.load_params(cfg, mesh_run, run=SCANNED)
+  assert "layers" in scanned["encoder"]
+  unrolled = evaluation.load_params(cfg, mesh_run)
   expect = layout.unscan_params(jax.device_get(scanned), cfg)
   for a, b in zip(jax.tree_util.tree_leaves(unrolled), jax.tree_util.tree_leaves(expect)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -105,14 +109,16 @@ def test_bfloat16_export_and_restore_in_the_other_layout(mesh_run, tmp_path):
 
 @pytest.mark.parametrize("scan,param_dtype", [(False, "float32"), (True, "bfloat16")])
 def test_import_then_export_is_bitwise(tmp_path, scan, param_dtype, clean_gin):
-  cfg = _cfg(param_dtype=param_dtype)
+  cfg = _cfg()
   src = str(tmp_path / "src")
-  hf.save(random_params(cfg, seed=5), cfg, src)
+  hf.save(random_params(cfg, seed=5, run=RunOptions(param_dtype=param_dtype)), cfg, src)
   run = str(tmp_path / "run")
   flags = ["--scan_layers"] if scan else []
   assert app.main(["import_hf", f"--hf_dir={src}", f"--output_dir={run}", *flags]) == 0
   assert set(os.listdir(run)) >= {"checkpoints", "model.gin", "model_config.json"}
-  assert run_files.read_model_config(run).scan_layers == scan
+  assert run_files.read_model_config(run) == cfg
+  assert params_checkpoint.is_scanned(params_checkpoint.param_metadata(
+      os.path.join(run, "checkpoints", "0"))) == scan
   out = str(tmp_path / "out")
   assert app.main(["export", f"--checkpoint_dir={run}", f"--output_dir={out}",
                     "--vocabulary=none"]) == 0
@@ -125,13 +131,14 @@ def test_import_of_a_transformers_folder_decodes_and_its_model_gin_binds(tmp_pat
   hf_model = ref.random_model(dict(num_hidden_layers=2), dict(num_hidden_layers=3), seed=3)
   hf_model.save_pretrained(tmp_path / "hf")
   run = str(tmp_path / "run")
-  cfg = hf_checkpoint.import_hf(str(tmp_path / "hf"), run)
+  cfg, dtype = hf_checkpoint.import_hf(str(tmp_path / "hf"), run)
+  assert dtype == "float32"
   invocation = app.parse(["show_config", f"--gin_file={run}/model.gin"])
   gin_setup.load("show_config", invocation.args.gin_file, [])
   assert gin_setup.model_config() == cfg
-  params = evaluation.load_params(cfg.replace(scan_layers=True), run)
+  params = evaluation.load_params(cfg, run, run=SCANNED)
   enc, dec = ref.padded_batch(np.random.default_rng(1), 512, 2, 16, 8)
-  ours = np.asarray(jax.jit(model.T5Gemma(cfg.replace(scan_layers=True)).apply)(
+  ours = np.asarray(jax.jit(model.T5Gemma(cfg, SCANNED).apply)(
       {"params": params}, enc, dec))
   np.testing.assert_allclose(ours[dec != 0], ref.logits(hf_model, enc, dec)[dec != 0],
                              atol=1e-4)
@@ -186,7 +193,7 @@ def test_missing_truncated_and_foreign_inputs_are_named(mesh_run, tmp_path, clea
   assert not os.path.exists(tmp_path / "r")
   # A model config that does not match the checkpoint names the parameters.
   with pytest.raises(ValueError, match="does not match the given model config"):
-    hf_checkpoint.export_checkpoint(mesh_run, str(tmp_path / "x"), cfg=config.preset("s-s"))
+    hf_checkpoint.export_checkpoint(mesh_run, str(tmp_path / "x"), cfg=presets.preset("s-s"))
 
 
 _MEMORY = textwrap.dedent("""
@@ -214,11 +221,12 @@ _MEMORY = textwrap.dedent("""
 
 
 def test_export_streams_under_a_memory_bound(tmp_path):
-  stack = dataclasses.replace(config.stack_preset("tiny"), vocab_size=8192, hidden_size=512,
+  stack = dataclasses.replace(presets.stack_preset("tiny"), vocab_size=8192, hidden_size=512,
                               num_heads=8, num_kv_heads=4, head_dim=64, intermediate_size=1536,
                               num_layers=8, layer_types=None)
-  cfg = config.T5GemmaConfig(encoder=stack, decoder=stack, scan_layers=True)
-  params_checkpoint.save_params(random_params(cfg, seed=0), cfg, str(tmp_path / "run"))
+  cfg = config.T5GemmaConfig(encoder=stack, decoder=stack)
+  params_checkpoint.save_params(random_params(cfg, seed=0, run=SCANNED), cfg,
+                                str(tmp_path / "run"))
   proc = subprocess.run([sys.executable, "-c", _MEMORY, str(tmp_path / "run"),
                          str(tmp_path / "out"), str(32 << 20)], cwd=REPO, capture_output=True,
                         text=True, timeout=300)

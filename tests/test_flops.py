@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5gemma_jax import config, model
+from t5gemma_jax import config, model, presets
 from t5gemma_jax.config import FULL, SLIDING
 from t5gemma_jax.model import masks as attn_lib
 from t5gemma_jax.train import flops
@@ -135,7 +135,7 @@ def test_cross_attention_kv_reads_encoder_width():
 
 
 def test_total_is_sum_of_breakdown():
-  cfg = config.preset("9b-2b")
+  cfg = presets.preset("9b-2b")
   parts = flops.flops_breakdown(cfg, 4, 512, 128)
   assert math.isclose(sum(parts.values()), flops.training_flops_per_step(cfg, 4, 512, 128),
                       rel_tol=0, abs_tol=0)
@@ -205,7 +205,7 @@ def test_six_n_d_rule_for_2b():
   decoder positions touch the rest of the decoder and the LM head. Norm scales and the encoder
   embedding (a lookup) are left out. Attention scores add a little on top, never take away.
   """
-  cfg = config.preset("2b-2b")
+  cfg = presets.preset("2b-2b")
   b, s, t = 8, 128, 128
   shapes = _param_shapes(cfg)
   n_enc = n_dec = 0
@@ -268,7 +268,7 @@ def test_pair_counts_are_the_attention_masks_true_entries(causal, window, split)
   mask = attn_lib.MaskSpec(segments, segments, causal, window, split_window=split).dense()
   lo, hi = attn_lib.window_offsets(window, causal, split)
   assert flops.window_pairs(length, length, lo, hi) == int(mask.sum())
-  stack = dataclasses.replace(config.stack_preset("tiny"), sliding_window=window or 4,
+  stack = dataclasses.replace(presets.stack_preset("tiny"), sliding_window=window or 4,
                               encoder_window="split" if split else "symmetric")
   layer_type = SLIDING if window else FULL
   assert flops.layer_pairs(stack, layer_type, length, causal) == int(mask.sum())
@@ -278,7 +278,7 @@ def test_pair_counts_are_the_attention_masks_true_entries(causal, window, split)
 
 
 def test_executed_flops_add_dense_attention_and_recomputation():
-  cfg = config.preset("tiny")
+  cfg = presets.preset("tiny")
   b, s, t = 4, 32, 24
   dense = flops.training_flops_per_step(cfg, b, s, t, dense_attention=True)
   assert dense > flops.training_flops_per_step(cfg, b, s, t)  # windows and causal masks
@@ -286,7 +286,7 @@ def test_executed_flops_add_dense_attention_and_recomputation():
   forward = flops.flops_breakdown(cfg, b, s, t, training=False, dense_attention=True)
   attention = sum(forward[k] for k in ("encoder_attention", "decoder_self_attention",
                                        "cross_attention"))
-  minimal = flops.executed_flops_per_step(cfg.replace(remat_policy="minimal"), b, s, t)
+  minimal = flops.executed_flops_per_step(cfg, b, s, t, remat_policy="minimal")
   assert minimal == dense + attention
-  full = flops.executed_flops_per_step(cfg.replace(remat_policy="full"), b, s, t)
+  full = flops.executed_flops_per_step(cfg, b, s, t, remat_policy="full")
   assert full == dense + sum(forward.values()) - forward["lm_head"]

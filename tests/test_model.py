@@ -9,27 +9,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5gemma_jax import config, model
+from t5gemma_jax import config, model, presets
+from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.model import layout
 from tests.helpers.param_counts import expected_param_count
 from tests.helpers.random_params import random_params
 
 
-def _cfg(**options):
-  enc = dataclasses.replace(config.stack_preset("tiny"), num_layers=3, sliding_window=3,
+def _cfg():
+  enc = dataclasses.replace(presets.stack_preset("tiny"), num_layers=3, sliding_window=3,
                             layer_types=None)
-  dec = dataclasses.replace(config.stack_preset("tiny"), num_layers=4, sliding_window=2,
+  dec = dataclasses.replace(presets.stack_preset("tiny"), num_layers=4, sliding_window=2,
                             num_kv_heads=1, layer_types=None)
-  return config.T5GemmaConfig(encoder=enc, decoder=dec, **options)
+  return config.T5GemmaConfig(encoder=enc, decoder=dec)
 
 
-def _init(cfg, seed=0):
-  return random_params(cfg, seed)
+def _init(cfg, seed=0, run=RunOptions()):
+  return random_params(cfg, seed, run=run)
 
 
-def _apply(cfg, params, *args, **kwargs):
+def _apply(cfg, params, *args, run=RunOptions(), **kwargs):
   """Jitted forward pass (op-by-op dispatch is far slower on CPU)."""
-  return jax.jit(lambda p, *a: model.T5Gemma(cfg).apply({"params": p}, *a, **kwargs))(params, *args)
+  net = model.T5Gemma(cfg, run)
+  return jax.jit(lambda p, *a: net.apply({"params": p}, *a, **kwargs))(params, *args)
 
 
 def _batch(seed=0, b=2, s=16, t=10, vocab=2048):
@@ -104,10 +106,10 @@ def _plain_reference():
 def test_scan_and_remat_match_plain_model(scan, remat):
   plain_cfg, params, enc, dec, ref_logits, ref_grads = _plain_reference()
 
-  cfg = plain_cfg.replace(scan_layers=scan, remat_policy=remat)
-  net = model.T5Gemma(cfg)
+  cfg = plain_cfg
+  net = model.T5Gemma(cfg, RunOptions(scan_layers=scan, remat_policy=remat))
   own = jax.eval_shape(lambda: nn.meta.unbox(net.init(jax.random.PRNGKey(0), enc, dec)))["params"]
-  converted = layout.to_layout(params, cfg)
+  converted = layout.to_layout(params, cfg, scan)
   assert jax.tree_util.tree_structure(own) == jax.tree_util.tree_structure(converted)
   (loss, logits), grads = jax.jit(jax.value_and_grad(
       lambda p: _loss(net, p, enc, dec), has_aux=True))(converted)
@@ -119,8 +121,8 @@ def test_scan_and_remat_match_plain_model(scan, remat):
 
 
 def test_layout_round_trip_keeps_every_array():
-  cfg = _cfg(scan_layers=True)
-  params = _init(cfg.replace(scan_layers=False))
+  cfg = _cfg()
+  params = _init(cfg)
   scanned = layout.scan_params(params, cfg)
   assert "layers" in scanned["encoder"] and "layers_2" in scanned["encoder"]  # 3 = 1 pair + 1
   assert scanned["decoder"]["layers"]["block_0"]["mlp"]["up"]["kernel"].shape[0] == 2
@@ -135,7 +137,7 @@ def test_bfloat16_activations_stay_close_to_float32():
   params = _init(cfg)
   enc, dec = _batch()
   ref = np.asarray(_apply(cfg, params, enc, dec))
-  out = _apply(cfg.replace(dtype="bfloat16"), params, enc, dec)
+  out = _apply(cfg, params, enc, dec, run=RunOptions(dtype="bfloat16"))
   assert out.dtype == jnp.float32
   err = np.abs(np.asarray(out) - ref)
   print(f"bf16 vs f32: max abs {err.max():.3e}, mean abs {err.mean():.3e}, "
@@ -149,12 +151,13 @@ def test_dropout_is_active_only_when_not_deterministic():
   base = _cfg()
   enc_cfg = dataclasses.replace(base.encoder, dropout_rate=0.3, attention_dropout=0.2)
   dec_cfg = dataclasses.replace(base.decoder, dropout_rate=0.3, attention_dropout=0.2)
-  cfg = base.replace(encoder=enc_cfg, decoder=dec_cfg, scan_layers=True)
-  net = model.T5Gemma(cfg)
+  cfg = base.replace(encoder=enc_cfg, decoder=dec_cfg)
+  run = RunOptions(scan_layers=True)
+  net = model.T5Gemma(cfg, run)
   enc, dec = _batch()
-  params = _init(cfg)
-  eval_a = _apply(cfg, params, enc, dec)
-  eval_b = _apply(cfg, params, enc, dec)
+  params = _init(cfg, run=run)
+  eval_a = _apply(cfg, params, enc, dec, run=run)
+  eval_b = _apply(cfg, params, enc, dec, run=run)
   np.testing.assert_array_equal(eval_a, eval_b)
 
   @jax.jit
@@ -170,8 +173,9 @@ def test_dropout_is_active_only_when_not_deterministic():
 
 def test_every_parameter_has_logical_axis_names():
   for scan in (False, True):
-    cfg = _cfg(scan_layers=scan)
-    boxed = jax.eval_shape(model.T5Gemma(cfg).init, jax.random.PRNGKey(0), *_batch())["params"]
+    cfg = _cfg()
+    boxed = jax.eval_shape(model.T5Gemma(cfg, RunOptions(scan_layers=scan)).init,
+                           jax.random.PRNGKey(0), *_batch())["params"]
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     known = {"embed", "mlp", "heads", "kv_heads", "head_dim", "vocab", "layers"}
     for leaf in leaves:
@@ -183,10 +187,10 @@ def test_every_parameter_has_logical_axis_names():
 
 # The tiny presets in the quick tier; the released sizes (seconds each to trace) in `make test`.
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n.startswith("tiny") else
-                                               pytest.mark.slow) for n in config.PRESETS])
+                                               pytest.mark.slow) for n in presets.PRESETS])
 def test_every_preset_builds_abstractly(name):
-  cfg = config.preset(name, scan_layers=True)
-  shapes = jax.eval_shape(lambda: model.T5Gemma(cfg).init(
+  cfg = presets.preset(name)
+  shapes = jax.eval_shape(lambda: model.T5Gemma(cfg, RunOptions(scan_layers=True)).init(
       jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32)))
   count = sum(int(np.prod(x.value.shape)) for x in jax.tree_util.tree_leaves(
       shapes, is_leaf=lambda x: isinstance(x, nn.Partitioned)))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from t5gemma_jax import config
+from t5gemma_jax import presets
 from t5gemma_jax.convert import params_checkpoint
 from tests.helpers.random_params import random_params
 
@@ -79,7 +79,7 @@ def runs(tmp_path_factory):
     {processes: (run dir, output file, [per-process report], [per-process log])}.
   """
   base = tmp_path_factory.mktemp("multiprocess")
-  cfg = config.preset("tiny")
+  cfg = presets.preset("tiny")
   params = random_params(cfg, seed=1)
   inputs = base / "inputs.txt"
   inputs.write_text("".join(f"summarize: example number {i} " + "word " * i + "\n"

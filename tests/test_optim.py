@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from t5gemma_jax.config import preset
+from t5gemma_jax.presets import preset
+from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.train import optim
 from tests.helpers.random_params import random_params
 
@@ -22,7 +23,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def scanned_params():
-  return random_params(preset("tiny", scan_layers=True), seed=0)
+  return random_params(preset("tiny"), seed=0, run=RunOptions(scan_layers=True))
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +114,10 @@ def test_groups_scanned_match_unscanned(params, scanned_params):
 
 
 def test_groups_scanned_with_leftover_layer():
-  cfg = preset("tiny", scan_layers=True)
+  cfg = preset("tiny")
   cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, num_layers=3,
                                                              layer_types=None))
-  labels, counts, _ = _group_stats(random_params(cfg))
+  labels, counts, _ = _group_stats(random_params(cfg, run=RunOptions(scan_layers=True)))
   assert labels["decoder/layers_2/post_cross_attn_norm/scale"] == "cross_attention"
   assert labels["decoder/layers_2/mlp/down/kernel"] == "decoder"
   assert counts == {"embeddings": 2, "cross_attention": 18, "encoder": 23, "decoder": 34}

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from t5gemma_jax import config
+from t5gemma_jax import config, presets
+from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.convert import param_schema
 from t5gemma_jax.model import abstract_params, layout
 from t5gemma_jax.train import optim
@@ -17,21 +18,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONVERT = "t5gemma_jax.convert"
 
 
-def _uneven(**options):
+def _uneven():
   """T5Gemma 1 with a narrower 3-layer decoder: cross-attention reads a wider encoder, and the
   scanned decoder (period 2) keeps a leftover layer."""
-  enc = config.stack_preset("tiny")
+  enc = presets.stack_preset("tiny")
   dec = config.ModuleConfig(hidden_size=48, intermediate_size=96, num_layers=3, num_heads=4,
                             num_kv_heads=1, head_dim=8, query_pre_attn_scalar=8,
                             vocab_size=enc.vocab_size, sliding_window=4)
-  return config.T5GemmaConfig(encoder=enc, decoder=dec, **options)
+  return config.T5GemmaConfig(encoder=enc, decoder=dec)
 
 
 CONFIGS = {
-    "t5gemma": lambda scan: config.preset("tiny", scan_layers=scan),
-    "t5gemma_uneven": lambda scan: _uneven(scan_layers=scan),
-    "t5gemma2": lambda scan: config.preset("tiny2", scan_layers=scan),
-    "t5gemma2_shared": lambda scan: config.preset("tiny2", share_blocks=True, scan_layers=scan),
+    "t5gemma": lambda: presets.preset("tiny"),
+    "t5gemma_uneven": _uneven,
+    "t5gemma2": lambda: presets.preset("tiny2"),
+    "t5gemma2_shared": lambda: presets.preset("tiny2").replace(share_blocks=True),
 }
 
 
@@ -50,8 +51,8 @@ def _unrolled(tree, cfg):
 def model(request):
   """(cfg, abstract params) of a randomly initialised model, traced, never allocated."""
   name, scan = request.param
-  cfg = CONFIGS[name](scan)
-  return cfg, abstract_params(cfg, boxed=False)
+  cfg = CONFIGS[name]()
+  return cfg, abstract_params(cfg, RunOptions(scan_layers=scan), boxed=False)
 
 
 def test_schema_covers_exactly_the_models_params(model):
@@ -74,12 +75,13 @@ def test_schema_covers_exactly_the_models_params(model):
 
 
 def test_family_tables():
-  assert param_schema.params_of(config.preset("tiny")) == param_schema.t5gemma_params(
-      config.preset("tiny"))
-  assert param_schema.params_of(config.preset("tiny2")) == param_schema.t5gemma2_params(
-      config.preset("tiny2"))
+  assert param_schema.params_of(presets.preset("tiny")) == param_schema.t5gemma_params(
+      presets.preset("tiny"))
+  assert param_schema.params_of(presets.preset("tiny2")) == param_schema.t5gemma2_params(
+      presets.preset("tiny2"))
   with pytest.raises(ValueError, match="not a T5Gemma 2 config"):
-    param_schema.t5gemma2_params(config.preset("tiny2", cross_attention_layers="global"))
+    param_schema.t5gemma2_params(presets.preset("tiny2").replace(
+        cross_attention_layers="global"))
 
 
 def test_optimizer_groups_come_from_the_schema(model):

@@ -14,7 +14,8 @@ SCRIPT = textwrap.dedent("""
     import flax.linen as nn
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from t5gemma_jax import config, model, sharding
+    from t5gemma_jax import model, presets, sharding
+    from t5gemma_jax.run_options import RunOptions
     from t5gemma_jax.sharding import RULES
 
     assert jax.device_count() == 8
@@ -26,8 +27,8 @@ SCRIPT = textwrap.dedent("""
       return math.prod(mesh.shape[a] for a in names)
 
     for scan in (False, True):
-      cfg = config.preset("tiny", scan_layers=scan, remat_policy="minimal")
-      net = model.T5Gemma(cfg)
+      cfg = presets.preset("tiny")
+      net = model.T5Gemma(cfg, RunOptions(scan_layers=scan, remat_policy="minimal"))
       rng = np.random.default_rng(0)
       enc = rng.integers(3, 2048, (8, 24)).astype(np.int32)
       dec = rng.integers(3, 2048, (8, 12)).astype(np.int32)
@@ -95,11 +96,11 @@ DECODE_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import flax.linen as nn
     import jax, numpy as np
-    from t5gemma_jax import config, decoding, sharding
+    from t5gemma_jax import decoding, presets, sharding
     from t5gemma_jax.model import abstract_params
     from tests.helpers.random_params import random_params
 
-    cfg = config.preset("tiny")
+    cfg = presets.preset("tiny")
     params = random_params(cfg, seed=3)
     rng = np.random.default_rng(0)
     enc = rng.integers(3, 2048, (8, 12)).astype(np.int32)

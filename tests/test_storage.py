@@ -20,7 +20,7 @@ import pytest
 from etils.epath import backend as epath_backend
 from etils.epath import gpath, register
 
-from t5gemma_jax import atomic, config, damaged_checkpoints, run_files, storage
+from t5gemma_jax import atomic, damaged_checkpoints, presets, run_files, storage
 from t5gemma_jax.train.metrics_writer import MetricsWriter
 
 
@@ -85,7 +85,7 @@ def test_a_scheme_without_backend_is_refused():
 
 def test_run_files_and_metrics_in_a_simulated_bucket(store, tmp_path):
   root = str(store / "model_dir")
-  cfg = config.preset("tiny", scan_layers=True)
+  cfg = presets.preset("tiny2")
   run_files.write_model_files(cfg, root)
   assert run_files.read_model_config(root) == cfg
   writer = MetricsWriter(root)

@@ -11,6 +11,7 @@ from t5gemma_jax import decoding, model
 from t5gemma_jax.convert import hf
 from tests.helpers import hf_reference as ref
 from tests.helpers.greedy_checks import assert_greedy_is_teacher_forced
+from tests.helpers.nets import net_for
 
 S, L = "sliding_attention", "full_attention"
 # Encoder: the released 5:1 pattern; decoder: a custom pattern whose period (2) does not divide
@@ -66,7 +67,7 @@ def varied_reference(tmp_path_factory):
 
 
 def _ours(cfg, params):
-  return np.asarray(jax.jit(model.T5Gemma(cfg).apply)({"params": params}, *_batch()))
+  return np.asarray(jax.jit(net_for(cfg, params).apply)({"params": params}, *_batch()))
 
 
 def test_logits_match_transformers(reference):
@@ -242,14 +243,15 @@ def test_presets_and_param_counts():
   two stacks). 1b-1b and 4b-4b are unconfirmed guesses: no published size to pin, so each
   must equal what transformers builds from the same fields and what the fields imply."""
   import flax.linen as nn
-  from t5gemma_jax import config
+  from t5gemma_jax import presets
+  from t5gemma_jax.run_options import RunOptions
   from tests.helpers.param_counts import expected_param_count
   counts = {}
   for name in ("270m-270m", "1b-1b", "4b-4b"):
-    cfg = config.preset(name, scan_layers=True)
+    cfg = presets.preset(name)
     assert cfg.encoder.layer_types[5] == L and cfg.encoder.layer_period == 6
     counts[name] = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(
-        nn.meta.unbox(model.abstract_params(cfg))))
+        nn.meta.unbox(model.abstract_params(cfg, RunOptions(scan_layers=True)))))
     hf_count = _transformers_text_param_count(cfg)
     assert counts[name] == hf_count == expected_param_count(cfg), (name, counts[name], hf_count)
   assert abs(counts["270m-270m"] / 1e9 - 0.37) < 0.01, counts

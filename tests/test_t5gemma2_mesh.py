@@ -12,6 +12,7 @@ import pytest
 
 from t5gemma_jax import evaluation, model, run_files
 from t5gemma_jax.cli import app
+from t5gemma_jax.run_options import RunOptions
 from tests.helpers import hf_reference as ref
 
 pytestmark = pytest.mark.slow  # subprocess runs or long trainings: `make test` only
@@ -23,15 +24,17 @@ EIGHT = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
 STEP_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P
-    from t5gemma_jax import config
+    from t5gemma_jax import presets
+    from t5gemma_jax.run_options import RunOptions
     from tests.helpers.mesh_training import random_batches, train_losses
 
     assert jax.device_count() == 8
     batches = random_batches(2, 40, 24, enc_pad=7, dec_pad=3)
-    run = lambda cfg, ici, devices: train_losses(cfg, batches, ici, devices)[:2]
+    options = RunOptions(scan_layers=True, remat_policy="minimal")
+    run = lambda cfg, ici, devices: train_losses(cfg, batches, ici, devices, options)[:2]
 
     for share in (False, True):
-      cfg = config.preset("tiny2", scan_layers=True, remat_policy="minimal", share_blocks=share)
+      cfg = presets.preset("tiny2").replace(share_blocks=share)
       reference, _ = run(cfg, (1, 1, 1), jax.devices()[:1])
       got, state = run(cfg, (2, 2, 2), jax.devices())
       np.testing.assert_allclose(got, reference, rtol=2e-5)
@@ -73,7 +76,7 @@ def mesh_run(tmp_path_factory):
          f"--gin.MODEL_DIR='{run}'", '--gin.TASK_FEATURE_LENGTHS={"inputs": 96, "targets": 96}',
          "--gin.BATCH_SIZE=8", "--gin.TRAIN_STEPS=3", "--gin.CHECKPOINT_PERIOD=3",
          "--gin.EVAL_PERIOD=0", "--gin.WARMUP_STEPS=1", "--gin.TrainConfig.eval_tasks=()",
-         "--gin.TrainConfig.progress=False", "--gin.preset.scan_layers=True",
+         "--gin.TrainConfig.progress=False", "--gin.RunOptions.scan_layers=True",
          "--gin.MeshConfig.ici=(2, 2, 2)"]
   proc = subprocess.run(cmd, cwd=REPO, env=EIGHT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,7 +90,7 @@ def test_cli_trains_on_the_mesh_and_exports_to_transformers(mesh_run, tmp_path, 
   import transformers
 
   cfg = run_files.read_model_config(mesh_run)
-  assert cfg.scan_layers and cfg.merged_attention and cfg.encoder.layer_period == 6
+  assert cfg.merged_attention and cfg.encoder.layer_period == 6
   losses = [r["loss"] for r in map(__import__("json").loads,
                                    open(os.path.join(mesh_run, "metrics.jsonl")))
             if "loss" in r]
@@ -97,9 +100,11 @@ def test_cli_trains_on_the_mesh_and_exports_to_transformers(mesh_run, tmp_path, 
                     "--verify"]) == 0
   hf_model = transformers.T5Gemma2ForConditionalGeneration.from_pretrained(
       out, dtype=torch.float32, attn_implementation="eager").eval()
-  params = evaluation.load_params(cfg, mesh_run)  # gathered from the (2, 2, 2) shards
+  scanned = RunOptions(scan_layers=True)
+  params = evaluation.load_params(cfg, mesh_run, run=scanned)  # gathered from the shards
+  assert params["encoder"]["layers"]["block_5"]["self_attn"]["q"]["kernel"].shape[0] == 1
   enc, dec = ref.padded_batch(np.random.default_rng(0), 2048, 3, 30, 12)
-  ours = np.asarray(jax.jit(model.T5Gemma(cfg).apply)({"params": params}, enc, dec))
+  ours = np.asarray(jax.jit(model.T5Gemma(cfg, scanned).apply)({"params": params}, enc, dec))
   diff = np.max(np.abs(ours - ref.logits(hf_model, enc, dec))[dec != 0])
   print(f"T5GEMMA2 mesh export: max |logit diff| {diff:.2e}")
   assert diff < 1e-4

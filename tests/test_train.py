@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from t5gemma_jax import checkpoint, config, evaluation
+from t5gemma_jax import checkpoint, evaluation, presets
 from t5gemma_jax.cli import app
 from t5gemma_jax.train import optim, step as step_lib
 from t5gemma_jax.train.losses import LossConfig
@@ -53,7 +53,7 @@ def _one_step(cfg, optimizer, microbatches, batch, params):
 
 
 def test_microbatch_accumulation_equals_the_full_batch():
-  cfg = config.preset("tiny")
+  cfg = presets.preset("tiny")
   params = random_params(cfg, seed=1)
   # Plain SGD with rate 1: the parameter change is the gradient itself, so this compares the
   # accumulated gradients (Adam's first step, ~lr * sign(g), would amplify rounding noise).
@@ -68,7 +68,7 @@ def test_microbatch_accumulation_equals_the_full_batch():
 
 
 def test_frozen_groups_do_not_change():
-  cfg = config.preset("tiny")
+  cfg = presets.preset("tiny")
   params = random_params(cfg, seed=2)
   optimizer = _optimizer(cfg, frozen_groups=("encoder", "decoder", "embeddings"))
   state, _ = _one_step(cfg, optimizer, 1, _batch(1), params)
@@ -112,7 +112,7 @@ def _cli(model_dir, *extra):
 
 
 def _final_params(model_dir):
-  return evaluation.load_params(config.preset("tiny"), str(model_dir))
+  return evaluation.load_params(presets.preset("tiny"), str(model_dir))
 
 
 def _wait_for_checkpoint(model_dir, step, proc, timeout=300):
@@ -213,7 +213,7 @@ def test_misspelt_macro_fails_before_compiling(clean_gin, tmp_path, capsys):
 def test_splash_attention_trains_from_the_cli(clean_gin, tmp_path, capsys):
   """attention_impl='splash' end to end on CPU (Pallas interpret mode): initialisation never
   traces the kernel with one-token inputs and the kernel runs under the training mesh."""
-  argv = ["train", *QUICK, f'--gin.MODEL_DIR="{tmp_path}"', "--gin.preset.attention_impl='splash'",
+  argv = ["train", *QUICK, f'--gin.MODEL_DIR="{tmp_path}"', "--gin.RunOptions.attention_impl='splash'",
           '--gin.TASK_FEATURE_LENGTHS={"inputs": 128, "targets": 128}', "--gin.TRAIN_STEPS=2",
           "--gin.WARMUP_STEPS=1", "--gin.TrainConfig.eval_tasks=()"]
   assert app.main(argv) == 0, capsys.readouterr().err

@@ -18,11 +18,11 @@ SCRIPT = textwrap.dedent("""
     import dataclasses, math
     import jax, numpy as np
     from jax.sharding import PartitionSpec as P
-    from t5gemma_jax import config
+    from t5gemma_jax import config, presets
     from tests.helpers.mesh_training import random_batches, train_losses
 
     # Every sharded dimension divisible by 8: heads, kv heads, mlp, vocab and embed.
-    stack = dataclasses.replace(config.stack_preset("tiny"), num_heads=8, num_kv_heads=8,
+    stack = dataclasses.replace(presets.stack_preset("tiny"), num_heads=8, num_kv_heads=8,
                                 head_dim=8, sliding_window=6)
     cfg = config.T5GemmaConfig(encoder=stack, decoder=stack)
     batches = random_batches(3, 24, 12, enc_pad=5, dec_pad=3)

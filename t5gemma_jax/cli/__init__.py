@@ -1,6 +1,6 @@
 """The `t5gemma` command line, gin at the edge; `python -m t5gemma_jax.cli` is the same.
 
-  t5gemma <command> --gin_file=models/tiny.gin --gin.preset.dtype='"bfloat16"'
+  t5gemma <command> --gin_file=models/tiny.gin --gin.RunOptions.dtype='"bfloat16"'
 
 - `app`: the command table, argument parsing and `main`.
 - `gin_setup`: which configurables gin may bind, gin file lookup, `--gin.NAME=VALUE` bindings.

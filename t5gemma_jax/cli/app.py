@@ -1,6 +1,6 @@
 """The `t5gemma` command table, argument parsing and `main`.
 
-  t5gemma <command> --gin_file=models/tiny.gin --gin.preset.dtype='"bfloat16"'
+  t5gemma <command> --gin_file=models/tiny.gin --gin.RunOptions.dtype='"bfloat16"'
 
 Gin files are looked up as given, then under `--gin_search_path` folders, then the
 repository's `gin/` folder.

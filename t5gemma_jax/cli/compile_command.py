@@ -1,7 +1,7 @@
 """`t5gemma compile`: the run's train and decode steps through the TPU compiler, on this host.
 
   t5gemma compile --topology=v5p-64 --gin_file=runs/pretrain.gin --gin_file=models/2b-2b.gin \\
-      --gin.preset.scan_layers=True --gin.BATCH_SIZE=256
+      --gin.RunOptions.scan_layers=True --gin.BATCH_SIZE=256
 
 Takes the same gin files and overrides as `train` (so it checks the run you will launch) and
 needs no TPU, data or checkpoint, only libtpu. Prints a table, then one JSON object as the last

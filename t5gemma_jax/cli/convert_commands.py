@@ -99,9 +99,10 @@ def export(args: argparse.Namespace) -> int:
 def import_hf(args: argparse.Namespace) -> int:
   """A Hugging Face T5Gemma folder -> a run directory (params-only step 0)."""
   from t5gemma_jax.convert import hf_checkpoint
-  cfg = hf_checkpoint.import_hf(args.hf_dir, args.output_dir, scan_layers=args.scan_layers,
-                                param_dtype=args.param_dtype, overwrite=args.overwrite)
-  _print_run(args.output_dir, cfg)
+  cfg, dtype = hf_checkpoint.import_hf(args.hf_dir, args.output_dir,
+                                       scan_layers=args.scan_layers,
+                                       param_dtype=args.param_dtype, overwrite=args.overwrite)
+  _print_run(args.output_dir, cfg, dtype)
   return 0
 
 
@@ -129,15 +130,16 @@ def adapt(args: argparse.Namespace) -> int:
         args.decoder_only, args.decoder_from, seed=args.seed, param_dtype=args.param_dtype,
         cross_attention=args.cross_attention, scan_layers=args.scan_layers)
   params_checkpoint.save_params(params, cfg, args.output_dir, overwrite=args.overwrite)
-  _print_run(args.output_dir, cfg)
+  import jax
+  _print_run(args.output_dir, cfg, str(jax.tree_util.tree_leaves(params)[0].dtype))
   return 0
 
 
-def _print_run(out: str, cfg) -> None:
+def _print_run(out: str, cfg, dtype: str) -> None:
   from t5gemma_jax import run_files
   gin_file = os.path.join(out, run_files.MODEL_GIN)
   print(f"wrote {out} ({cfg.encoder.num_layers}+{cfg.decoder.num_layers} layers, "
-        f"{cfg.param_dtype})\n"
+        f"{dtype})\n"
         f"  fine-tune: t5gemma train --gin_file=runs/finetune.gin --gin_file={gin_file} "
         f"--gin.INIT_FROM='\"{out}\"' --gin.MODEL_DIR=...\n"
         f"  decode:    t5gemma infer --gin_file=runs/infer.gin --gin_file={gin_file} "

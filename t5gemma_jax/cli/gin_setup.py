@@ -12,32 +12,35 @@ import difflib
 import logging
 import os
 import re
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import gin
 
-from t5gemma_jax import config
+from t5gemma_jax import config, presets, run_options as run_options_lib
 
 # gin files ship beside the package's sources in a checkout (the repository's `gin/`).
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "gin")
 RUN_COMMANDS = ("train", "compile", "infer", "eval")
 
-gin.external_configurable(config.preset, "preset")
-gin.external_configurable(config.stack_preset, "stack_preset")
+gin.external_configurable(presets.preset, "preset")
+gin.external_configurable(presets.stack_preset, "stack_preset")
 gin.external_configurable(config.ModuleConfig, "ModuleConfig")
 gin.external_configurable(config.T5GemmaConfig, "T5GemmaConfig")
-_registered: set[str] = set()
+# The wrapper applies `RunOptions.*` bindings when called (`@RunOptions()` in the run files).
+_BoundRunOptions = gin.external_configurable(run_options_lib.RunOptions, "RunOptions")
+_registered: dict[str, object] = {}
 
 
-def _register_file_task() -> None:
-  """`file_task` (gin files reference it) loads seqio and TensorFlow: registered when the first
-  gin file is read, after `backends.quiet_start`, not when the CLI is imported."""
-  if "file_task" in _registered:
+def _register_data_configurables() -> None:
+  """`file_task` and `data_settings` (the `tasks.DataSettings` dataclass itself) load seqio
+  and TensorFlow: registered when the first gin file is read, after `backends.quiet_start`,
+  not when the CLI is imported."""
+  if "data" in _registered:
     return
-  from t5gemma_jax.tasks import files
+  from t5gemma_jax.tasks import files, settings
   gin.external_configurable(files.file_task, "file_task")
-  _registered.add("file_task")
+  _registered["data"] = gin.external_configurable(settings.DataSettings, "data_settings")
 
 
 def _register_run_configurables() -> None:
@@ -52,7 +55,7 @@ def _register_run_configurables() -> None:
                     (sharding.MeshConfig, "MeshConfig"), (evaluation.DecodeConfig, "DecodeConfig"),
                     (evaluation.InferConfig, "InferConfig"), (evaluation.EvalConfig, "EvalConfig")):
     gin.external_configurable(cls, name)
-  _registered.add("run")
+  _registered["run"] = True
 
 
 @gin.configurable
@@ -70,6 +73,11 @@ def bound_model() -> Optional[config.T5GemmaConfig]:
   except ValueError:
     return None
   return model_config()
+
+
+def run_options() -> run_options_lib.RunOptions:
+  """`RunOptions` with the `RunOptions.*` bindings applied (the defaults when there are none)."""
+  return _BoundRunOptions()
 
 
 @gin.configurable
@@ -91,18 +99,6 @@ def infer_config(cfg=gin.REQUIRED):
 def eval_config(cfg=gin.REQUIRED):
   """`t5gemma eval` runs this; gin binds `eval_config.cfg = @EvalConfig()`."""
   return cfg
-
-
-@gin.configurable
-def data_settings(gemma_tokenizer: Optional[str] = None, builtin_vocab_size: int = 2048,
-                  builtin_sentinels: int = 128,
-                  builtin_mixture_rates: Optional[Mapping[str, float]] = None,
-                  c4_pretrain_rates: Optional[Mapping[str, float]] = None,
-                  user_tasks: Sequence[str] = ()):
-  """The bound `tasks.DataSettings` (see there); the CLI passes it to `tasks.configure`."""
-  from t5gemma_jax import tasks
-  return tasks.DataSettings(gemma_tokenizer, builtin_vocab_size, builtin_sentinels,
-                            builtin_mixture_rates, c4_pretrain_rates, tuple(user_tasks))
 
 
 def parse_bindings(flags: Sequence[str]) -> list[str]:
@@ -163,7 +159,7 @@ def load(command: str, gin_files: Sequence[str], bindings: Sequence[str],
     ValueError: a gin file or binding gin rejects, naming it; a macro binding no file defines.
   """
   gin.clear_config()  # each command starts from its own files (main may run twice in-process)
-  _register_file_task()
+  _register_data_configurables()
   if command in RUN_COMMANDS:
     _register_run_configurables()
   search = [".", *search_paths, GIN_DIR]
@@ -194,7 +190,10 @@ def load(command: str, gin_files: Sequence[str], bindings: Sequence[str],
 def apply_data_settings():
   """Builds `tasks.DataSettings` from the bound `data_settings.*`, configures the tasks with
   it and returns it."""
+  import dataclasses
   from t5gemma_jax import tasks
-  settings = data_settings()
+  _register_data_configurables()
+  settings = _registered["data"]()  # the gin wrapper applies the data_settings.* bindings
+  settings = dataclasses.replace(settings, user_tasks=tuple(settings.user_tasks))
   tasks.configure(settings)
   return settings

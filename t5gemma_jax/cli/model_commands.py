@@ -22,12 +22,14 @@ def count_params(cfg: config.T5GemmaConfig) -> dict[str, int]:
 
 
 def show_config(args: argparse.Namespace) -> int:
-  """Prints the bound model config and its parameter counts as JSON."""
+  """Prints the bound architecture, the bound run options and the parameter counts as JSON."""
   del args
   cfg = gin_setup.model_config()
   counts = count_params(cfg)
   counts["total"] = counts["encoder"] + counts["decoder"]
-  print(json.dumps({"config": dataclasses.asdict(cfg), "parameters": counts}, indent=2))
+  run = gin_setup.run_options().check(cfg)
+  print(json.dumps({"config": dataclasses.asdict(cfg), "run_options": dataclasses.asdict(run),
+                    "parameters": counts}, indent=2))
   return 0
 
 

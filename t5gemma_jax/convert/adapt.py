@@ -27,7 +27,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from t5gemma_jax.config import DTYPES, ModuleConfig, T5GemmaConfig
+from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
+from t5gemma_jax.run_options import DTYPES
 from t5gemma_jax.convert import hf_gemma_config, hf_reader, param_schema, safetensors_io
 from t5gemma_jax.convert.hf_config import CONFIG_NAME
 from t5gemma_jax.model import layout
@@ -72,7 +73,7 @@ class Source:
 
 def from_gemma2(decoder_only: str, decoder_from: Optional[str] = None, *, seed: int = 0,
                 param_dtype: Optional[str] = None, cross_attention: str = "auto",
-                **options) -> tuple[Params, T5GemmaConfig]:
+                scan_layers: bool = False) -> tuple[Params, T5GemmaConfig]:
   """Builds encoder-decoder params from one or two Gemma 2 decoder-only checkpoints.
 
   Args:
@@ -85,25 +86,19 @@ def from_gemma2(decoder_only: str, decoder_from: Optional[str] = None, *, seed: 
     cross_attention: "copy" (from the decoder's self-attention; needs equal encoder and decoder
       widths), "random", or "auto" (copy when the widths match, else random). The cross
       projections always use the decoder's head layout, so the widths are the only constraint.
-    **options: run-time T5GemmaConfig fields (dtype, scan_layers, remat_policy).
+    scan_layers: return the scanned layout (`RunOptions.scan_layers`).
 
   Returns:
-    (params, cfg): numpy params in the layout `cfg.scan_layers` asks for, and the config.
+    (params, cfg): numpy params in the layout asked for, and the architecture.
 
   Raises:
     FileNotFoundError: a folder, its config.json or its safetensors files are missing.
     ValueError: not a Gemma 2 checkpoint, vocabularies differ, tensors missing, unexpected or
-      mis-shaped, an untied LM head, or bad options.
+      mis-shaped, or an untied LM head.
   """
   if cross_attention not in CROSS_ATTENTION_MODES:
     raise ValueError(f"from_gemma2: cross_attention must be one of {CROSS_ATTENTION_MODES}, "
                      f"got {cross_attention!r}")
-  allowed = [f.name for f in dataclasses.fields(T5GemmaConfig)
-             if f.name not in ("encoder", "decoder", "param_dtype")]
-  unknown = sorted(set(options) - set(allowed))
-  if unknown:
-    raise ValueError(f"from_gemma2: unknown option(s) {unknown}; options are {allowed} "
-                     "(plus param_dtype, seed, cross_attention)")
 
   enc = _open(decoder_only)
   same = decoder_from is None or os.path.realpath(decoder_from) == os.path.realpath(decoder_only)
@@ -120,8 +115,7 @@ def from_gemma2(decoder_only: str, decoder_from: Optional[str] = None, *, seed: 
   if param_dtype is None:
     param_dtype = hf_reader.default_param_dtype(
         *[s.tensors for s in {id(enc): enc, id(dec): dec}.values()])
-  cfg = T5GemmaConfig(encoder=enc.module, decoder=dec.module, param_dtype=param_dtype,
-                      **special, **options)
+  cfg = T5GemmaConfig(encoder=enc.module, decoder=dec.module, **special)
 
   mode = cross_attention
   if mode == "auto":
@@ -147,7 +141,7 @@ def from_gemma2(decoder_only: str, decoder_from: Optional[str] = None, *, seed: 
   if dec is not enc:
     _check_complete(dec)
   check_tied_head(dec)
-  return layout.to_layout(params, cfg), cfg
+  return layout.to_layout(params, cfg, scan_layers), cfg
 
 
 def read_config(path: str) -> tuple[str, dict]:

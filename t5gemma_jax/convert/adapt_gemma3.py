@@ -26,7 +26,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from t5gemma_jax.config import DTYPES, FULL, SLIDING, T5GEMMA2_EOI_ID, T5GemmaConfig
+from t5gemma_jax.config import FULL, SLIDING, T5GemmaConfig
+from t5gemma_jax.presets import T5GEMMA2_EOI_ID
+from t5gemma_jax.run_options import DTYPES
 from t5gemma_jax.convert import adapt, hf_gemma_config, hf_reader, param_schema, safetensors_io
 from t5gemma_jax.model import layout
 
@@ -55,12 +57,12 @@ def from_gemma3(decoder_only: str, *, eoi_id: int = T5GEMMA2_EOI_ID,
       the vocabulary.
     param_dtype: dtype name of the returned params; default the dtype stored in the files,
       float32 when they mix dtypes.
-    scan_layers: return the scanned layout (and a config that says so).
+    scan_layers: return the scanned layout (`RunOptions.scan_layers`).
     seed: unused, since every T5Gemma 2 weight has a Gemma 3 source; accepted so callers can
       pass `from_gemma2`'s options unchanged.
 
   Returns:
-    (params, cfg): numpy params in the layout `cfg.scan_layers` asks for, and the config.
+    (params, cfg): numpy params in the layout asked for, and the architecture.
     Encoder and decoder layers hold the same (read-only by convention) numpy arrays: nothing is
     copied twice, so copy a leaf before changing it in place.
 
@@ -85,8 +87,8 @@ def from_gemma3(decoder_only: str, *, eoi_id: int = T5GEMMA2_EOI_ID,
     param_dtype = hf_reader.default_param_dtype(src.tensors)
   ids = {ours: hf_gemma_config.first_id(_field(key, text, hf_config, default))
          for ours, key, default in adapt.SPECIAL_IDS}
-  cfg = T5GemmaConfig(encoder=module, decoder=module, param_dtype=param_dtype,
-                      scan_layers=scan_layers, merged_attention=True, shared_embedding=True,
+  cfg = T5GemmaConfig(encoder=module, decoder=module, merged_attention=True,
+                      shared_embedding=True,
                       eoi_id=eoi_id, **ids)
 
   target = DTYPES[param_dtype]
@@ -109,7 +111,7 @@ def from_gemma3(decoder_only: str, *, eoi_id: int = T5GEMMA2_EOI_ID,
   # HF Gemma 3 scales rows by sqrt(d) cast to float32, then to the weight dtype.
   scale = np.float32(math.sqrt(module.hidden_size)).astype(target)
   embedder["eoi_embedding"] = embedder["embedding"][eoi_id] * scale
-  return layout.to_layout(params, cfg), cfg
+  return layout.to_layout(params, cfg, scan_layers), cfg
 
 
 def _text_config(hf_config: dict, config_path: str) -> tuple[dict, str]:

@@ -9,8 +9,7 @@ the decoder embedding and is neither stored nor expected.
 
 The pieces, each importing only those below it: `param_schema` (which tensors, their names and
 layouts), `hf_config` / `hf_t5gemma2` / `hf_gemma_config` (config.json), `hf_reader` and
-`hf_writer` (tensors <-> params). This module joins them into whole-folder calls, and re-exports
-the config functions under their long-standing names.
+`hf_writer` (tensors <-> params). This module joins them into whole-folder calls.
 """
 
 from __future__ import annotations
@@ -19,50 +18,48 @@ import json
 import os
 from typing import Any, Optional
 
+import numpy as np
+
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.convert import hf_config, hf_reader, hf_t5gemma2, hf_writer, safetensors_io
-# Public names of this module since before the split; callers keep using `hf.<name>`.
-from t5gemma_jax.convert.hf_config import CONFIG_NAME, config_from_hf, config_to_hf
-from t5gemma_jax.convert.hf_gemma_config import check_supported
-from t5gemma_jax.convert.safetensors_io import INDEX_FILE, SINGLE_FILE
 from t5gemma_jax.model import layout
+from t5gemma_jax.run_options import DTYPES
 
-__all__ = ["CONFIG_NAME", "INDEX_FILE", "SINGLE_FILE", "check_supported", "config_from_hf",
-           "config_to_hf", "load", "save"]
 Params = dict[str, Any]
 
 
 # --------------------------------------------------------------------------------- load
 
 
-def load(path: str, **options) -> tuple[Params, T5GemmaConfig]:
+def load(path: str, *, param_dtype: Optional[str] = None,
+         scan_layers: bool = False) -> tuple[Params, T5GemmaConfig]:
   """Reads an HF T5Gemma folder into our params and config.
 
   Args:
     path: folder with config.json and model.safetensors (or shards + index).
-    **options: run-time T5GemmaConfig fields; `scan_layers=True` returns scanned params and
-      `param_dtype` casts them (default: the dtype stored in the files).
+    param_dtype: the dtype name of the returned params (default: the dtype stored in the
+      files; float32 when they mix dtypes).
+    scan_layers: return the scanned layout (`RunOptions.scan_layers`).
 
   Returns:
-    (params, cfg): a nested dict of numpy arrays and the config.
+    (params, cfg): a nested dict of numpy arrays and the architecture.
   """
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint folder not found: {path}")
-  config_path = os.path.join(path, CONFIG_NAME)
+  config_path = os.path.join(path, hf_config.CONFIG_NAME)
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
+    raise FileNotFoundError(f"no {hf_config.CONFIG_NAME} in {path}")
   with open(config_path) as f:
     hf_json = json.load(f)
   cfg = hf_config.config_from_hf(hf_json, config_path)
   tensors = safetensors_io.read_folder(path)
-  if hf_t5gemma2.matches(cfg):
+  if cfg.family == "t5gemma2":
     tensors = hf_t5gemma2.text_tensors(tensors, path)
-  param_dtype = options.pop("param_dtype", None)
   if param_dtype is None:
     param_dtype = hf_reader.default_param_dtype(tensors)
-  cfg = cfg.replace(param_dtype=param_dtype, **options)
-  params = hf_reader.read_params(tensors, cfg, folder=path, config_path=config_path)
-  return layout.to_layout(params, cfg), cfg
+  params = hf_reader.read_params(tensors, cfg, param_dtype, folder=path,
+                                 config_path=config_path)
+  return layout.to_layout(params, cfg, scan_layers), cfg
 
 
 # --------------------------------------------------------------------------------- save
@@ -83,7 +80,7 @@ def save(params: Params, cfg: T5GemmaConfig, path: str, *, dtype: Optional[str] 
       leaf at a time).
     cfg: the model config.
     path: destination folder; must be empty or absent unless `overwrite`.
-    dtype: stored dtype name (default `cfg.param_dtype`).
+    dtype: stored dtype name; default the params' own (float32 when they mix dtypes).
     overwrite: replace a non-empty `path`.
     max_shard_bytes: largest safetensors file.
     vocabulary: a seqio SentencePieceVocabulary whose tokenizer files to include.
@@ -96,5 +93,8 @@ def save(params: Params, cfg: T5GemmaConfig, path: str, *, dtype: Optional[str] 
       from t5gemma_jax.convert import tokenizer_files
       tokenizer_files.write_tokenizer_files(vocabulary, writer.tmp)
 
-  hf_writer.write_folder(cfg, path, dtype or cfg.param_dtype, fill, overwrite=overwrite,
+  if dtype is None:
+    stored = {str(np.dtype(leaf.dtype)) for _, leaf in hf_writer.leaves_of(params)}
+    dtype = stored.pop() if len(stored) == 1 and stored <= set(DTYPES) else "float32"
+  hf_writer.write_folder(cfg, path, dtype, fill, overwrite=overwrite,
                          max_shard_bytes=max_shard_bytes)

@@ -16,7 +16,8 @@ from typing import Any, Optional
 import numpy as np
 
 from t5gemma_jax import run_files
-from t5gemma_jax.config import DTYPES, T5GemmaConfig
+from t5gemma_jax.config import T5GemmaConfig
+from t5gemma_jax.run_options import DTYPES, RunOptions
 from t5gemma_jax.convert import hf, hf_t5gemma2, hf_writer, params_checkpoint
 from t5gemma_jax.model import abstract_params, layout
 
@@ -29,9 +30,11 @@ def checkpoint_config(step_dir: str, cfg: Optional[T5GemmaConfig] = None,
 
   Args:
     step_dir: the step directory.
-    cfg: the model config; None reads the run's `model_config.json`. Its layout is replaced
-      by the layout found in the checkpoint.
+    cfg: the architecture; None reads the run's `model_config.json`.
     metadata: `params_checkpoint.param_metadata(step_dir)`, when already read.
+
+  Returns:
+    The architecture; the checkpoint's layout is `params_checkpoint.is_scanned(metadata)`.
   """
   source = "the given model config"
   if cfg is None:
@@ -39,9 +42,9 @@ def checkpoint_config(step_dir: str, cfg: Optional[T5GemmaConfig] = None,
     cfg = run_files.read_model_config(run_dir)
     source = os.path.join(run_dir, run_files.MODEL_CONFIG)
   metadata = metadata if metadata is not None else params_checkpoint.param_metadata(step_dir)
-  cfg = cfg.replace(scan_layers=params_checkpoint.is_scanned(metadata))
-  expected = {p: tuple(a.shape) for p, a in hf_writer.leaves_of(abstract_params(cfg,
-                                                                               boxed=False))}
+  stored = RunOptions(scan_layers=params_checkpoint.is_scanned(metadata))
+  expected = {p: tuple(a.shape)
+              for p, a in hf_writer.leaves_of(abstract_params(cfg, stored, boxed=False))}
   saved = {p: shape for p, (shape, _) in metadata.items()}
   problems = [f"{'/'.join(p)}: not in the checkpoint" for p in sorted(set(expected) - set(saved))]
   problems += [f"{'/'.join(p)}: not in the model" for p in sorted(set(saved) - set(expected))]
@@ -88,7 +91,7 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, *,
                        "one with --dtype")
     dtype = _DTYPE_NAMES[stored.pop()]
   report = {"step_dir": step_dir, "output_dir": output_dir, "dtype": dtype,
-            "scanned": cfg.scan_layers,
+            "scanned": params_checkpoint.is_scanned(metadata),
             "parameters": int(sum(np.prod(s) for s, _ in metadata.values()))}
 
   def fill(writer: hf_writer.FolderWriter) -> None:
@@ -109,7 +112,7 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, *,
       # What the folder holds: the checkpoint's values rounded to the exported dtype.
       node[path[-1]] = array.astype(DTYPES[dtype]).astype(np.float32)
     report["max_abs_logit_diff"] = compare_with_transformers(
-        folder, params, cfg.replace(param_dtype="float32", dtype="float32"), tolerance)
+        folder, params, cfg, tolerance)
 
   hf_writer.write_folder(cfg, output_dir, dtype, fill, overwrite=overwrite,
                          max_shard_bytes=max_shard_bytes, check=check if verify else None)
@@ -121,7 +124,8 @@ def compare_with_transformers(folder: str, params: Any, cfg: T5GemmaConfig,
   """Max |logit difference| between transformers on `folder` and our model on `params`.
 
   Both run in float32 on the same random, partly padded token rows; transformers loads the
-  folder strictly (a missing, unexpected or mismatched tensor is an error).
+  folder strictly (a missing, unexpected or mismatched tensor is an error). `params` may be in
+  either layout (float32 or not: they are computed in float32).
 
   Raises:
     ImportError: transformers (or torch) is not installed.
@@ -134,9 +138,9 @@ def compare_with_transformers(folder: str, params: Any, cfg: T5GemmaConfig,
     raise ImportError(f"--verify needs torch and transformers installed ({e})") from None
   import jax
   import jax.numpy as jnp
-  from t5gemma_jax.model import T5Gemma
+  from t5gemma_jax.model import T5Gemma, layout
 
-  t5gemma2 = hf_t5gemma2.matches(cfg)
+  t5gemma2 = cfg.family == "t5gemma2"
   cls = (transformers.T5Gemma2ForConditionalGeneration if t5gemma2
          else transformers.T5GemmaForConditionalGeneration)
   # Its load report would list every (expected) missing vision key; we check `info` ourselves.
@@ -167,8 +171,9 @@ def compare_with_transformers(folder: str, params: Any, cfg: T5GemmaConfig,
                           ).logits.float().numpy()
   del model
   with jax.default_matmul_precision("highest"):
-    ours = np.asarray(jax.jit(T5Gemma(cfg).apply)({"params": params}, jnp.asarray(enc),
-                                                  jnp.asarray(dec)))
+    net = T5Gemma(cfg, RunOptions(scan_layers=layout.is_scanned(params)))
+    ours = np.asarray(jax.jit(net.apply)({"params": params}, jnp.asarray(enc),
+                                         jnp.asarray(dec)))
   real = dec != cfg.pad_id  # padded decoder positions are not compared
   diff = float(np.max(np.abs(ours - theirs)[real]))
   logging.info("verify: max |logit diff| %.3g over %d positions", diff, int(real.sum()))
@@ -179,7 +184,8 @@ def compare_with_transformers(folder: str, params: Any, cfg: T5GemmaConfig,
 
 
 def import_hf(hf_dir: str, output_dir: str, *, scan_layers: bool = False,
-              param_dtype: Optional[str] = None, overwrite: bool = False) -> T5GemmaConfig:
+              param_dtype: Optional[str] = None,
+              overwrite: bool = False) -> tuple[T5GemmaConfig, str]:
   """A Hugging Face T5Gemma folder -> a run directory with a params-only step 0.
 
   `train` fine-tunes from it with `TrainConfig.init_from=output_dir`; `infer` and `eval`
@@ -193,12 +199,9 @@ def import_hf(hf_dir: str, output_dir: str, *, scan_layers: bool = False,
     overwrite: replace a non-empty `output_dir`.
 
   Returns:
-    The model config (with `scan_layers` and `param_dtype` as stored).
+    (the architecture, the stored dtype name).
   """
   hf_writer.check_destination(output_dir, overwrite)
-  options = {"scan_layers": scan_layers}
-  if param_dtype is not None:
-    options["param_dtype"] = param_dtype
-  params, cfg = hf.load(hf_dir, **options)
+  params, cfg = hf.load(hf_dir, param_dtype=param_dtype, scan_layers=scan_layers)
   params_checkpoint.save_params(params, cfg, output_dir, overwrite=overwrite)
-  return cfg
+  return cfg, _DTYPE_NAMES[np.dtype(next(iter(hf_writer.leaves_of(params)))[1].dtype)]

@@ -10,17 +10,17 @@ from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
 from t5gemma_jax.convert import hf_gemma_config, hf_t5gemma2
 
 CONFIG_NAME = "config.json"
-# Our param_dtype -> the "dtype" field transformers reads (the same spelling today).
+# Our dtype names (`RunOptions.param_dtype`) -> the "dtype" field transformers reads (the same
+# spelling today).
 HF_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def config_from_hf(hf: dict, source: str = CONFIG_NAME, **options) -> T5GemmaConfig:
+def config_from_hf(hf: dict, source: str = CONFIG_NAME) -> T5GemmaConfig:
   """Builds a `T5GemmaConfig` from an HF T5Gemma (or T5Gemma 2) config dict.
 
   Args:
     hf: the parsed config.json.
     source: where it came from, for error messages.
-    **options: run-time fields of T5GemmaConfig (dtype, param_dtype, scan_layers, remat_policy).
 
   Returns:
     The config.
@@ -31,7 +31,7 @@ def config_from_hf(hf: dict, source: str = CONFIG_NAME, **options) -> T5GemmaCon
   """
   model_type = hf.get("model_type")
   if model_type == hf_t5gemma2.MODEL_TYPE:
-    return hf_t5gemma2.config_from_hf(hf, source, **options)
+    return hf_t5gemma2.config_from_hf(hf, source)
   if model_type != "t5gemma":
     hint = (" (a decoder-only Gemma checkpoint: adapt it to an encoder-decoder first)"
             if isinstance(model_type, str) and model_type.startswith("gemma") else "")
@@ -45,15 +45,16 @@ def config_from_hf(hf: dict, source: str = CONFIG_NAME, **options) -> T5GemmaCon
   return T5GemmaConfig(encoder=stacks["encoder"], decoder=stacks["decoder"],
                        pad_id=int(hf.get("pad_token_id", 0)),
                        eos_id=hf_gemma_config.first_id(hf.get("eos_token_id", 1)),
-                       bos_id=int(hf.get("bos_token_id", 2)), **options)
+                       bos_id=int(hf.get("bos_token_id", 2)))
 
 
-def config_to_hf(cfg: T5GemmaConfig) -> dict:
+def config_to_hf(cfg: T5GemmaConfig, dtype: str = "float32") -> dict:
   """The config.json dict that transformers' T5GemmaConfig (or T5Gemma2Config) reads back into
   the same model.
 
   Args:
     cfg: our config.
+    dtype: the stored parameters' dtype name (config.json's "dtype").
 
   Returns:
     The JSON-ready dict.
@@ -62,9 +63,9 @@ def config_to_hf(cfg: T5GemmaConfig) -> dict:
     ValueError: `cfg` has no transformers counterpart (T5Gemma 2 features in a T5Gemma 1
       model, cross-attention on some layers only, different dropout per stack).
   """
-  if hf_t5gemma2.matches(cfg):
-    return hf_t5gemma2.config_to_hf(cfg, HF_DTYPE[cfg.param_dtype])
-  if cfg.is_t5gemma2:
+  if cfg.family == "t5gemma2":
+    return hf_t5gemma2.config_to_hf(cfg, HF_DTYPE[dtype])
+  if cfg.has_t5gemma2_features:
     raise ValueError("this config mixes T5Gemma 2 features (qk_norm, two RoPE tables, eoi_id) "
                      "into a T5Gemma 1 model; transformers has no such architecture")
   if cfg.cross_attention_layers != "all":
@@ -101,5 +102,5 @@ def config_to_hf(cfg: T5GemmaConfig) -> dict:
       "decoder": module(cfg.decoder, True), "dropout_rate": cfg.decoder.dropout_rate,
       "attention_dropout": cfg.decoder.attention_dropout, "classifier_dropout_rate": 0.0,
       "tie_word_embeddings": True, "vocab_size": cfg.vocab_size, "pad_token_id": cfg.pad_id,
-      "eos_token_id": cfg.eos_id, "bos_token_id": cfg.bos_id, "dtype": HF_DTYPE[cfg.param_dtype],
+      "eos_token_id": cfg.eos_id, "bos_token_id": cfg.bos_id, "dtype": HF_DTYPE[dtype],
   }

@@ -11,7 +11,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
-from t5gemma_jax.config import DTYPES, T5GemmaConfig
+from t5gemma_jax.config import T5GemmaConfig
+from t5gemma_jax.run_options import DTYPES
 from t5gemma_jax.convert import param_schema
 
 Params = dict[str, Any]
@@ -60,13 +61,14 @@ def take(tensors: Tensors, name: str, param: param_schema.Param,
   return param_schema.from_hf(param.kind, w, param.shape)
 
 
-def read_params(tensors: Tensors, cfg: T5GemmaConfig, *, folder: str,
+def read_params(tensors: Tensors, cfg: T5GemmaConfig, param_dtype: str, *, folder: str,
                 config_path: str) -> Params:
   """Every parameter of `cfg`'s schema, read from a T5Gemma or T5Gemma 2 folder's tensors.
 
   Args:
     tensors: the folder's tensors (T5Gemma 2's already reduced to text, short names).
-    cfg: the model config; `cfg.param_dtype` is the dtype of the result.
+    cfg: the architecture.
+    param_dtype: the dtype name of the result.
     folder, config_path: the folder and its config.json, for error messages.
 
   Returns:
@@ -75,7 +77,7 @@ def read_params(tensors: Tensors, cfg: T5GemmaConfig, *, folder: str,
   Raises:
     ValueError: a tensor missing, unexpected (tied names excepted) or mis-shaped.
   """
-  target = DTYPES[cfg.param_dtype]
+  target = DTYPES[param_dtype]
   params: Params = {}
   expected = set()
   for p in param_schema.params_of(cfg):

@@ -33,11 +33,6 @@ _PLACEHOLDER_MM_TOKENS = 4  # (28 / 14)^2 patches pooled to 2 x 2 tokens
 log = logging.getLogger(__name__)
 
 
-def matches(cfg: T5GemmaConfig) -> bool:
-  """Whether `cfg` is stored in the T5Gemma 2 format (merged attention, one shared table)."""
-  return cfg.merged_attention or cfg.shared_embedding
-
-
 def check(cfg: T5GemmaConfig) -> None:
   """Raises unless transformers' T5Gemma 2 can express `cfg` exactly."""
   problems = []
@@ -61,7 +56,7 @@ def check(cfg: T5GemmaConfig) -> None:
 # ----------------------------------------------------------------------------------- config
 
 
-def config_from_hf(hf: dict, source: str, **options) -> T5GemmaConfig:
+def config_from_hf(hf: dict, source: str) -> T5GemmaConfig:
   """Builds our config from a transformers `T5Gemma2Config` dict (model_type "t5gemma2")."""
   enc = hf.get("encoder")
   if not isinstance(enc, dict) or not isinstance(enc.get("text_config", {}), dict):
@@ -80,7 +75,7 @@ def config_from_hf(hf: dict, source: str, **options) -> T5GemmaConfig:
   return T5GemmaConfig(**stacks, pad_id=int(ids["pad_token_id"]),
                        eos_id=hf_gemma_config.first_id(ids["eos_token_id"]),
                        bos_id=int(ids["bos_token_id"]), merged_attention=True,
-                       shared_embedding=True, eoi_id=int(eoi), **options)
+                       shared_embedding=True, eoi_id=int(eoi))
 
 
 def config_to_hf(cfg: T5GemmaConfig, dtype: str) -> dict:

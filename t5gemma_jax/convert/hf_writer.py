@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import jax
 import numpy as np
 
-from t5gemma_jax.config import DTYPES, T5GemmaConfig
+from t5gemma_jax.config import T5GemmaConfig
+from t5gemma_jax.run_options import DTYPES
 from t5gemma_jax.convert import hf_config, param_schema, safetensors_io
 from t5gemma_jax.model import layout
 
@@ -58,7 +59,7 @@ class FolderWriter:
     if dtype not in DTYPES:
       raise ValueError(f"export dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     check_destination(path, overwrite)
-    self.cfg, self.path = cfg.replace(param_dtype=dtype), path
+    self.cfg, self.path, self.dtype = cfg, path, dtype
     np_dtype = np.dtype(DTYPES[dtype])
     # our unrolled path -> [Param]: several names when blocks are shared
     self._targets = {}
@@ -116,7 +117,7 @@ class FolderWriter:
       weight_map = {name: fname for name, (fname, _) in sorted(self._file_of.items())}
       self.add_json(safetensors_io.INDEX_FILE, {"metadata": {"total_size": self._total},
                                     "weight_map": weight_map})
-    self.add_json(hf_config.CONFIG_NAME, hf_config.config_to_hf(self.cfg))
+    self.add_json(hf_config.CONFIG_NAME, hf_config.config_to_hf(self.cfg, self.dtype))
     self.add_json(GENERATION_CONFIG, generation_config(self.cfg))
 
   def commit(self) -> None:

@@ -229,13 +229,13 @@ def t5gemma2_params(cfg: T5GemmaConfig) -> list[Param]:
 
 
 def params_of(cfg: T5GemmaConfig) -> list[Param]:
-  """The table of `cfg`'s family: `t5gemma2_params` when `hf_t5gemma2.matches(cfg)`, else
+  """The table of `cfg`'s family: `t5gemma2_params` when `cfg.family == "t5gemma2"`, else
   `t5gemma_params`."""
-  return t5gemma2_params(cfg) if hf_t5gemma2.matches(cfg) else t5gemma_params(cfg)
+  return t5gemma2_params(cfg) if cfg.family == "t5gemma2" else t5gemma_params(cfg)
 
 
 def tied_names(cfg: T5GemmaConfig) -> frozenset[str]:
   """HF names transformers ties to a stored tensor: a folder may hold them, we never write them."""
-  if hf_t5gemma2.matches(cfg):
+  if cfg.family == "t5gemma2":
     return frozenset(T5GEMMA_TIED_NAMES + hf_t5gemma2.TIED_KEYS)
   return frozenset(T5GEMMA_TIED_NAMES)

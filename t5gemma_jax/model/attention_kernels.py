@@ -1,4 +1,4 @@
-"""Fused attention kernels behind `T5GemmaConfig.attention_impl`: cuDNN (GPU) and splash (TPU).
+"""Fused attention kernels behind `RunOptions.attention_impl`: cuDNN (GPU) and splash (TPU).
 
 Both compute what `attention.dot_product_attention` computes, without materialising the
 [B, H, T, S] scores in memory, for the real (non-padding) queries; padding queries may see

@@ -1,6 +1,6 @@
 """Converts parameter trees between the unrolled layout and the scanned one.
 
-Unrolled: `{encoder,decoder}/layers_{i}/...`. Scanned (`scan_layers=True`): the first
+Unrolled: `{encoder,decoder}/layers_{i}/...`. Scanned (`RunOptions.scan_layers`): the first
 `R * period` layers are stacked as `layers/block_{s}/...` with a leading [R] axis, layer
 `i = r * period + s` at index r of block s; any leftover layers keep their `layers_{i}` names.
 """
@@ -87,9 +87,9 @@ def unscan_params(params: Params, cfg: T5GemmaConfig) -> Params:
   return _both(params, cfg, _unscan_stack)
 
 
-def to_layout(params: Params, cfg: T5GemmaConfig) -> Params:
-  """Params in whichever layout `cfg.scan_layers` asks for."""
-  return scan_params(params, cfg) if cfg.scan_layers else unscan_params(params, cfg)
+def to_layout(params: Params, cfg: T5GemmaConfig, scanned: bool) -> Params:
+  """Params in the scanned layout when `scanned` (`RunOptions.scan_layers`), else unrolled."""
+  return scan_params(params, cfg) if scanned else unscan_params(params, cfg)
 
 
 def unrolled_slices(path: tuple[str, ...], cfg: T5GemmaConfig) -> list[tuple[tuple[str, ...],

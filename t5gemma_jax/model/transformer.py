@@ -8,7 +8,7 @@ encoder/embedder (plus encoder/embedder/eoi_embedding when `eoi_id` is set); wit
 `merged_attention` decoder layers have no cross_attn nor cross norms; with `share_blocks` the
 decoder has no layers at all (it runs the encoder's); with `cross_attention_layers="global"`
 only full-attention decoder layers have cross-attention.
-With `scan_layers=True` the leading `R = num_layers // period` repeats of the layer-type pattern
+With `RunOptions.scan_layers` the leading `R = num_layers // period` repeats of the layer-type pattern
 live under `layers/block_{s}` with a leading [R] axis (logical name "layers"); leftover layers,
 if any, keep their `layers_{i}` names. `t5gemma_jax.model.layout` converts between the two.
 
@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
+from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.model import layout
 from t5gemma_jax.model import masks as masks_lib
 from t5gemma_jax.model.blocks import DecoderBlock, EncoderBlock, remat_policy
@@ -75,36 +76,38 @@ class _StackRunner(nn.Module):
   """Shared embed -> blocks -> final norm plumbing of the encoder and the decoder."""
 
   cfg: T5GemmaConfig
+  run_options: RunOptions = RunOptions()
 
   def run(self, module_cfg: ModuleConfig, block_cls: type, extra_block_kwargs: dict,
           x: Array, deterministic: bool, *args, shared_layers: Optional[dict] = None,
           cache: Optional[dict] = None) -> tuple[Array, dict]:
     """Embedded x [B, T, D] through every layer and the final norm -> (x, the layers' caches
     in the parameter layout, {} entries None outside decoding)."""
-    c = self.cfg
+    r = self.run_options
     x = nn.Dropout(module_cfg.dropout_rate)(x, deterministic=deterministic)
     x = constrain(x)
-    block_kwargs = dict(cfg=module_cfg, deterministic=deterministic, dtype=c.activation_dtype,
-                        param_dtype=c.parameter_dtype, attention_impl=c.attention_impl,
+    block_kwargs = dict(cfg=module_cfg, deterministic=deterministic, dtype=r.activation_dtype,
+                        param_dtype=r.parameter_dtype, attention_impl=r.attention_impl,
                         **extra_block_kwargs)
     if shared_layers is None:
       x, cache = self.run_layers(module_cfg, block_cls, block_kwargs, x, *args, cache=cache)
     else:
       x, cache = self.run_shared_layers(module_cfg, block_cls, block_kwargs, shared_layers, x,
                                         *args, cache=cache)
-    x = RMSNorm(module_cfg.rms_norm_eps, param_dtype=c.parameter_dtype, name="final_norm")(x)
+    x = RMSNorm(module_cfg.rms_norm_eps, param_dtype=r.parameter_dtype, name="final_norm")(x)
     return nn.Dropout(module_cfg.dropout_rate)(x, deterministic=deterministic), cache
 
   def _block_factory(self, module_cfg: ModuleConfig, block_cls: type, block_kwargs: dict):
-    policy = remat_policy(self.cfg.remat_policy)
+    policy = remat_policy(self.run_options.remat_policy)
     if policy is not None:
-      block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.cfg.scan_layers)
+      block_cls = nn.remat(block_cls, policy=policy,
+                           prevent_cse=not self.run_options.scan_layers)
 
     def make_block(**kw):
       return block_cls(**block_kwargs, **kw)
 
     types, period = module_cfg.layer_types, module_cfg.layer_period
-    repeats = len(types) // period if self.cfg.scan_layers else 0
+    repeats = len(types) // period if self.run_options.scan_layers else 0
     return make_block, types, period, repeats
 
   def run_shared_layers(self, module_cfg: ModuleConfig, block_cls: type, block_kwargs: dict,
@@ -170,7 +173,8 @@ class _StackRunner(nn.Module):
 
   def embedder(self, module_cfg: ModuleConfig) -> Embedder:
     return Embedder(module_cfg.vocab_size, module_cfg.hidden_size, eoi_id=self.cfg.eoi_id,
-                    dtype=self.cfg.activation_dtype, param_dtype=self.cfg.parameter_dtype,
+                    dtype=self.run_options.activation_dtype,
+                    param_dtype=self.run_options.parameter_dtype,
                     name="embedder")
 
 
@@ -224,9 +228,9 @@ class Decoder(_StackRunner):
       masks = _self_masks(mc, segment_ids, causal=True)
     if c.shared_embedding:
       table = shared_embedder["embedding"]
-      x = embed_tokens(table, tokens, c.activation_dtype, c.eoi_id,
+      x = embed_tokens(table, tokens, self.run_options.activation_dtype, c.eoi_id,
                        shared_embedder.get("eoi_embedding"))
-      to_logits = lambda y: embedding_logits(table, y, c.activation_dtype)
+      to_logits = lambda y: embedding_logits(table, y, self.run_options.activation_dtype)
     else:
       embedder = self.embedder(mc)
       x, to_logits = embedder.encode(tokens), embedder.decode
@@ -257,10 +261,12 @@ class T5Gemma(nn.Module):
   """
 
   cfg: T5GemmaConfig
+  run_options: RunOptions = RunOptions()
 
   def setup(self):
-    self.encoder = Encoder(self.cfg)
-    self.decoder = Decoder(self.cfg)
+    self.run_options.check(self.cfg)
+    self.encoder = Encoder(self.cfg, self.run_options)
+    self.decoder = Decoder(self.cfg, self.run_options)
 
   def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Optional[Array] = None,
              encoder_positions: Optional[Array] = None, deterministic: bool = True) -> Array:
@@ -338,25 +344,29 @@ class T5Gemma(nn.Module):
                        decoder_segment_ids, decoder_positions, deterministic)
 
 
-def init_params(cfg: T5GemmaConfig, rng: Array) -> Any:
-  """Fresh parameters (boxed with their logical axis names; jit or eval_shape it).
+def init_params(cfg: T5GemmaConfig, rng: Array, run: RunOptions = RunOptions()) -> Any:
+  """Fresh parameters (boxed with their logical axis names; jit or eval_shape it), in the
+  layout and dtype `run` asks for.
 
   Initialisation traces the model on one-token inputs. Parameters do not depend on the
   attention implementation, and fused kernels (splash) take only whole blocks of tokens, so
-  the XLA path is traced here whatever `cfg.attention_impl` says.
+  the XLA path is traced here whatever `run.attention_impl` says.
   """
   tokens = jnp.ones((1, 1), jnp.int32)
-  return T5Gemma(cfg.replace(attention_impl="xla")).init(rng, tokens, tokens)["params"]
+  net = T5Gemma(cfg, run.replace(attention_impl="xla"))
+  return net.init(rng, tokens, tokens)["params"]
 
 
-def abstract_params(cfg: T5GemmaConfig, boxed: bool = True) -> Any:
+def abstract_params(cfg: T5GemmaConfig, run: RunOptions = RunOptions(),
+                    boxed: bool = True) -> Any:
   """Parameter shapes (`jax.ShapeDtypeStruct`s) without allocating anything.
 
   Args:
-    cfg: the model config.
+    cfg: the architecture.
+    run: the run options (the layout and dtype of the parameters follow them).
     boxed: keep flax's `nn.Partitioned` boxes (logical axis names, for sharding rules).
   """
-  shapes = jax.eval_shape(functools.partial(init_params, cfg), jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(functools.partial(init_params, cfg, run=run), jax.random.PRNGKey(0))
   return shapes if boxed else nn.meta.unbox(shapes)
 
 

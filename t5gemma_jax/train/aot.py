@@ -202,7 +202,8 @@ def compile_decode(cfg: loop.TrainConfig, mesh, steps: Optional[loop.Steps] = No
   """Lowers and compiles greedy decoding (encode, then the cached decoder loop) as evaluation
   runs it: the training params as sharded, a batch of `decode.batch_size` rows (rounded up
   to the data-parallel size) of the run's input length, `decode.max_new_tokens` steps."""
-  generate = decoding.generate_function(cfg.model, "greedy", cfg.decode.max_new_tokens)
+  generate = decoding.generate_function(cfg.model, "greedy", cfg.decode.max_new_tokens,
+                                        run=cfg.run)
   steps = steps or loop.build_steps(cfg, mesh)
   parallel = sharding.data_parallel_size(mesh)
   rows = -(-cfg.decode.batch_size // parallel) * parallel
@@ -255,7 +256,7 @@ def compile_run(cfg: loop.TrainConfig, accelerator_type: str, num_slices: int = 
   lengths = cfg.task_feature_lengths
   s, t = lengths["inputs"], lengths["targets"]
   model_flops = flops.training_flops_per_step(cfg.model, rows, s, t)
-  executed = flops.executed_flops_per_step(cfg.model, rows, s, t)
+  executed = flops.executed_flops_per_step(cfg.model, rows, s, t, cfg.run.remat_policy)
   error = None
   steps = loop.build_steps(run_cfg, mesh)
   try:

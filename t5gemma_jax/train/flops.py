@@ -201,12 +201,13 @@ _ATTENTION_FAMILIES = ("encoder_attention", "decoder_self_attention", "cross_att
 
 
 def executed_flops_per_step(cfg: T5GemmaConfig, batch: int, inputs_length: int,
-                            targets_length: int) -> float:
+                            targets_length: int, remat_policy: str = "none") -> float:
   """Matmul FLOPs the XLA program of one training step executes (what the chip must do).
 
   Model FLOPs (`training_flops_per_step`) plus what the program does beyond the model's need:
     * dense attention: every score of the [T, S] matrices, masked or not;
-    * rematerialisation, recomputed in the backward pass: "full" runs every layer's forward
+    * rematerialisation (`remat_policy`, as `RunOptions`), recomputed in the backward pass:
+      "full" runs every layer's forward
       again; "minimal" keeps the projections, the attention output and the MLP activations
       (`model.transformer.SAVED_NAMES`) and recomputes only the attention scores and values.
   Elementwise work (norms, softmax, activations) is not counted, as it is not in model FLOPs.
@@ -215,9 +216,9 @@ def executed_flops_per_step(cfg: T5GemmaConfig, batch: int, inputs_length: int,
   forward = flops_breakdown(cfg, batch, inputs_length, targets_length, training=False,
                             dense_attention=True)
   total = sum(train.values())
-  if cfg.remat_policy == "full":
+  if remat_policy == "full":
     total += sum(forward[k] for k in _LAYER_FAMILIES)
-  elif cfg.remat_policy == "minimal":
+  elif remat_policy == "minimal":
     total += sum(forward[k] for k in _ATTENTION_FAMILIES)
   return total
 

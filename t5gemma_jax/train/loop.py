@@ -22,6 +22,7 @@ from t5gemma_jax import atomic, checkpoint, evaluation, run_files, sharding, sto
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.model import abstract_params
+from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.train import flops, optim, step as step_lib
 from t5gemma_jax.train.losses import LossConfig
 from t5gemma_jax.train.metrics_writer import MetricsWriter
@@ -32,7 +33,8 @@ class TrainConfig:
   """Everything a training run needs (gin binds it from macros such as TRAIN_STEPS).
 
   Attributes:
-    model: the model config.
+    model: the architecture (what `model_config.json` records).
+    run: how this run computes it: dtypes, layer scan, remat, attention kernel.
     mixture_or_task, task_feature_lengths, batch_size: data (global batch in rows).
     train_steps: the step to stop at (a resumed run continues up to it).
     model_dir: checkpoints, metrics.jsonl, tensorboard/ and config.gin go here.
@@ -62,6 +64,7 @@ class TrainConfig:
   train_steps: int
   model_dir: str
   optimizer: optim.OptimizerConfig
+  run: RunOptions = RunOptions()
   checkpoint_period: int = 1000
   keep_checkpoints: int = 3
   keep_best: bool = False
@@ -237,11 +240,13 @@ def build_steps(cfg: TrainConfig, mesh) -> Steps:
   """The exact jitted train and eval steps `run` executes on `mesh` (also what
   `t5gemma compile` lowers for a TPU topology)."""
   schedule = optim.make_schedule(cfg.optimizer.schedule)
-  optimizer = optim.make_optimizer(cfg.optimizer, abstract_params(cfg.model, boxed=False))
-  abstract, shardings = step_lib.state_shardings(cfg.model, optimizer, mesh)
+  optimizer = optim.make_optimizer(cfg.optimizer,
+                                   abstract_params(cfg.model, cfg.run, boxed=False))
+  abstract, shardings = step_lib.state_shardings(cfg.model, optimizer, mesh, cfg.run)
   train, evaluate = step_lib.jit_steps(
-      step_lib.make_train_step(cfg.model, optimizer, cfg.loss, cfg.num_microbatches, schedule),
-      step_lib.make_eval_step(cfg.model, cfg.loss), shardings, mesh)
+      step_lib.make_train_step(cfg.model, optimizer, cfg.loss, cfg.num_microbatches, schedule,
+                               run=cfg.run),
+      step_lib.make_eval_step(cfg.model, cfg.loss, cfg.run), shardings, mesh)
   return Steps(train, evaluate, abstract, shardings, optimizer, sharding.batch_sharding(mesh))
 
 
@@ -272,7 +277,8 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
       state = ckpt.restore(None, abstract, data_iterator=data)
       start = "resumed"
     else:
-      state, _ = step_lib.init_state(cfg.model, steps.optimizer, mesh, cfg.seed, shardings)
+      state, _ = step_lib.init_state(cfg.model, steps.optimizer, mesh, cfg.seed, shardings,
+                                     cfg.run)
       start = "initialised"
       if cfg.init_from:
         params = checkpoint.restore_params(os.path.join(cfg.init_from, "checkpoints"),
@@ -356,7 +362,7 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
     summary["examples"] = {
         task: evaluation.task_records(state.params, cfg.model, task, cfg.eval_split,
                                       cfg.task_feature_lengths["inputs"], cfg.show_examples,
-                                      cfg.decode) for task in cfg.eval_tasks}
+                                      cfg.decode, cfg.run) for task in cfg.eval_tasks}
   summary.update(log.history, last_step=int(jax.device_get(state.step)),
                  checkpoints=os.path.join(cfg.model_dir, "checkpoints"),
                  metrics=os.path.join(cfg.model_dir, "metrics.jsonl"),
@@ -372,7 +378,8 @@ def _score_tasks(cfg: TrainConfig, params, step: int) -> dict:
     results.update(evaluation.evaluate(
         params, cfg.model, task, cfg.eval_split, cfg.task_feature_lengths,
         max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
-        num_examples=cfg.eval_examples, model_dir=cfg.model_dir, step=step, **d.options()))
+        num_examples=cfg.eval_examples, model_dir=cfg.model_dir, step=step, run=cfg.run,
+        **d.options()))
   return results
 
 

@@ -12,6 +12,7 @@ import optax
 from t5gemma_jax import sharding
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.model import T5Gemma, abstract_params, init_params
+from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.train import optim
 from t5gemma_jax.train.losses import LossConfig, cross_entropy_sums
 from t5gemma_jax.train.state import TrainState
@@ -29,10 +30,11 @@ def model_inputs(batch: Batch) -> dict:
   return out
 
 
-def state_shardings(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
-                    mesh) -> tuple[TrainState, TrainState]:
-  """(abstract state with shardings, shardings) for the whole TrainState on `mesh`."""
-  boxed = abstract_params(cfg)
+def state_shardings(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation, mesh,
+                    run: RunOptions = RunOptions()) -> tuple[TrainState, TrainState]:
+  """(abstract state with shardings, shardings) for the whole TrainState on `mesh`, params in
+  the layout and dtype of `run`."""
+  boxed = abstract_params(cfg, run)
   param_sh = sharding.logical_to_shardings(boxed, mesh)
   params = nn.meta.unbox(boxed)
   abstract = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p,
@@ -46,20 +48,22 @@ def state_shardings(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
 
 
 def init_state(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation, mesh,
-               seed: int, shardings: TrainState | None = None) -> tuple[TrainState, TrainState]:
+               seed: int, shardings: TrainState | None = None,
+               run: RunOptions = RunOptions()) -> tuple[TrainState, TrainState]:
   """A fresh TrainState created directly in its sharded layout (never whole on one host).
 
   Args:
     shardings: from `state_shardings`, when the caller already has them.
+    run: the run options (parameter layout and dtype).
 
   Returns:
     (state, shardings).
   """
   if shardings is None:
-    _, shardings = state_shardings(cfg, optimizer, mesh)
+    _, shardings = state_shardings(cfg, optimizer, mesh, run)
 
   def init(rng):
-    params = nn.meta.unbox(init_params(cfg, rng))
+    params = nn.meta.unbox(init_params(cfg, rng, run))
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
@@ -69,14 +73,16 @@ def init_state(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation, mesh
 
 def make_train_step(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
                     loss_cfg: LossConfig, num_microbatches: int = 1,
-                    learning_rate: Callable[[jax.Array], jax.Array] | None = None):
-  """Builds `train_step(state, batch, rng) -> (state, metrics)` (not yet jitted).
+                    learning_rate: Callable[[jax.Array], jax.Array] | None = None,
+                    run: RunOptions = RunOptions()):
+  """Builds `train_step(state, batch, rng) -> (state, metrics)` (not yet jitted) for the model
+  `cfg` computed as `run` says.
 
   The batch is split into `num_microbatches` along rows and gradients are accumulated with
   `lax.scan` as sums; loss and gradients are divided by the real target tokens of the whole
   batch once, so any split gives the same update as the full batch.
   """
-  net = T5Gemma(cfg)
+  net = T5Gemma(cfg, run)
 
   def sums_and_grads(params, batch, rng):
     def loss_fn(p):
@@ -125,9 +131,9 @@ def make_train_step(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(cfg: T5GemmaConfig, loss_cfg: LossConfig):
+def make_eval_step(cfg: T5GemmaConfig, loss_cfg: LossConfig, run: RunOptions = RunOptions()):
   """Builds `eval_step(params, batch) -> loss sums` (deterministic, no dropout)."""
-  net = T5Gemma(cfg)
+  net = T5Gemma(cfg, run)
 
   def eval_step(params, batch):
     logits = net.apply({"params": params}, **model_inputs(batch))

@@ -7,6 +7,7 @@ import numpy as np
 
 from t5gemma_jax import sharding
 from t5gemma_jax.model import abstract_params
+from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.train import optim, step as step_lib
 from t5gemma_jax.train.losses import LossConfig
 
@@ -32,13 +33,15 @@ def random_batches(n: int, enc_len: int, dec_len: int, enc_pad: int, dec_pad: in
   return out
 
 
-def train_losses(cfg, batches: list[dict], ici: tuple, devices) -> tuple[list, object, object]:
+def train_losses(cfg, batches: list[dict], ici: tuple, devices,
+                 run: RunOptions = RunOptions()) -> tuple[list, object, object]:
   """(losses, final train state, mesh) of AdamW steps on `batches` over a mesh of `devices`."""
   mesh = sharding.make_mesh(sharding.MeshConfig(ici=ici), devices)
-  optimizer = optim.make_optimizer(OPTIMIZER, abstract_params(cfg, boxed=False))
-  state, shardings = step_lib.init_state(cfg, optimizer, mesh, seed=0)
-  train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, LossConfig()),
-                                step_lib.make_eval_step(cfg, LossConfig()), shardings, mesh)
+  optimizer = optim.make_optimizer(OPTIMIZER, abstract_params(cfg, run, boxed=False))
+  state, shardings = step_lib.init_state(cfg, optimizer, mesh, seed=0, run=run)
+  train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, LossConfig(), run=run),
+                                step_lib.make_eval_step(cfg, LossConfig(), run), shardings,
+                                mesh)
   losses = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
     for b in batches:
