@@ -45,6 +45,9 @@ setup(
     version="0.1.0",
     description="T5Gemma encoder-decoder models in JAX/Flax: exact numerics, sharded training.",
     packages=find_packages(include=["t5gemma_jax", "t5gemma_jax.*"]),
+    # The gin configs travel inside the package: `--gin_file=runs/demo.gin` works from any
+    # folder after a plain (non-editable) install too.
+    package_data={"t5gemma_jax": ["gin/*/*.gin"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES, "tpu": TPU_REQUIRES},

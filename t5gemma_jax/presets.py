@@ -1,7 +1,7 @@
 """Named models: the released T5Gemma and T5Gemma 2 sizes plus two miniatures, in one table.
 
 `PRESETS` is the only list of names: `preset(name)` builds from it, the gin files under
-`gin/models/` are generated from it (`python tools/gen_model_gins.py`; a test checks they are
+`t5gemma_jax/gin/models/` are generated from it (`python tools/gen_model_gins.py`; a test checks they are
 current), and `show_config` and the docs read it. Presets are architectures only; how a run
 computes them is `run_options.RunOptions`.
 """
@@ -147,7 +147,7 @@ def preset(name: str) -> T5GemmaConfig:
 
 
 def model_gin(name: str) -> str:
-  """The text of `gin/models/<name>.gin` (generated; see the module docstring)."""
+  """The text of `t5gemma_jax/gin/models/<name>.gin` (generated; see the module docstring)."""
   p = PRESETS[name]
   note = "" if p.confirmed else " Sizes not confirmed against a released config."
   return (f"# {name}: {p.description}.{note}\n"

@@ -1,4 +1,4 @@
-"""Writes `gin/models/<name>.gin` for every preset in `t5gemma_jax.presets.PRESETS`.
+"""Writes `t5gemma_jax/gin/models/<name>.gin` for every preset in `t5gemma_jax.presets.PRESETS`.
 
 Run after changing the preset table: `python tools/gen_model_gins.py` (`--check` exits 1 when a
 file is stale or missing, without writing).
@@ -12,8 +12,8 @@ import sys
 
 from t5gemma_jax import presets
 
-MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin",
-                          "models")
+MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "t5gemma_jax", "gin", "models")
 
 
 def stale(models_dir: str = MODELS_DIR) -> list[str]:

@@ -18,9 +18,8 @@ import gin
 
 from t5gemma_jax import config, presets, run_options as run_options_lib
 
-# gin files ship beside the package's sources in a checkout (the repository's `gin/`).
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "gin")
+# The gin files ship inside the package (package data), so an installed wheel finds them too.
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 RUN_COMMANDS = ("train", "compile", "infer", "eval")
 
 gin.external_configurable(presets.preset, "preset")
