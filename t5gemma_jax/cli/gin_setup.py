@@ -98,11 +98,12 @@ def data_settings(gemma_tokenizer: Optional[str] = None, builtin_vocab_size: int
                   builtin_sentinels: int = 128,
                   builtin_mixture_rates: Optional[Mapping[str, float]] = None,
                   c4_pretrain_rates: Optional[Mapping[str, float]] = None,
-                  user_tasks: Sequence[str] = ()):
+                  user_tasks: Sequence[str] = (), metric_mode: str = "default"):
   """The bound `tasks.DataSettings` (see there); the CLI passes it to `tasks.configure`."""
   from t5gemma_jax import tasks
   return tasks.DataSettings(gemma_tokenizer, builtin_vocab_size, builtin_sentinels,
-                            builtin_mixture_rates, c4_pretrain_rates, tuple(user_tasks))
+                            builtin_mixture_rates, c4_pretrain_rates, tuple(user_tasks),
+                            metric_mode)
 
 
 def parse_bindings(flags: Sequence[str]) -> list[str]:
