@@ -1,6 +1,7 @@
 """Decode a task's split and score it with the task's metric fns through seqio's Evaluator.
 
-Results go to `MODEL_DIR/eval_results.jsonl` (one object per task and step) and TensorBoard.
+Results go to `MODEL_DIR/eval_results.jsonl` (one object per task and step, with the metrics'
+settings under "metric_settings") and TensorBoard.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import seqio
 
 from t5gemma_jax import atomic, decoding, storage
+from t5gemma_jax import metrics as metric_lib
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.model import abstract_params
@@ -182,10 +184,17 @@ def evaluate(params: Any, cfg: T5GemmaConfig, task: str, split: str,
       predict_fn=make_predict_fn(params, cfg, max_new_tokens, batch_size, **decode))
   results = {name: {k: float(v.value if hasattr(v, "value") else v) for k, v in m.items()}
              for name, m in metrics.result().items()}
+  # Beside the numbers, the exact settings that produced them (sacreBLEU signatures, ...).
+  settings = {t.name: metric_lib.signatures(t.metric_fns) for t in evaluator.eval_tasks}
   if model_dir and jax.process_index() == 0:
     with storage.AppendLog(os.path.join(model_dir, "eval_results.jsonl")) as log:
-      log.write("".join(json.dumps({"step": step, "task": name, "split": split, **m}) + "\n"
+      log.write("".join(json.dumps({"step": step, "task": name, "split": split, **m,
+                                    "metric_settings": settings.get(name, {})}) + "\n"
                         for name, m in results.items()))
+    text_log = seqio.TensorBoardLogger(os.path.join(model_dir, "eval"))  # as TensorBoard text
+    for name, s in settings.items():
+      text_log(name, step, {f"metric_settings/{k}": seqio.metrics.Text(v) for k, v in s.items()},
+               None, None, None)
   return results
 
 

@@ -14,7 +14,7 @@
 Names and (out, in) -> kernel reshapes come from `param_schema.t5gemma_params`: a Gemma 2
 tensor name is the T5Gemma one with the `encoder.` / `decoder.` level dropped and two norms
 renamed (`gemma2_name`). Everything is
-numpy on memory-mapped files; nothing touches an accelerator. Gemma 3 folders are adapted to
+numpy on tensors read one at a time; nothing touches an accelerator. Gemma 3 folders are adapted to
 T5Gemma 2 by `adapt_gemma3.from_gemma3`.
 """
 
@@ -52,14 +52,14 @@ SPECIAL_IDS = (("pad_id", "pad_token_id", 0), ("eos_id", "eos_token_id", 1),
 @dataclasses.dataclass
 class Source:
   """One decoder-only folder (Gemma 2 here, Gemma 3 in `adapt_gemma3`): its parsed config,
-  memory-mapped tensors and the names `take` has read from it.
+  tensors (read on demand) and the names `take` has read from it.
 
   Attributes:
     path: the folder.
     config_path: its config.json.
     hf_config: the parsed config.json.
     module: the stack config built from it.
-    tensors: {name: (array, file)}, once read (`safetensors_io.read_folder`).
+    tensors: {name: (StoredTensor, file)}, once listed (`safetensors_io.read_folder`).
     used: the tensor names asked for so far, to report missing and unexpected ones.
   """
 

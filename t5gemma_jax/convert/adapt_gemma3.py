@@ -15,7 +15,7 @@ Nothing is drawn at random, so with an all-padding encoder input the decoder rep
 Gemma 3 logits. Names and kernel reshapes come from `param_schema.t5gemma2_params` and `adapt`:
 a Gemma 3 tensor name is the T5Gemma 2 one with the `encoder.` / `decoder.` level dropped and
 the two self-attention norms renamed, as for Gemma 2 (`adapt.gemma2_name`). Everything is numpy
-on memory-mapped files.
+on tensors read one at a time.
 """
 
 from __future__ import annotations

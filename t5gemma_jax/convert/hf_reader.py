@@ -1,4 +1,4 @@
-"""Memory-mapped Hugging Face tensors -> our params, one `param_schema.Param` at a time.
+"""Hugging Face tensors, read on demand -> our params, one `param_schema.Param` at a time.
 
 `read_params` fills a whole tree from a T5Gemma / T5Gemma 2 folder's tensors; `take` and
 `set_leaf` are the steps it is made of, which the adapters (`adapt`, `adapt_gemma3`) reuse for
@@ -16,7 +16,8 @@ from t5gemma_jax.run_options import DTYPES
 from t5gemma_jax.convert import param_schema
 
 Params = dict[str, Any]
-Tensors = Mapping[str, tuple[np.ndarray, str]]  # name -> (array, file it is in)
+# name -> (array, or safetensors_io.StoredTensor: read when taken; file it is in)
+Tensors = Mapping[str, tuple[Any, str]]
 
 
 def default_param_dtype(*tensor_sets: Tensors) -> str:
@@ -58,7 +59,7 @@ def take(tensors: Tensors, name: str, param: param_schema.Param,
   if tuple(w.shape) != param.hf_shape:
     raise ValueError(f"parameter {name} in {file_path}: shape {tuple(w.shape)} does not match "
                      f"{param.hf_shape} implied by {config_path}")
-  return param_schema.from_hf(param.kind, w, param.shape)
+  return param_schema.from_hf(param.kind, np.asarray(w), param.shape)
 
 
 def read_params(tensors: Tensors, cfg: T5GemmaConfig, param_dtype: str, *, folder: str,

@@ -1,10 +1,14 @@
-"""Reads and writes safetensors files with numpy alone (bfloat16 through ml_dtypes).
+"""Reads safetensors files through the `safetensors` library, lazily; writes them streaming.
 
-The `safetensors` package's numpy API has no bfloat16, and released T5Gemma checkpoints are
-bfloat16, so we read the format directly: an 8-byte little-endian header length, a JSON header
-{name: {dtype, shape, data_offsets}, "__metadata__": {...}}, then the raw tensor bytes.
-Reads are memory-mapped; writes go to a temporary file that is renamed into place.
-`read_folder` reads a Hugging Face checkpoint's tensors, one file or a sharded set.
+Reading: `load` (one file) and `read_folder` (a Hugging Face checkpoint, one file or a sharded
+set) list each tensor as a `StoredTensor` whose name, dtype and shape come from the header and
+whose bytes are read only when the tensor is asked for, so a conversion holds only the
+tensors it is working on. `safetensors.safe_open(framework="np")` gives bfloat16 as
+`ml_dtypes.bfloat16` (checked with safetensors 0.8.0, `get_tensor` and `get_slice`).
+
+Writing stays our own (`PlannedWriter`, `save`): the library's `save_file` wants every tensor in
+memory at once, while an export streams parameters one by one, in whatever order its source
+yields them, into a file renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Mapping
 
 import ml_dtypes
 import numpy as np
+import safetensors
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -30,58 +35,110 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def read_header(path: str) -> tuple[dict, int]:
-  """Returns (header dict, byte offset where tensor data starts)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"safetensors file not found: {path}")
-  with open(path, "rb") as f:
-    raw = f.read(8)
-    if len(raw) != 8:
-      raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-    (n,) = struct.unpack("<Q", raw)
-    size = os.path.getsize(path)
-    if n > size - 8:
-      raise ValueError(f"{path}: corrupt safetensors header (claims {n} bytes, file has {size})")
+class _OpenFile:
+  """The library's handle on one file, shared by that file's `StoredTensor`s: the header is
+  parsed once and the file stays mapped while any of its tensors is referenced."""
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"safetensors file not found: {path}")
+    self.path = path
     try:
-      header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path}: corrupt safetensors header ({e})") from e
-  return header, 8 + n
+      # The library checks the whole header against the file size on opening, so a truncated
+      # or corrupt file fails here rather than at the first tensor read.
+      self._handle = safetensors.safe_open(path, framework="np")
+    except safetensors.SafetensorError as e:
+      raise ValueError(f"{path}: damaged or truncated safetensors file (safetensors: {e})") from e
+
+  def tensors(self) -> dict[str, StoredTensor]:
+    """{name: StoredTensor} of every tensor, from the header alone (no data is read)."""
+    out = {}
+    for name in self._handle.keys():
+      info = self._handle.get_slice(name)
+      dtype = info.get_dtype()
+      if dtype not in _DTYPES:
+        raise ValueError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype!r}; "
+                         f"known: {sorted(_DTYPES)}")
+      out[name] = StoredTensor(self, name, _DTYPES[dtype], tuple(info.get_shape()))
+    return out
+
+  def read(self, name: str) -> np.ndarray:
+    try:
+      return self._handle.get_tensor(name)
+    except safetensors.SafetensorError as e:
+      raise ValueError(f"{self.path}: cannot read tensor {name!r} (safetensors: {e})") from e
 
 
-def load(path: str) -> dict[str, np.ndarray]:
-  """Memory-maps every tensor of one safetensors file: {name: read-only numpy array}."""
-  header, start = read_header(path)
-  header.pop("__metadata__", None)
-  size = os.path.getsize(path)
-  data = np.memmap(path, dtype=np.uint8, mode="r")
-  out = {}
-  for name, info in header.items():
-    dtype = info.get("dtype")
-    if dtype not in _DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-    begin, end = (start + o for o in info["data_offsets"])
-    shape = tuple(info["shape"])
-    expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
-    if end - begin != expected or end > size:
-      raise ValueError(f"{path}: tensor {name!r} byte range [{begin}, {end}) does not match "
-                       f"shape {shape} {dtype} or the file size {size}")
-    out[name] = data[begin:end].view(_DTYPES[dtype]).reshape(shape)
-  return out
+class StoredTensor:
+  """One tensor of a safetensors file: dtype and shape known, bytes read when asked for.
+
+  `read()` (or `np.asarray(t)`) returns a new array in memory of its own; every call reads
+  the file again, so keep the array rather than the `StoredTensor` when it is used twice.
+
+  Attributes:
+    path: the file it is in.
+    name: its name there.
+    dtype: its numpy dtype (bfloat16 as `ml_dtypes.bfloat16`).
+    shape: its shape.
+  """
+
+  def __init__(self, file: _OpenFile, name: str, dtype: np.dtype, shape: tuple[int, ...]):
+    self._file = file
+    self.path, self.name, self.dtype, self.shape = file.path, name, dtype, shape
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+  def read(self) -> np.ndarray:
+    """The tensor's data, read from the file now.
+
+    Returns:
+      A writable numpy array of `shape` and `dtype`.
+    """
+    return self._file.read(self.name)
+
+  def __array__(self, dtype=None, copy=None):
+    del copy  # every read is a new array already
+    array = self.read()
+    return array if dtype is None else array.astype(dtype, copy=False)
+
+  def __repr__(self) -> str:
+    return f"StoredTensor({self.name!r}, {self.dtype}, {self.shape}, in {self.path})"
 
 
-def read_folder(path: str) -> dict[str, tuple[np.ndarray, str]]:
-  """Memory-maps every tensor of a checkpoint folder's `SINGLE_FILE`, or of the shards its
-  `INDEX_FILE` lists.
+def load(path: str) -> dict[str, StoredTensor]:
+  """Every tensor of one safetensors file, listed from its header (data read on demand).
+
+  Args:
+    path: the file.
+
+  Returns:
+    {name: StoredTensor}; `np.asarray(value)` reads one.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: a damaged file, or a dtype outside the table above (the file named).
+  """
+  return _OpenFile(path).tensors()
+
+
+def read_folder(path: str) -> dict[str, tuple[StoredTensor, str]]:
+  """Every tensor of a checkpoint folder's `SINGLE_FILE`, or of the shards its `INDEX_FILE`
+  lists, read on demand.
 
   Args:
     path: the folder.
 
   Returns:
-    {tensor name: (read-only array, path of the file it is in)}.
+    {tensor name: (StoredTensor, path of the file it is in)}.
 
   Raises:
-    FileNotFoundError: neither file is there.
+    FileNotFoundError: neither file is there, or a listed shard is missing.
     ValueError: an index without a "weight_map", or a damaged file.
   """
   index = os.path.join(path, INDEX_FILE)
@@ -160,10 +217,11 @@ class PlannedWriter:
     if name not in self._slots:
       raise KeyError(f"{self.path}: tensor {name!r} is not in the plan")
     dtype, shape, offset = self._slots[name]
-    a = np.ascontiguousarray(np.asarray(array).astype(dtype, copy=False))
+    a = np.asarray(array).astype(dtype, copy=False)
     if a.shape != shape:
       raise ValueError(f"{self.path}: tensor {name!r} has shape {a.shape}, planned {shape}")
-    view = memoryview(a.reshape(-1).view(np.uint8))
+    # Shape checked first: ascontiguousarray makes a 0-d array 1-d (the bytes are the same).
+    view = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
     position = self._start + offset
     while view:  # pwrite may write less than asked for large buffers
       n = os.pwrite(self._fd, view, position)

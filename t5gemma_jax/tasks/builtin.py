@@ -4,7 +4,7 @@
   of the standard library and installed packages.
 - docstring_summarization: "summarize: <docstring body>" -> its one-line summary (ROUGE).
 - cldr_translate_en_ru / cldr_translate_en_de: CLDR names (territories, languages, currencies,
-  scripts, units, ...) from babel (BLEU).
+  scripts, units, ...) from babel (BLEU, chrF, exact match).
 All use the vocabulary trained on these corpora (`tasks.named_vocabularies.BUILTIN`); splits are fixed
 by a hash of each item's key.
 """
@@ -63,17 +63,15 @@ def register_mixture(rates: Mapping[str, float] = DEFAULT_MIXTURE_RATES) -> None
   seqio.MixtureRegistry.add("builtin_mixture", [(t, float(r)) for t, r in rates.items()])
 
 
-def register() -> None:
-  for task, objective in TEXT_TASKS.items():
-    seqio.TaskRegistry.add(task, source=_source("python_text"),
-                           preprocessors=text_objectives.preprocessors(objective,
-                                                                  named_vocabularies.BUILTIN),
-                           output_features=FEATURES)
+def register_supervised(suite: metrics.MetricSuite) -> None:
+  """(Re)registers the tasks that have metrics, scored with `suite`'s metric fns."""
+  for name in ("docstring_summarization", *TRANSLATION):
+    seqio.TaskRegistry.remove(name)
   seqio.TaskRegistry.add(
       "docstring_summarization", source=_source("docstring_summaries"),
       preprocessors=_text_to_text(functools.partial(
           supervised.summarize, article_key="source", summary_key="target")),
-      output_features=FEATURES, metric_fns=[metrics.rouge])
+      output_features=FEATURES, metric_fns=[suite.rouge])
   for task, (corpus, language) in TRANSLATION.items():
     seqio.TaskRegistry.add(
         task, source=_source(corpus),
@@ -81,5 +79,14 @@ def register() -> None:
             supervised.translate, source_key="source", target_key="target",
             source_language="English", target_language=language)),
         # Names are short: whether the whole name is right says more than n-gram overlap.
-        output_features=FEATURES, metric_fns=[metrics.bleu, metrics.exact_match])
+        output_features=FEATURES, metric_fns=[suite.bleu, suite.chrf, suite.exact_match])
+
+
+def register() -> None:
+  for task, objective in TEXT_TASKS.items():
+    seqio.TaskRegistry.add(task, source=_source("python_text"),
+                           preprocessors=text_objectives.preprocessors(objective,
+                                                                  named_vocabularies.BUILTIN),
+                           output_features=FEATURES)
+  register_supervised(metrics.for_mode("default"))
   register_mixture()

@@ -26,8 +26,10 @@ from t5gemma_jax.tasks import named_vocabularies, text_objectives
 from t5gemma_jax.tasks.sources import existing_files
 
 FORMATS = ("tsv", "jsonl", "text", "tfrecord")
-METRICS = {"bleu": metrics_lib.bleu, "rouge": metrics_lib.rouge,
-           "exact_match": metrics_lib.exact_match}
+# "t5_*": the T5 codebase's settings (see `metrics`); a task takes one BLEU and one ROUGE.
+METRICS = {"bleu": metrics_lib.bleu, "chrf": metrics_lib.chrf, "rouge": metrics_lib.rouge,
+           "exact_match": metrics_lib.exact_match, "t5_bleu": metrics_lib.t5_bleu,
+           "t5_rouge": metrics_lib.t5_rouge}
 
 
 def _parse_tsv(dataset, keys):
@@ -86,6 +88,10 @@ def file_task(name: str, train: str | Sequence[str], validation: Optional[str] =
   unknown = sorted(set(metrics) - set(METRICS))
   if unknown:
     raise ValueError(f"file_task {name!r}: unknown metrics {unknown}; known: {sorted(METRICS)}")
+  try:  # e.g. bleu and t5_bleu: both report "bleu", one number would overwrite the other
+    metrics_lib.signatures(METRICS[m] for m in metrics)
+  except ValueError as e:
+    raise ValueError(f"file_task {name!r}: metrics {list(metrics)} clash: {e}") from e
   splits = {"train": train} if validation is None else {"train": train, "validation": validation}
   splits = existing_files(splits, f"file_task {name!r}")
   supervised = objective == "supervised"

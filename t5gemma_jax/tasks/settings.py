@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Optional, Sequence
 
+from t5gemma_jax import metrics
 from t5gemma_jax.data import vocab
 from t5gemma_jax.tasks import builtin, named_vocabularies, tfds_tasks
 
@@ -24,6 +25,9 @@ class DataSettings:
     builtin_mixture_rates, c4_pretrain_rates: {task: rate} for builtin_mixture and
       c4_t5gemma_pretrain (None: the defaults).
     user_tasks: names of tasks registered by `file_task` (gin: `[@my_mt/file_task()]`).
+    metric_mode: which metric fns the built-in and TFDS tasks score with, a key of
+      `metrics.MODES`: "default", or "t5" for numbers comparable with the T5 codebase's
+      (its BLEU tokeniser and ROUGE aggregation). File tasks name their metrics themselves.
   """
   gemma_tokenizer: Optional[str] = None
   builtin_vocab_size: int = 2048
@@ -31,17 +35,22 @@ class DataSettings:
   builtin_mixture_rates: Optional[Mapping[str, float]] = None
   c4_pretrain_rates: Optional[Mapping[str, float]] = None
   user_tasks: Sequence[str] = ()
+  metric_mode: str = "default"
 
 
 def configure(settings: DataSettings = DataSettings()) -> None:
   """Applies `settings` to the vocabularies and (re)registers the mixtures that depend on them.
 
-  Mixtures are always re-registered, so that a second command in one process (tests,
-  notebooks) does not inherit the previous one's rates.
+  Mixtures and the tasks that have metrics are always re-registered, so that a second
+  command in one process (tests, notebooks) inherits neither the previous one's rates nor
+  its metric mode.
   """
+  suite = metrics.for_mode(settings.metric_mode)  # an unknown mode fails before any change
   if settings.gemma_tokenizer:
     vocab.set_gemma_tokenizer(settings.gemma_tokenizer)
   named_vocabularies.BUILTIN.configure(settings.builtin_vocab_size, settings.builtin_sentinels)
+  builtin.register_supervised(suite)
+  tfds_tasks.register_supervised(suite)
   builtin.register_mixture(settings.builtin_mixture_rates or builtin.DEFAULT_MIXTURE_RATES)
   if settings.c4_pretrain_rates is None:
     tfds_tasks.register_pretraining_mixture()

@@ -1,8 +1,8 @@
 """Tasks over TFDS datasets, read from a prepared TFDS_DATA_DIR with the Gemma tokenizer.
 
-Translation: wmt14_ende, wmt16_enro. Summarisation: cnn_dailymail, xsum. Pretraining on C4
-(c4/en): c4_span_corruption, c4_ul2 (the T5Gemma 2 denoisers), c4_prefix_lm, and the mixture
-c4_t5gemma_pretrain (UL2 + PrefixLM, the T5Gemma paper's two objectives).
+Translation: wmt14_ende, wmt16_enro (BLEU, chrF). Summarisation: cnn_dailymail, xsum (ROUGE).
+Pretraining on C4 (c4/en): c4_span_corruption, c4_ul2 (the T5Gemma 2 denoisers), c4_prefix_lm,
+and the mixture c4_t5gemma_pretrain (UL2 + PrefixLM, the T5Gemma paper's two objectives).
 """
 
 from __future__ import annotations
@@ -43,22 +43,29 @@ def register_pretraining_mixture(rates=(("c4_ul2", 1.0), ("c4_prefix_lm", 1.0)))
   seqio.MixtureRegistry.add("c4_t5gemma_pretrain", [(t, float(r)) for t, r in rates])
 
 
-def register() -> None:
-  for task, objective in PRETRAINING.items():
-    seqio.TaskRegistry.add(task, source=PreparedTfdsSource(C4),
-                           preprocessors=text_objectives.preprocessors(objective, named_vocabularies.GEMMA),
-                           output_features=GEMMA_FEATURES)
-  register_pretraining_mixture()
+def register_supervised(suite: metrics.MetricSuite) -> None:
+  """(Re)registers the translation and summarisation tasks, scored with `suite`'s fns."""
+  for name in (*TRANSLATION, *SUMMARIZATION):
+    seqio.TaskRegistry.remove(name)
   for task, (tfds_name, src, tgt, src_lang, tgt_lang) in TRANSLATION.items():
     seqio.TaskRegistry.add(
         task, source=PreparedTfdsSource(tfds_name),
         preprocessors=[functools.partial(supervised.translate, source_key=src, target_key=tgt,
                                          source_language=src_lang, target_language=tgt_lang),
                        *TEXT_TO_TEXT_TAIL],
-        output_features=GEMMA_FEATURES, metric_fns=[metrics.bleu])
+        output_features=GEMMA_FEATURES, metric_fns=[suite.bleu, suite.chrf])
   for task, (tfds_name, article, summary) in SUMMARIZATION.items():
     seqio.TaskRegistry.add(
         task, source=PreparedTfdsSource(tfds_name),
         preprocessors=[functools.partial(supervised.summarize, article_key=article,
                                          summary_key=summary), *TEXT_TO_TEXT_TAIL],
-        output_features=GEMMA_FEATURES, metric_fns=[metrics.rouge])
+        output_features=GEMMA_FEATURES, metric_fns=[suite.rouge])
+
+
+def register() -> None:
+  for task, objective in PRETRAINING.items():
+    seqio.TaskRegistry.add(task, source=PreparedTfdsSource(C4),
+                           preprocessors=text_objectives.preprocessors(objective, named_vocabularies.GEMMA),
+                           output_features=GEMMA_FEATURES)
+  register_pretraining_mixture()
+  register_supervised(metrics.for_mode("default"))
