@@ -15,7 +15,6 @@ import argparse
 import json
 
 from t5gemma_jax import chips
-from t5gemma_jax.train import aot
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -73,6 +72,7 @@ def table(report: dict) -> str:
 
 def run(args: argparse.Namespace, cfg) -> int:
   """Compiles `cfg` (a TrainConfig) for `args.topology`; prints the table and the JSON."""
+  from t5gemma_jax.train import aot  # the trainer loads only for the commands that run it
   report = aot.compile_run(cfg, args.topology, args.num_slices, decode=not args.no_decode)
   if args.find_batch:
     largest, _ = aot.find_batch(cfg, args.topology, args.num_slices)

@@ -28,6 +28,8 @@ def summary_text(s: dict) -> str:
       + (" (stopped by SIGTERM, checkpoint saved)" if s.get("preempted") else ""),
       f"final train loss {num('train_loss', '.4f')}, validation loss "
       f"{num('validation_loss', '.4f')}, {num('tokens_per_s', ',.0f')} non-padding tokens/s",
+      f"first step after {num('seconds_to_first_step', '.1f')} s (compilation cache: "
+      f"{s.get('compilation_cache') or 'off'})",
       f"checkpoints: {s['checkpoints']}",
       f"metrics:     {s['metrics']}",
       f"tensorboard: tensorboard --logdir {s['tensorboard']}",

@@ -18,12 +18,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from t5gemma_jax import atomic, checkpoint, evaluation, run_files, sharding, storage
+from t5gemma_jax import (atomic, checkpoint, compile_cache, evaluation, run_files, sharding,
+                         storage)
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.model import abstract_params
 from t5gemma_jax.run_options import RunOptions
-from t5gemma_jax.train import flops, optim, step as step_lib
+from t5gemma_jax.train import flops, optim, progress as progress_lib, step as step_lib
 from t5gemma_jax.train.losses import LossConfig
 from t5gemma_jax.train.metrics_writer import MetricsWriter
 
@@ -49,12 +50,14 @@ class TrainConfig:
     peak_flops: per-device peak FLOP/s for MFU when the device is not in the table.
     pack: pack examples into rows.
     shuffle: shuffle training examples (seeded).
-    progress: show a progress bar.
+    progress: show progress: a tqdm bar on a terminal, else one line per log period.
     eval_tasks: tasks to decode and score (BLEU, ROUGE, ...) every `eval_tasks_period` steps
       (0: at the end only) on `eval_examples` validation examples each, with `decode`.
     show_examples: decoded validation examples per eval task to put in the summary.
     log_batches: append {"step", "crc32"} of every training batch (this process's part) to
       MODEL_DIR/batches_p{process}.jsonl, to check exact data resumption.
+    compilation_cache: jax's persistent compilation cache folder (local or gs://); None:
+      `compile_cache.default_dir()` ($T5GEMMA_CACHE); "": off.
   """
 
   model: T5GemmaConfig
@@ -87,6 +90,7 @@ class TrainConfig:
   show_examples: int = 0
   decode: evaluation.DecodeConfig = evaluation.DecodeConfig()
   log_batches: bool = False
+  compilation_cache: Optional[str] = None
 
   def __post_init__(self):
     for name in ("batch_size", "train_steps", "checkpoint_period", "keep_checkpoints",
@@ -180,8 +184,7 @@ class _StepLog:
     _check_finite(step, host["loss"])
     self._tokens += host["real_tokens"]
     if self._bar is not None:
-      self._bar.update(step - self._bar.n)
-      self._bar.set_postfix(loss=f"{host['loss']:.3f}")
+      self._bar.step(step, host["loss"])
     if step % self._cfg.log_period and step != self._cfg.train_steps:
       return
     now = time.perf_counter()
@@ -196,7 +199,7 @@ class _StepLog:
     self.history.update(train_loss=record["loss"], tokens_per_s=record["tokens_per_s"])
     self._since, self._since_step, self._tokens = now, step, 0.0
     if self._bar is not None:
-      self._bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+      self._bar.record(step, record)
 
   def close(self) -> None:
     if self._bar is not None:
@@ -259,6 +262,8 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
       CLI's config.gin). Nothing is written before: a run that fails while being set up
       (bad data, mesh, vocabulary, checkpoint) leaves no directory behind that it created.
   """
+  started = time.perf_counter()
+  cache_dir = compile_cache.enable(cfg.compilation_cache)
   sharding.maybe_initialize_distributed()
   pipeline.hide_gpus_from_tensorflow()
   mesh = sharding.make_mesh(cfg.mesh)
@@ -313,7 +318,8 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
   rng = jax.random.PRNGKey(cfg.seed + 1)
   first = int(jax.device_get(state.step))
   log = _StepLog(cfg, writer, _progress(cfg, first), step_flops, peak, first)
-  summary = {"start": start, "first_step": first, "model_dir": cfg.model_dir}
+  summary = {"start": start, "first_step": first, "model_dir": cfg.model_dir,
+             "compilation_cache": cache_dir}
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
       step, pending = first, None
@@ -324,6 +330,9 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
           batch_log.write(json.dumps({"step": step, "crc32": data.last_fingerprint}) + "\n")
         state, metrics = train_step(state, batch, rng)
         step += 1
+        if step == first + 1:  # set-up, data and compiles: what the compilation cache saves
+          jax.block_until_ready(metrics)
+          summary["seconds_to_first_step"] = time.perf_counter() - started
         # Read the previous step's metrics while this one runs: the device never waits for the
         # host, except at the points below where the current loss must be known.
         if pending is not None:
@@ -386,6 +395,4 @@ def _score_tasks(cfg: TrainConfig, params, step: int) -> dict:
 def _progress(cfg: TrainConfig, first: int):
   if not cfg.progress or jax.process_index() != 0:
     return None
-  from tqdm import tqdm
-  return tqdm(total=cfg.train_steps, initial=first, desc="train", unit="step",
-              dynamic_ncols=True)
+  return progress_lib.make(cfg.train_steps, first)
