@@ -5,8 +5,11 @@ written asynchronously by orbax's StandardCheckpointHandler) and, when given, `d
 (every process's tf.data position, written by `DataIteratorHandler`). Orbax writes a step to a
 temporary directory and finalizes it (rename, plus commit_success.txt) only after every item of
 every process is complete, so params and data position always belong to the same step, and a
-step cut short by a crash is never listed or loaded: the previous complete step is used. So is
-it when the newest step's files turn out damaged (truncated, deleted) on restore.
+step cut short by a crash is never listed or loaded (`params_reader.STEP_FORMAT`, the rule the
+params-only readers use too): the previous complete step is used. So is it when the newest
+step's files turn out damaged (truncated, deleted) on restore.
+
+Reading parameters alone (fine-tuning, eval, export) is `params_reader`'s, which never writes.
 
 Restoring takes an abstract state (`jax.ShapeDtypeStruct`s with shardings): each process reads
 only its own shards, so nothing is materialised whole on one host.
@@ -24,11 +27,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from t5gemma_jax import params_reader
 from t5gemma_jax.damaged_checkpoints import DamagedCheckpointError, agree, brief, recorded_items
 from t5gemma_jax.damaged_checkpoints import set_aside, silence_read_noise
-from t5gemma_jax.model import layout
 
-STATE = "state"
+STATE = params_reader.STATE
 DATA_ITERATOR = "data_iterator"
 _log = logging.getLogger(__name__)
 
@@ -107,7 +110,9 @@ class Checkpointer:
             policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]),
         enable_async_checkpointing=async_save,
         # Temporary directories left by a crash are removed when a run (re)starts.
-        cleanup_tmp_directories=True)
+        cleanup_tmp_directories=True,
+        # Which steps are finalized: the rule `params_reader` (eval, export) reads them by.
+        step_name_format=params_reader.STEP_FORMAT)
     handlers = {STATE: ocp.StandardCheckpointHandler(), DATA_ITERATOR: DataIteratorHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self.restored_step: Optional[int] = None  # set by `restore`
@@ -177,12 +182,16 @@ class Checkpointer:
       `restored_step`).
 
     Raises:
+      CheckpointNotFoundError: no such step (with `step=None`: no step at all).
       DamagedCheckpointError: the step (with `step=None`: every step) could not be read.
     """
     self.wait()  # a save still in flight is not yet listed
-    _require_shardings(abstract_state)
+    params_reader.require_shardings(abstract_state)
     if step is not None:
-      step = _resolve_step(self._manager, step, self.directory)
+      step, steps = int(step), self.all_steps()
+      if step not in steps:
+        raise params_reader.CheckpointNotFoundError(
+            f"no checkpoint for step {step} in {self.directory} (have {steps})")
       state, problem = self._try_step(step, abstract_state, data_iterator)
       if problem is not None:
         raise DamagedCheckpointError(f"checkpoint {self._step_dir(step)} could not be loaded: "
@@ -204,7 +213,7 @@ class Checkpointer:
       _log.warning("checkpoint %s could not be loaded (%s); trying the previous step",
                    self._step_dir(step), problem)
     if not failures:
-      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+      raise params_reader.CheckpointNotFoundError(f"no complete checkpoint in {self.directory}")
     raise DamagedCheckpointError(
         f"no checkpoint in {self.directory} could be loaded: "
         + "; ".join(f"step {s}: {p}" for s, p in failures) + ". Nothing was moved: move the "
@@ -265,82 +274,7 @@ class Checkpointer:
     self.close()
 
 
-# ---------------------------------------------------------------------- params only
-
-
-def restore_params(directory: str, abstract_params: Any, step: Optional[int] = None,
-                   cfg: Any = None) -> Any:
-  """Loads only the params of another run's checkpoint (fine-tuning): no optimizer state.
-
-  Args:
-    directory: that run's checkpoint directory (the one given to `Checkpointer`).
-    abstract_params: the params tree of `jax.ShapeDtypeStruct`s with shardings.
-    step: the step; None for the latest.
-    cfg: the model's architecture; with it, a checkpoint saved in the other layout
-      (scanned vs unrolled) is read in its own layout and converted on the devices.
-
-  Returns:
-    The params, with the structure and shardings of `abstract_params`.
-  """
-  path = epath.Path(directory)
-  if not path.is_dir():
-    raise FileNotFoundError(f"no checkpoint directory {path}")
-  # A PyTree handler can read a subtree of the item the StandardCheckpointHandler wrote.
-  manager = ocp.CheckpointManager(
-      path, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
-  try:
-    step = _resolve_step(manager, step, path)
-    target = abstract_params
-    saved_scanned = layout.is_scanned(_saved_tree(manager, step)["params"])
-    converting = cfg is not None and saved_scanned != layout.is_scanned(abstract_params)
-    if converting:
-      target = _in_layout(abstract_params, cfg, saved_scanned)
-    _check_shapes(manager, step, {"params": target}, path)  # requires shardings on every leaf
-    target = {"params": target}
-    args = ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)
-    params = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]["params"]
-  finally:
-    manager.close()
-  if converting:
-    params = jax.jit(lambda p: layout.to_layout(p, cfg, not saved_scanned),
-                     out_shardings=jax.tree_util.tree_map(lambda a: a.sharding,
-                                                          abstract_params))(params)
-  return params
-
-
-def latest_step(directory: str) -> Optional[int]:
-  """The newest complete step in `directory` (None: none), read only: safe beside a run still
-  writing there, whose temporary steps a `Checkpointer` would clean up. FileNotFoundError if
-  `directory` is missing."""
-  path = epath.Path(directory)
-  if not path.is_dir():
-    raise FileNotFoundError(f"no checkpoint directory {path}")
-  manager = ocp.CheckpointManager(
-      path, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  try:
-    return manager.latest_step()
-  finally:
-    manager.close()
-
-
-def _in_layout(abstract_params: Any, cfg: Any, scanned: bool) -> Any:
-  """`abstract_params` in the scanned (or unrolled) layout, sharded by the same rules."""
-  from t5gemma_jax import model, sharding
-  from t5gemma_jax.run_options import RunOptions
-  other = RunOptions(scan_layers=scanned)
-  first = jax.tree_util.tree_leaves(abstract_params)[0]
-  shapes = model.abstract_params(cfg, other, boxed=False)
-  if isinstance(first.sharding, jax.sharding.NamedSharding):
-    shardings = sharding.logical_to_shardings(model.abstract_params(cfg, other),
-                                              first.sharding.mesh)
-  else:
-    shardings = jax.tree_util.tree_map(lambda _: first.sharding, shapes)
-  # Every parameter is stored in one dtype (RunOptions.param_dtype): take the caller's.
-  return jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, first.dtype, sharding=s), shapes, shardings)
+# ---------------------------------------------------------------------- helpers
 
 
 def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
@@ -348,55 +282,16 @@ def _saved_tree(manager: ocp.CheckpointManager, step: int) -> Any:
   return getattr(saved, "tree", saved)
 
 
-def _resolve_step(manager: ocp.CheckpointManager, step: Optional[int], directory) -> int:
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise FileNotFoundError(f"no complete checkpoint in {directory}")
-  if step is None:
-    return steps[-1]
-  if int(step) not in steps:
-    raise FileNotFoundError(f"no checkpoint for step {step} in {directory} (have {steps})")
-  return int(step)
-
-
-def _name(path) -> str:
-  """'params/encoder/kernel' for a jax key path (dict keys, attributes, sequence indices)."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-  return "/".join(parts)
-
-
-def _require_shardings(abstract: Any) -> None:
-  # Without a sharding orbax would restore a whole numpy array on every host.
-  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    if getattr(leaf, "sharding", None) is None:
-      raise ValueError(f"{_name(path) or 'the value'}: the abstract state needs a sharding "
-                       "(jax.ShapeDtypeStruct(shape, dtype, sharding=...)) on every leaf")
-
-
 def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract: Any, directory) -> None:
   """Names the parameters whose shapes differ, or that are missing, before orbax reads any."""
-  _require_shardings(abstract)
+  params_reader.require_shardings(abstract)
   saved = _saved_tree(manager, step)
   # A whole TrainState is asked for, but the step holds params alone.
   if not isinstance(abstract, dict) and isinstance(saved, dict) and "opt_state" not in saved:
     raise ValueError(f"checkpoint {directory} step {step} holds parameters only (written by "
                      "import_hf or adapt): start a new run from it with TrainConfig.init_from "
                      "(--gin.INIT_FROM), or decode it with infer/eval")
-  saved = {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
-  problems = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-    name = _name(path)
-    if name not in saved:
-      problems.append(f"{name}: not in the checkpoint")
-    elif saved[name] != tuple(leaf.shape):
-      problems.append(f"{name}: checkpoint shape {saved[name]}, expected {tuple(leaf.shape)}")
+  problems = params_reader.mismatch(saved, abstract)
   if problems:
-    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
-                                       else "")
     raise ValueError(f"checkpoint {directory} step {step} does not match the abstract state: "
-                     f"{shown}")
+                     f"{problems}")

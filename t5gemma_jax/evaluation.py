@@ -252,40 +252,44 @@ def load_params(cfg: T5GemmaConfig, model_dir: str, step: Optional[int] = None,
   may belong to another process), and all read the step process 0 finds newest.
 
   Args:
-    cfg: the architecture.
+    cfg: the architecture (a step saved in the other layout is converted to `run`'s).
     model_dir: the run directory (its `checkpoints/` are read).
-    step: the step; None for the newest.
+    step: the step; None for the newest finalized one.
     run: the params come in `run.param_dtype` and the layout `run.scan_layers` says.
 
   Returns:
     The params tree of `jax.Array`s on `jax.local_devices()[0]`.
   """
-  from t5gemma_jax import checkpoint
-  directory = os.path.join(model_dir, "checkpoints")
+  from t5gemma_jax import params_reader
   if step is None and jax.process_count() > 1:
-    step = latest_step_everywhere(directory)
+    step = latest_step_everywhere(model_dir)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
       abstract_params(cfg, run, boxed=False))
-  return checkpoint.restore_params(directory, abstract, step=step, cfg=cfg)
+  return params_reader.ParamsReader(model_dir, step).read(abstract, cfg=cfg)
 
 
 def latest_step_everywhere(directory: str) -> int:
-  """The newest complete checkpoint step as process 0 sees it, on every process: a step a
-  still-training run commits between two processes' listings must not split them.
+  """The newest finalized checkpoint step as process 0 sees it, on every process: a step a
+  still-training run commits between two processes' listings must not split them. Read only
+  (`params_reader`): a save still in flight there is skipped, and never cleaned up.
+
+  Args:
+    directory: a run directory or its `checkpoints/`.
 
   Raises:
-    FileNotFoundError: `directory` is missing or holds no complete step.
+    CheckpointNotFoundError: `directory` is missing or holds no finalized step.
   """
-  from t5gemma_jax import checkpoint
-  step = checkpoint.latest_step(directory)
+  from t5gemma_jax import params_reader
+  step = params_reader.latest_step(directory)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     step = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if step is None else step)))
     step = None if step < 0 else step
   if step is None:
-    raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    raise params_reader.CheckpointNotFoundError(
+        f"no complete checkpoint in {params_reader.steps_directory(directory)}")
   return step
 
 

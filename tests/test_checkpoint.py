@@ -1,5 +1,5 @@
 """Checkpointer: bitwise round trips onto shardings, retention, save schedule, data position,
-interrupted saves, params-only restore and error messages."""
+interrupted saves, params-only reads and error messages."""
 
 import os
 import subprocess
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5gemma_jax import checkpoint
+from t5gemma_jax import checkpoint, params_reader
 from t5gemma_jax.train.state import TrainState
 from tests.helpers.states import (abstract, assert_bitwise, replicated, small_batches,
                                   small_state)
@@ -113,7 +113,7 @@ def test_interrupted_save_is_ignored(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["1", "2.orbax-checkpoint-tmp"]  # step 2 half-done
   target = {"params": {"w": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=replicated())}}
   # A read-only reader leaves the debris in place and still skips it.
-  params = checkpoint.restore_params(str(tmp_path), target["params"])
+  params = params_reader.ParamsReader(str(tmp_path)).read(target["params"])
   np.testing.assert_array_equal(params["w"], np.ones(4))
   with checkpoint.Checkpointer(str(tmp_path), save_every=1) as ckpt:  # removes the debris
     assert ckpt.latest_step() == 1
@@ -124,16 +124,17 @@ def test_interrupted_save_is_ignored(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["1", "2"]
 
 
-def test_restore_params_loads_only_params(tmp_path):
+def test_params_reader_loads_only_params(tmp_path):
   state = small_state(seed=1)
   with checkpoint.Checkpointer(str(tmp_path), save_every=1) as ckpt:
     ckpt.save(1, small_state(seed=2))
     ckpt.save(2, state)
   sharding = replicated()
-  params = checkpoint.restore_params(str(tmp_path), abstract(state.params, sharding))
+  params = params_reader.ParamsReader(str(tmp_path)).read(abstract(state.params, sharding))
   assert_bitwise(params, state.params)
   assert all(leaf.sharding == sharding for leaf in jax.tree.leaves(params))
-  older = checkpoint.restore_params(str(tmp_path), abstract(state.params, sharding), step=1)
+  older = params_reader.ParamsReader(str(tmp_path), step=1).read(abstract(state.params,
+                                                                          sharding))
   assert_bitwise(older, small_state(seed=2).params)
 
 
@@ -146,7 +147,7 @@ def test_errors_name_the_directory_and_the_parameter(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(empty)):
       ckpt.restore(None, target)
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
-    checkpoint.restore_params(str(tmp_path / "missing"), target.params)
+    params_reader.ParamsReader(str(tmp_path / "missing"))
 
   run = tmp_path / "run"
   with checkpoint.Checkpointer(str(run), save_every=1) as ckpt:
@@ -161,7 +162,7 @@ def test_errors_name_the_directory_and_the_parameter(tmp_path):
                                          r"\(16, 4\), expected \(16, 5\)"):
       ckpt.restore(1, wrong)
     with pytest.raises(ValueError, match="params/decoder/embedding"):
-      checkpoint.restore_params(str(run), wrong.params)
+      params_reader.ParamsReader(str(run)).read(wrong.params)
     with pytest.raises(ValueError, match="needs a sharding"):
       ckpt.restore(1, jax.eval_shape(lambda: state))
 

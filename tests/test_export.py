@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from t5gemma_jax import config, evaluation, model, presets, run_files
+from t5gemma_jax import config, evaluation, model, params_reader, presets, run_files
 from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.cli import app, gin_setup
 from t5gemma_jax.convert import hf, hf_checkpoint, params_checkpoint, safetensors_io
@@ -117,8 +117,7 @@ def test_import_then_export_is_bitwise(tmp_path, scan, param_dtype, clean_gin):
   assert app.main(["import_hf", f"--hf_dir={src}", f"--output_dir={run}", *flags]) == 0
   assert set(os.listdir(run)) >= {"checkpoints", "model.gin", "model_config.json"}
   assert run_files.read_model_config(run) == cfg
-  assert params_checkpoint.is_scanned(params_checkpoint.param_metadata(
-      os.path.join(run, "checkpoints", "0"))) == scan
+  assert params_reader.ParamsReader(run).scanned == scan
   out = str(tmp_path / "out")
   assert app.main(["export", f"--checkpoint_dir={run}", f"--output_dir={out}",
                     "--vocabulary=none"]) == 0
@@ -183,7 +182,7 @@ def test_missing_truncated_and_foreign_inputs_are_named(mesh_run, tmp_path, clea
   # A step whose save never completed is not used.
   os.remove(step / "commit_success.txt")
   with pytest.raises(FileNotFoundError, match="never completed"):
-    params_checkpoint.find_step(str(step))
+    params_reader.ParamsReader(str(step))
   # A decoder-only Gemma folder given to import_hf names its model type.
   (tmp_path / "g2").mkdir()
   (tmp_path / "g2" / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
@@ -199,18 +198,18 @@ def test_missing_truncated_and_foreign_inputs_are_named(mesh_run, tmp_path, clea
 _MEMORY = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from t5gemma_jax.convert import hf_checkpoint, params_checkpoint
+    from t5gemma_jax import params_reader
+    from t5gemma_jax.convert import hf_checkpoint
 
     def status(key):
       for line in open("/proc/self/status"):
         if line.startswith(key):
           return int(line.split()[1]) * 1024
 
-    step = params_checkpoint.find_step(sys.argv[1])
-    meta = params_checkpoint.param_metadata(step)
-    sizes = [int(np.prod(s)) * d.itemsize for s, d in meta.values()]
-    first = dict(list(meta.items())[:1])  # warm the reader's code paths
-    next(iter(params_checkpoint.iter_params(step, first)))
+    reader = params_reader.ParamsReader(sys.argv[1])
+    step = str(reader.step_dir)
+    sizes = [int(np.prod(s)) * d.itemsize for s, d in reader.metadata.values()]
+    next(reader.iter_params(paths=list(reader.metadata)[:1]))  # warm the reader's code paths
     base = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")  # the peak (VmHWM) restarts from here

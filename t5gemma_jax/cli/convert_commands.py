@@ -80,11 +80,12 @@ def _vocabulary(choice: str, run_dir: str) -> Any:
 
 def export(args: argparse.Namespace) -> int:
   """Writes a Hugging Face folder from an orbax checkpoint."""
-  from t5gemma_jax.convert import hf_checkpoint, params_checkpoint
-  step_dir = params_checkpoint.find_step(args.checkpoint_dir)
-  vocabulary = _vocabulary(args.vocabulary, params_checkpoint.run_dir_of(step_dir))
+  from t5gemma_jax import params_reader
+  from t5gemma_jax.convert import hf_checkpoint
+  reader = params_reader.ParamsReader(args.checkpoint_dir)  # the step, fixed once
+  vocabulary = _vocabulary(args.vocabulary, str(reader.run_dir))
   report = hf_checkpoint.export_checkpoint(
-      step_dir, args.output_dir, cfg=gin_setup.bound_model(), dtype=args.dtype,
+      str(reader.step_dir), args.output_dir, cfg=gin_setup.bound_model(), dtype=args.dtype,
       overwrite=args.overwrite, vocabulary=vocabulary, verify=args.verify,
       tolerance=args.tolerance)
   print(f"exported {report['step_dir']} ({report['parameters']:,} parameters, "

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from t5gemma_jax import run_files
+from t5gemma_jax import params_reader, run_files
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.run_options import DTYPES, RunOptions
 from t5gemma_jax.convert import hf, hf_t5gemma2, hf_writer, params_checkpoint
@@ -24,34 +24,35 @@ from t5gemma_jax.model import abstract_params, layout
 _DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
-def checkpoint_config(step_dir: str, cfg: Optional[T5GemmaConfig] = None,
-                      metadata: Optional[dict] = None) -> T5GemmaConfig:
+def checkpoint_config(reader: params_reader.ParamsReader,
+                      cfg: Optional[T5GemmaConfig] = None) -> T5GemmaConfig:
   """The model config of a checkpoint step, checked against the saved shapes.
 
   Args:
-    step_dir: the step directory.
+    reader: the step (`params_reader.ParamsReader`); only its metadata is read.
     cfg: the architecture; None reads the run's `model_config.json`.
-    metadata: `params_checkpoint.param_metadata(step_dir)`, when already read.
 
   Returns:
-    The architecture; the checkpoint's layout is `params_checkpoint.is_scanned(metadata)`.
+    The architecture (the checkpoint's layout is `reader.scanned`).
+
+  Raises:
+    ValueError: naming the step and the parameters missing, extra or of another shape.
   """
   source = "the given model config"
   if cfg is None:
-    run_dir = params_checkpoint.run_dir_of(step_dir)
-    cfg = run_files.read_model_config(run_dir)
-    source = os.path.join(run_dir, run_files.MODEL_CONFIG)
-  metadata = metadata if metadata is not None else params_checkpoint.param_metadata(step_dir)
-  stored = RunOptions(scan_layers=params_checkpoint.is_scanned(metadata))
+    cfg = run_files.read_model_config(str(reader.run_dir))
+    source = os.path.join(str(reader.run_dir), run_files.MODEL_CONFIG)
+  stored = RunOptions(scan_layers=reader.scanned)
   expected = {p: tuple(a.shape)
               for p, a in hf_writer.leaves_of(abstract_params(cfg, stored, boxed=False))}
-  saved = {p: shape for p, (shape, _) in metadata.items()}
+  saved = {p: shape for p, (shape, _) in reader.metadata.items()}
   problems = [f"{'/'.join(p)}: not in the checkpoint" for p in sorted(set(expected) - set(saved))]
   problems += [f"{'/'.join(p)}: not in the model" for p in sorted(set(saved) - set(expected))]
   problems += [f"{'/'.join(p)}: checkpoint {saved[p]}, model {expected[p]}"
                for p in sorted(set(saved) & set(expected)) if saved[p] != expected[p]]
   if problems:
-    raise ValueError(f"checkpoint {step_dir} does not match {source}: " + "; ".join(problems[:4])
+    raise ValueError(f"checkpoint {reader.step_dir} does not match {source}: "
+                     + "; ".join(problems[:4])
                      + (f"; and {len(problems) - 4} more" if len(problems) > 4 else ""))
   return cfg
 
@@ -80,10 +81,11 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, *,
   Returns:
     {"step_dir", "output_dir", "dtype", "scanned", "parameters", "max_abs_logit_diff"?}.
   """
-  step_dir = params_checkpoint.find_step(checkpoint_path)
+  reader = params_reader.ParamsReader(checkpoint_path)
+  step_dir = str(reader.step_dir)
   hf_writer.check_destination(output_dir, overwrite)  # before any reading
-  metadata = params_checkpoint.param_metadata(step_dir)
-  cfg = checkpoint_config(step_dir, cfg, metadata)
+  metadata = reader.metadata
+  cfg = checkpoint_config(reader, cfg)
   if dtype is None:
     stored = {d for _, d in metadata.values()}
     if len(stored) != 1 or next(iter(stored)) not in _DTYPE_NAMES:
@@ -91,11 +93,11 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, *,
                        "one with --dtype")
     dtype = _DTYPE_NAMES[stored.pop()]
   report = {"step_dir": step_dir, "output_dir": output_dir, "dtype": dtype,
-            "scanned": params_checkpoint.is_scanned(metadata),
+            "scanned": reader.scanned,
             "parameters": int(sum(np.prod(s) for s, _ in metadata.values()))}
 
   def fill(writer: hf_writer.FolderWriter) -> None:
-    for path, array in params_checkpoint.iter_params(step_dir, metadata, read_bytes):
+    for path, array in reader.iter_params(read_bytes):
       for ours, index in layout.unrolled_slices(path, cfg):
         writer.put(ours, array if index is None else array[index])
       del array
@@ -105,7 +107,7 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, *,
 
   def check(folder: str) -> None:
     params = {}
-    for path, array in params_checkpoint.iter_params(step_dir, metadata, read_bytes):
+    for path, array in reader.iter_params(read_bytes):
       node = params
       for key in path[:-1]:
         node = node.setdefault(key, {})
@@ -124,8 +126,7 @@ def compare_with_transformers(folder: str, params: Any, cfg: T5GemmaConfig,
   """Max |logit difference| between transformers on `folder` and our model on `params`.
 
   Both run in float32 on the same random, partly padded token rows; transformers loads the
-  folder strictly (a missing, unexpected or mismatched tensor is an error). `params` may be in
-  either layout (float32 or not: they are computed in float32).
+  folder strictly (a missing, unexpected or mismatched tensor is an error).
 
   Raises:
     ImportError: transformers (or torch) is not installed.
@@ -138,7 +139,7 @@ def compare_with_transformers(folder: str, params: Any, cfg: T5GemmaConfig,
     raise ImportError(f"--verify needs torch and transformers installed ({e})") from None
   import jax
   import jax.numpy as jnp
-  from t5gemma_jax.model import T5Gemma, layout
+  from t5gemma_jax.model import T5Gemma
 
   t5gemma2 = cfg.family == "t5gemma2"
   cls = (transformers.T5Gemma2ForConditionalGeneration if t5gemma2

@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from t5gemma_jax import (atomic, checkpoint, compile_cache, evaluation, run_files, sharding,
-                         storage)
+from t5gemma_jax import (atomic, checkpoint, compile_cache, evaluation, params_reader, run_files,
+                         sharding, storage)
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.model import abstract_params
@@ -286,8 +286,7 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
                                      cfg.run)
       start = "initialised"
       if cfg.init_from:
-        params = checkpoint.restore_params(os.path.join(cfg.init_from, "checkpoints"),
-                                           abstract.params, cfg=cfg.model)
+        params = params_reader.ParamsReader(cfg.init_from).read(abstract.params, cfg=cfg.model)
         state = state.replace(params=params)
         start = f"fine-tuning from {cfg.init_from}"
     try:
