@@ -11,7 +11,7 @@ import seqio
 import tensorflow as tf
 from rouge_score import rouge_scorer, scoring
 
-from t5gemma_jax import config, evaluation, metrics, tasks
+from t5gemma_jax import evaluation, metrics, presets, tasks
 from t5gemma_jax.tasks import files
 from tests.helpers.random_params import random_params
 
@@ -134,7 +134,7 @@ def _byte_task(name: str) -> str:
 
 @pytest.mark.slow  # decodes with a tiny model (a compile)
 def test_eval_results_record_the_metric_settings(tmp_path):
-  cfg = config.preset("tiny")
+  cfg = presets.preset("tiny")
   task = _byte_task("bytes_for_metric_settings")
   try:
     results = evaluation.evaluate(random_params(cfg), cfg, task, "validation",
