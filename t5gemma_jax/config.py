@@ -15,7 +15,7 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 REMAT_POLICIES = ("none", "full", "minimal")
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "triton")
 ENCODER_WINDOWS = ("symmetric", "split")
 CROSS_ATTENTION_LAYERS = ("all", "global")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -182,7 +182,8 @@ class T5GemmaConfig:
         if self.attention_impl == "cudnn" and m.attn_logit_softcapping is not None:
           raise ValueError(f"attention_impl='cudnn' cannot softcap attention logits, but "
                            f"{side}.attn_logit_softcapping is {m.attn_logit_softcapping}; use "
-                           "'xla' or 'splash', or a config without softcapping")
+                           "'xla', 'triton' (GPU) or 'splash' (TPU), or a config without "
+                           "softcapping")
     self._check_t5gemma2_options()
     if self.encoder.vocab_size != self.decoder.vocab_size:
       raise ValueError(f"encoder.vocab_size ({self.encoder.vocab_size}) and decoder.vocab_size "
