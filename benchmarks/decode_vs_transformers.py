@@ -158,15 +158,25 @@ def hf_model_for(params, cfg):
     return cls.from_pretrained(d, attn_implementation="eager").eval()
 
 
-def hf_seconds(hf_model, enc, new_tokens, repeats):
+def hf_generate_function(hf_model, enc, new_tokens, device="cpu"):
+  """run() -> None: transformers' greedy `generate` of exactly `new_tokens` per row of `enc`
+  (EOS forbidden until then, as ours), the model and inputs on `device`; returns when done."""
   import torch
-  ids = torch.from_numpy(enc).long()
+  ids = torch.from_numpy(enc).long().to(device)
 
   def run():
     with torch.no_grad():
       hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                         max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                         decoder_start_token_id=2, eos_token_id=1, pad_token_id=0)
+    if device != "cpu":
+      torch.cuda.synchronize()
+  return run
+
+
+def hf_seconds(hf_model, enc, new_tokens, repeats, device="cpu"):
+  """Median seconds of `hf_generate_function`'s run after one warm-up run."""
+  run = hf_generate_function(hf_model, enc, new_tokens, device)
   run()  # warm up
   return timed(run, repeats)
 

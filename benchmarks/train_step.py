@@ -67,20 +67,38 @@ def real_tokens(b: dict) -> int:
   return int((b["encoder_input_tokens"] > 0).sum() + (b["decoder_input_tokens"] > 0).sum())
 
 
+def benchmark_optimizer(cfg: config.T5GemmaConfig, run: RunOptions = RunOptions()):
+  """AdamW at a constant 1e-3 without clipping or weight decay: the update torch's AdamW
+  makes in `hf_step_time`."""
+  opt_cfg = optim.OptimizerConfig(name="adamw", clip_grad_norm=None, schedule=optim.ScheduleConfig(
+      name="constant", learning_rate=1e-3, warmup_steps=0))
+  return optim.make_optimizer(opt_cfg, abstract_params(cfg, run, boxed=False))
+
+
+def jitted_train_step(cfg: config.T5GemmaConfig, optimizer, run: RunOptions = RunOptions()):
+  """Our train step on the first device, jitted with its shardings, not yet compiled.
+
+  Returns:
+    (train, abstract state with shardings, shardings, mesh); `train(state, batch, rng)`
+    donates the state.
+  """
+  mesh = sharding.make_mesh(sharding.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1])
+  abstract, shardings = step_lib.state_shardings(cfg, optimizer, mesh, run)
+  loss = LossConfig(z_loss=0.0)  # the same objective as transformers' cross-entropy
+  train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, loss, run=run),
+                                step_lib.make_eval_step(cfg, loss, run), shardings, mesh)
+  return train, abstract, shardings, mesh
+
+
 def jax_step_time(cfg, b, steps: int, keep_params: bool = True, profile_dir: str = "",
                   run: RunOptions = RunOptions()) -> tuple[float, float, object]:
   """(seconds per step, compile seconds, the initial params on the host or None) of our train
   step on one device; with `profile_dir`, the timed steps are traced there (TensorBoard's
   profile plugin or Perfetto read it)."""
-  opt_cfg = optim.OptimizerConfig(name="adamw", clip_grad_norm=None, schedule=optim.ScheduleConfig(
-      name="constant", learning_rate=1e-3, warmup_steps=0))
-  optimizer = optim.make_optimizer(opt_cfg, abstract_params(cfg, run, boxed=False))
-  mesh = sharding.make_mesh(sharding.MeshConfig(ici=(1, 1, 1)), jax.devices()[:1])
-  state, shardings = step_lib.init_state(cfg, optimizer, mesh, seed=0, run=run)
+  optimizer = benchmark_optimizer(cfg, run)
+  train, _, shardings, mesh = jitted_train_step(cfg, optimizer, run)
+  state, _ = step_lib.init_state(cfg, optimizer, mesh, seed=0, shardings=shardings, run=run)
   params0 = jax.device_get(state.params) if keep_params else None
-  loss = LossConfig(z_loss=0.0)  # the same objective as transformers' cross-entropy
-  train, _ = step_lib.jit_steps(step_lib.make_train_step(cfg, optimizer, loss, run=run),
-                                step_lib.make_eval_step(cfg, loss, run), shardings, mesh)
   batch = {k: jnp.asarray(v) for k, v in b.items()}
   rng = jax.random.PRNGKey(0)
   start = time.perf_counter()
@@ -101,6 +119,43 @@ def jax_step_time(cfg, b, steps: int, keep_params: bool = True, profile_dir: str
   return per_step, max(first - per_step, 0.0), params0
 
 
+def torch_batch(b: dict, device="cpu") -> dict:
+  """transformers' keyword arguments for one of `make_batch`'s batches on `device` (labels
+  -100 on padding, both attention masks passed)."""
+  import torch
+  enc = torch.from_numpy(b["encoder_input_tokens"]).long().to(device)
+  dec = torch.from_numpy(b["decoder_input_tokens"]).long().to(device)
+  labels = torch.from_numpy(b["decoder_target_tokens"]).long().to(device)
+  labels[labels == 0] = -100
+  return dict(input_ids=enc, attention_mask=(enc != 0).long(), decoder_input_ids=dec,
+              decoder_attention_mask=(dec != 0).long(), labels=labels)
+
+
+def torch_step_function(model, kwargs: dict, fused: bool = False):
+  """One AdamW train step of a transformers model on fixed inputs, blocking until done.
+
+  Args:
+    model: a transformers model in train mode.
+    kwargs: its inputs (`torch_batch`).
+    fused: torch's fused CUDA AdamW (GPU only).
+
+  Returns:
+    step() -> the loss as a float (reading it waits for the step).
+  """
+  import torch
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0,
+                          **({"fused": True} if fused else {}))
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = model(**kwargs).loss
+    loss.backward()
+    opt.step()
+    return float(loss.detach())  # a device sync: the step is done when this returns
+
+  return step
+
+
 def hf_step_time(cfg, params, b, steps: int, threads: int) -> float:
   """Seconds per step of transformers' T5Gemma + torch AdamW on the same weights and batch."""
   import torch
@@ -112,19 +167,7 @@ def hf_step_time(cfg, params, b, steps: int, threads: int) -> float:
     model = transformers.T5GemmaForConditionalGeneration.from_pretrained(
         os.path.join(d, "m"), dtype=torch.float32, attn_implementation="eager")
   model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-  enc = torch.from_numpy(b["encoder_input_tokens"]).long()
-  dec = torch.from_numpy(b["decoder_input_tokens"]).long()
-  labels = torch.from_numpy(b["decoder_target_tokens"]).long()
-  labels[labels == 0] = -100
-  kwargs = dict(input_ids=enc, attention_mask=(enc != 0).long(), decoder_input_ids=dec,
-                decoder_attention_mask=(dec != 0).long(), labels=labels)
-
-  def step():
-    opt.zero_grad(set_to_none=True)
-    model(**kwargs).loss.backward()
-    opt.step()
-
+  step = torch_step_function(model, torch_batch(b))
   step()  # warm-up: allocator, lazy init
   times = []
   for _ in range(steps):

@@ -13,7 +13,7 @@ import dataclasses
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "full", "minimal")
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "triton")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -29,7 +29,8 @@ class RunOptions:
     remat_policy: "none", "full" (recompute everything) or "minimal" (keep the named matmul
       outputs: projections, attention output, MLP activations).
     attention_impl: "xla" (portable, the reference), "cudnn" (GPU flash attention; needs no
-      attention softcap) or "splash" (TPU Pallas kernel) for training, teacher forcing and
+      attention softcap), "triton" (a Pallas Triton GPU kernel that softcaps; T5Gemma 1 only) or
+      "splash" (TPU Pallas kernel) for training, teacher forcing and
       the encoder pass of decoding; decoding's cached steps (one query) use "xla".
   """
 
@@ -79,5 +80,6 @@ class RunOptions:
       if self.attention_impl == "cudnn" and m.attn_logit_softcapping is not None:
         raise ValueError(f"RunOptions.attention_impl='cudnn' cannot softcap attention logits, "
                          f"but {side}.attn_logit_softcapping is {m.attn_logit_softcapping}; use "
-                         "'xla' or 'splash', or a config without softcapping")
+                         "'xla', 'triton' (GPU) or 'splash' (TPU), or a config without "
+                         "softcapping")
     return self

@@ -1,6 +1,6 @@
 """The package's shape: no import cycles, no imports of another module's private names, gin
-only in the CLI, and the model, train step, FLOP count and decoding importable without
-TensorFlow, seqio or gin (a GPU host has none of them)."""
+only in the CLI, and the model, train step, FLOP count, decoding and the prepared GPU check
+importable without TensorFlow, seqio or gin (a GPU host has none of them)."""
 
 import os
 import subprocess
@@ -22,6 +22,13 @@ def test_no_import_cycles():
 
 def test_no_module_takes_another_modules_private_names():
   assert import_graph.private_imports(_edges()) == []
+
+
+def test_the_gpu_check_has_no_import_cycles_or_private_imports():
+  """benchmarks/gpu_check*.py and the package together (the GPU machine runs them as a unit)."""
+  edges = import_graph.graph(import_graph.module_files(ROOT, ("t5gemma_jax", "benchmarks")))
+  assert import_graph.package_cycles(edges) == []
+  assert import_graph.private_imports(edges) == []
 
 
 def test_only_the_cli_imports_gin():
@@ -76,7 +83,10 @@ _BLOCKED = textwrap.dedent("""
 def test_model_train_step_flops_and_decoding_import_without_tensorflow_seqio_gin():
   modules = ["t5gemma_jax.model", "t5gemma_jax.train.step", "t5gemma_jax.train.optim",
              "t5gemma_jax.train.losses", "t5gemma_jax.train.flops", "t5gemma_jax.decoding",
-             "t5gemma_jax.sharding", "t5gemma_jax.convert.hf"]
+             "t5gemma_jax.sharding", "t5gemma_jax.convert.hf",
+             # The prepared GPU check, all of it: the GPU machine has no TF, seqio or gin.
+             "benchmarks.gpu_check", "benchmarks.gpu_check_jax", "benchmarks.gpu_check_torch",
+             "t5gemma_jax.model.triton_attention"]
   proc = subprocess.run([sys.executable, "-c", _BLOCKED, *modules], cwd=ROOT,
                         capture_output=True, text=True, timeout=300,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})

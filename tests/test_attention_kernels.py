@@ -53,6 +53,15 @@ def test_splash_matches_xla_in_logits_and_gradients():
   _assert_matches_xla(cfg, "splash", position=5)
 
 
+@pytest.mark.slow
+def test_triton_matches_xla_in_logits_and_gradients():
+  """T5Gemma 1 (softcap 50, window 5 so the sliding layers bite, GQA, padding) through the whole
+  model: the Pallas Triton kernel in interpret mode against the XLA path."""
+  stack = dataclasses.replace(presets.stack_preset("tiny"), sliding_window=5)
+  cfg = config.T5GemmaConfig(encoder=stack, decoder=stack)
+  _assert_matches_xla(cfg, "triton", position=5)
+
+
 def _t5gemma2_cfg(**changes):
   """tiny2 cut to one sliding and one global layer per stack, window 5 (split in the encoder)."""
   base = presets.preset("tiny2")

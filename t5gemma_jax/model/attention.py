@@ -81,8 +81,9 @@ class Attention(nn.Module):
     softcap: attention logit softcap, or None.
     rope_theta: RoPE base for self-attention; None for cross-attention.
     kv_features: width of `kv_input` (the encoder width for cross-attention); None = features.
-    impl: "xla" (`dot_product_attention`), "cudnn" or "splash" (`attention_kernels`); decoding
-      steps always take the XLA path (one query, keys in ring order).
+    impl: "xla" (`dot_product_attention`), "cudnn", "triton" or "splash"
+      (`attention_kernels`); decoding steps always take the XLA path (one query, keys in ring
+      order).
     rope_factor: linear RoPE scaling factor.
     qk_norm: RMSNorm (eps `norm_eps`) over head_dim of queries and keys, before RoPE.
   """

@@ -1,4 +1,5 @@
-"""Fused attention kernels behind `RunOptions.attention_impl`: cuDNN (GPU) and splash (TPU).
+"""Fused attention kernels behind `RunOptions.attention_impl`: cuDNN and Triton (GPU),
+splash (TPU).
 
 Both compute what `attention.dot_product_attention` computes, without materialising the
 [B, H, T, S] scores in memory, for the real (non-padding) queries; padding queries may see
@@ -6,6 +7,10 @@ other keys than in the XLA path (their outputs are never used).
 
   cudnn:  `jax.nn.dot_product_attention(implementation="cudnn")`; no logit softcap (cuDNN has
           none), so for T5Gemma 2-style configs, not Gemma 2's. GQA natively.
+  triton: our Pallas Triton flash attention (`triton_attention`) with Gemma 2's softcap, for
+          T5Gemma 1 on GPU: segment ids and the causal / sliding / full window of
+          `MaskSpec`; not T5Gemma 2's merged keys (use cudnn there). Off GPU it runs in Pallas
+          interpret mode (slow, for tests). Lengths must be multiples of 16.
   splash: the Pallas splash-attention kernel for TPU, with Gemma 2's softcap, segment ids for
           packing, causal and sliding-window masks built from the layer's pattern (T5Gemma 2's
           split encoder window and merged [decoder | encoder] keys included); off TPU it runs
@@ -24,10 +29,11 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from t5gemma_jax.model import triton_attention
 from t5gemma_jax.model.masks import MergedMaskSpec, window_offsets
 
 Array = jax.Array
-IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+IMPLEMENTATIONS = ("xla", "cudnn", "splash", "triton")
 
 
 def fused_attention(impl: str, q: Array, k: Array, v: Array, mask: Any, *, scale: float,
@@ -37,10 +43,12 @@ def fused_attention(impl: str, q: Array, k: Array, v: Array, mask: Any, *, scale
   if impl == "cudnn":
     if softcap is not None:
       raise ValueError("attention_impl='cudnn' cannot apply an attention logit softcap; use "
-                       "'xla' (or 'splash' on TPU) for Gemma 2 configs")
+                       "'xla', 'triton' (GPU) or 'splash' (TPU) for Gemma 2 configs")
     return cudnn_attention(q, k, v, mask, scale=scale)
   if impl == "splash":
     return splash_attention(q, k, v, mask, scale=scale, softcap=softcap)
+  if impl == "triton":
+    return triton_flash_attention(q, k, v, mask, scale=scale, softcap=softcap)
   raise ValueError(f"unknown attention_impl {impl!r}; known: {IMPLEMENTATIONS}")
 
 
@@ -49,6 +57,24 @@ def cudnn_attention(q: Array, k: Array, v: Array, mask: Any, *, scale: float,
   """`jax.nn.dot_product_attention` with our mask (`implementation=None` lets XLA run it)."""
   return jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, None], scale=scale,
                                       implementation=implementation).astype(q.dtype)
+
+
+def triton_flash_attention(q: Array, k: Array, v: Array, mask: Any, *, scale: float,
+                           softcap: Optional[float]) -> Array:
+  """`triton_attention.flash_attention` with our `MaskSpec` (GQA, softcap; per device under a
+  mesh). Pallas interpret mode whenever the compile target is not a GPU.
+
+  Raises:
+    ValueError: a `MergedMaskSpec` (T5Gemma 2's merged attention: use 'cudnn').
+  """
+  if isinstance(mask, MergedMaskSpec):
+    raise ValueError("attention_impl='triton' has no merged attention (T5Gemma 2); use "
+                     "'cudnn', which T5Gemma 2 can take (it has no attention softcap)")
+  lo, hi = mask.offsets
+  fn = functools.partial(triton_attention.flash_attention, scale=scale, softcap=softcap, lo=lo,
+                         hi=hi, interpret=target_platform() != "gpu")
+  return _sharded(lambda q, k, v, qs, ks: fn(q, k, v, qs, ks).astype(q.dtype), q, k, v,
+                  mask.q_segments, mask.kv_segments)
 
 
 def _block(n: int) -> int:

@@ -116,7 +116,10 @@ def make_train_step(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
 
       (sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(num_microbatches), micro))
     tokens = jnp.maximum(sums["weight"], 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / tokens, grads)
+    # Divided in float32, kept in each gradient's own dtype: a float32 quotient of bfloat16
+    # gradients would turn the optimizer's bfloat16 moments into float32 after the first step
+    # (a state whose dtypes change: a second compilation, and more memory, in bf16 runs).
+    grads = jax.tree_util.tree_map(lambda g: (g / tokens).astype(g.dtype), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": sums["loss"] / tokens, "z_loss": sums["z_loss"] / tokens,
