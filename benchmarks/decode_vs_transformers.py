@@ -121,7 +121,8 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / best / 1e9
 
 
-def step_cost(params, cfg, batch: int, input_length: int, new_tokens: int) -> dict:
+def step_cost(params, cfg, batch: int, input_length: int, new_tokens: int,
+              run: RunOptions = RunOptions()) -> dict:
   """Bytes and FLOPs of one decoding step: it reads the weights it uses and the whole decode
   cache; it multiplies each weight once per row and each cached key/value once per query
   head that reads it. {"bytes", "flops", "large_bytes": the output table and the cache}."""
@@ -132,7 +133,7 @@ def step_cost(params, cfg, batch: int, input_length: int, new_tokens: int) -> di
     used.append(layout.layer_params(params["encoder"]))
   weights = sum(nbytes(tree) for tree in used)
   elements = sum(x.size for tree in used for x in jax.tree_util.tree_leaves(tree))
-  net = model.T5Gemma(cfg)
+  net = model.T5Gemma(cfg, run.replace(scan_layers=layout.is_scanned(params)))
 
   def start(params):
     tokens = jnp.ones((batch, input_length), jnp.int32)  # every row full: segment ids 1
@@ -194,7 +195,7 @@ def decode_rows(name, params, cfg, args, speeds, hf_model, label="", run=RunOpti
     ours = timed(run, args.repeats)
     tokens = batch * args.new_tokens
     gbs, gflops, small = speeds
-    cost = step_cost(params, cfg, batch, args.input_length, args.new_tokens)
+    cost = step_cost(params, cfg, batch, args.input_length, args.new_tokens, run)
     mem_s, flop_s = cost["bytes"] / (gbs * 1e9), cost["flops"] / (gflops * 1e9)
     limit, bound = batch / max(mem_s, flop_s), "mem" if mem_s >= flop_s else "flop"
     xla_s = (cost["bytes"] - cost["large_bytes"]) / (small * 1e9) + cost["large_bytes"] / (

@@ -226,7 +226,8 @@ def decode(task: dict, spec: dict, record) -> dict:
     warm_s, _ = common.timed_median(run, 1)
     repeats = common.repeats_that_fit(deadline, warm_s, task["repeats"])
     seconds = common.timed_median(run, repeats)[0] if repeats else warm_s
-    cost = decode_vs_transformers.step_cost(params, cfg, batch, length, new)
+    cost = decode_vs_transformers.step_cost(params, cfg, batch, length, new,
+                                            common.run_options())
     hbm_step_s = cost["bytes"] / (common.DATASHEET_HBM_TB_S * 1e12)
     row = {"status": "ok", "compile_s": compile_s, "seconds": seconds, "repeats": repeats,
            "tokens_per_s": batch * new / seconds, "bytes_per_step": cost["bytes"],

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from benchmarks import decode_vs_transformers, gpu_check_common as common, train_step
-from t5gemma_jax.convert import hf
+from t5gemma_jax.convert import hf_config
 
 
 def _device() -> str:
@@ -56,8 +56,8 @@ def hf_model(cfg, device: str):
   import transformers
   transformers.logging.set_verbosity_error()
   with tempfile.TemporaryDirectory() as tmp:
-    with open(os.path.join(tmp, hf.CONFIG_NAME), "w") as f:
-      json.dump(hf.config_to_hf(cfg), f)
+    with open(os.path.join(tmp, hf_config.CONFIG_NAME), "w") as f:
+      json.dump(hf_config.config_to_hf(cfg, "bfloat16"), f)
     hf_cfg = transformers.AutoConfig.from_pretrained(tmp)
   impl = "sdpa" if cfg.merged_attention else "eager"
   with torch.device(device):
