@@ -59,7 +59,8 @@ def test_adapted_decoder_reproduces_gemma2(tmp_path):
   assert cfg.encoder == cfg.decoder and cfg.encoder.layer_types == (
       "sliding_attention", "full_attention") * 2
   assert (cfg.pad_id, cfg.eos_id, cfg.bos_id) == (0, 1, 2)
-  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {np.float32}
+  dtypes = {np.dtype(leaf.dtype) for leaf in jax.tree_util.tree_leaves(params)}
+  assert dtypes == {np.dtype("float32")}
 
   # Encoder and decoder both hold the source weights; balanced cross-attention is a copy.
   state = {k: v.numpy() for k, v in hf_model.state_dict().items()}
