@@ -133,7 +133,7 @@ def step_cost(params, cfg, batch: int, input_length: int, new_tokens: int,
     used.append(layout.layer_params(params["encoder"]))
   weights = sum(nbytes(tree) for tree in used)
   elements = sum(x.size for tree in used for x in jax.tree_util.tree_leaves(tree))
-  net = model.T5Gemma(cfg, run.replace(scan_layers=layout.is_scanned(params)))
+  net = model.T5Gemma(cfg, layout.options_for(params, run))
 
   def start(params):
     tokens = jnp.ones((batch, input_length), jnp.int32)  # every row full: segment ids 1

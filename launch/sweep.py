@@ -5,7 +5,8 @@
   python launch/sweep.py --root=gs://b/obj --sweep_file=obj.json --mode=tpu --tpu_arg=--zone=Z
 
 Arguments after `--` go to every run (`--gin_file=F`, `--gin.NAME=VALUE`, `--gin_search_path=D`).
-`--axis [LABEL:]NAME=V1,V2,...`: NAME is `objective` (V picks t5gemma_jax/gin/objectives/V.gin, loaded after
+`--axis [LABEL:]NAME=V1,V2,...`: NAME is `objective` (V picks
+t5gemma_jax/gin/objectives/V.gin, loaded after
 the base files), `gin_file`, or a gin macro or binding with V as gin text ('"c4"' is a string;
 commas in quotes or brackets do not split). LABEL (default NAME) names the axis. Runs are the
 grid of the axes (first outermost) or, with --zip, their zip. A run is named LABEL=VALUE,...; a

@@ -4,9 +4,9 @@ A run compiles its train step, eval step and decoding loop once per shape; with 
 second run of the same program on the same jax/libtpu (a restart, a resumed preemption, the
 next seed of a sweep) loads the executables instead of compiling them.
 
-Where: `TrainConfig.compilation_cache` / `InferConfig` / `EvalConfig` (gin), else
-`$T5GEMMA_CACHE/jax`, else `~/.cache/t5gemma/jax`. Local folders and gs:// paths both work
-(jax reads and writes them through etils.epath). "" turns the cache off.
+Where: `TrainConfig.compilation_cache` (gin) for training, else `$T5GEMMA_CACHE/jax`, else
+`~/.cache/t5gemma/jax`; `t5gemma infer` and `eval` use the latter two. Local folders and gs:// paths
+both work (jax reads and writes them through etils.epath). "" turns the cache off.
 """
 
 from __future__ import annotations

@@ -260,7 +260,7 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
   if strategy == "sample" and temperature <= 0:
     raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
   # Decode the params as they are stored (options that say otherwise are corrected here).
-  run = run.replace(scan_layers=layout.is_scanned(params))
+  run = layout.options_for(params, run)
   fn = _compiled(cfg, run, strategy, int(max_new_tokens), float(temperature), int(top_k),
                  float(top_p), int(num_beams), float(length_penalty), int(min_new_tokens))
   tokens = jnp.asarray(encoder_input_tokens, jnp.int32)

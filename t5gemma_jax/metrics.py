@@ -72,56 +72,35 @@ def _sacrebleu_signature(metric_class, options: Mapping) -> str:
   return metric.get_signature().format()
 
 
-def _corpus_score(name: str, metric, targets: Sequence[str],
-                  predictions: Sequence[str]) -> float:
-  _check_pairs(name, targets, predictions)
-  if not targets:
-    raise ValueError(f"{name}: no examples to score")
-  return metric.corpus_score(list(predictions), [list(targets)]).score
+def _sacrebleu_metric(fn_name: str, name: str, metric_class, options: Mapping,
+                      doc: str) -> MetricFn:
+  """A corpus-level sacreBLEU metric fn, `fn_name(targets, predictions) -> {name: score on
+  0..100}` with one reference per example, recording its sacreBLEU signature.
 
-
-@_records({"bleu": _sacrebleu_signature(sacrebleu.BLEU, _BLEU_DEFAULT)})
-def bleu(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-  """Corpus BLEU with sacreBLEU's defaults (13a tokenisation, exponential smoothing).
-
-  Args:
-    targets: one reference per example.
-    predictions: one hypothesis per example.
-
-  Returns:
-    {"bleu": score on 0..100}.
+  The fn raises ValueError for unequal lengths or no examples.
   """
-  return {"bleu": _corpus_score("bleu", sacrebleu.BLEU(**_BLEU_DEFAULT), targets, predictions)}
+  def score(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+    _check_pairs(name, targets, predictions)
+    if not targets:
+      raise ValueError(f"{name}: no examples to score")
+    metric = metric_class(**options)
+    return {name: metric.corpus_score(list(predictions), [list(targets)]).score}
+  score.__name__ = score.__qualname__ = fn_name  # how seqio and messages name it
+  score.__doc__ = doc
+  return _records({name: _sacrebleu_signature(metric_class, options)})(score)
 
 
-@_records({"bleu": _sacrebleu_signature(sacrebleu.BLEU, _BLEU_T5)})
-def t5_bleu(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-  """Corpus BLEU as T5 computes it: sacreBLEU with the "intl" tokeniser, exponential
-  smoothing, no lowercasing, no effective order.
-
-  Args:
-    targets: one reference per example.
-    predictions: one hypothesis per example.
-
-  Returns:
-    {"bleu": score on 0..100}.
-  """
-  return {"bleu": _corpus_score("bleu", sacrebleu.BLEU(**_BLEU_T5), targets, predictions)}
-
-
-@_records({"chrf": _sacrebleu_signature(sacrebleu.CHRF, _CHRF)})
-def chrf(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-  """Corpus chrF2 (sacreBLEU's default chrF): kinder than BLEU to short outputs and to
-  morphologically rich target languages.
-
-  Args:
-    targets: one reference per example.
-    predictions: one hypothesis per example.
-
-  Returns:
-    {"chrf": score on 0..100}.
-  """
-  return {"chrf": _corpus_score("chrf", sacrebleu.CHRF(**_CHRF), targets, predictions)}
+bleu = _sacrebleu_metric(
+    "bleu", "bleu", sacrebleu.BLEU, _BLEU_DEFAULT,
+    "Corpus BLEU with sacreBLEU's defaults (13a tokenisation, exponential smoothing).")
+t5_bleu = _sacrebleu_metric(
+    "t5_bleu", "bleu", sacrebleu.BLEU, _BLEU_T5,
+    "Corpus BLEU as T5 computes it: sacreBLEU with the \"intl\" tokeniser, exponential "
+    "smoothing, no lowercasing, no effective order.")
+chrf = _sacrebleu_metric(
+    "chrf", "chrf", sacrebleu.CHRF, _CHRF,
+    "Corpus chrF2 (sacreBLEU's default chrF): kinder than BLEU to short outputs and to "
+    "morphologically rich target languages.")
 
 
 def _rouge_settings(stemmer: bool, aggregate: str, lsum_split: str) -> dict[str, str]:

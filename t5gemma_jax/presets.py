@@ -1,9 +1,9 @@
 """Named models: the released T5Gemma and T5Gemma 2 sizes plus two miniatures, in one table.
 
 `PRESETS` is the only list of names: `preset(name)` builds from it, the gin files under
-`t5gemma_jax/gin/models/` are generated from it (`python tools/gen_model_gins.py`; a test checks they are
-current), and `show_config` and the docs read it. Presets are architectures only; how a run
-computes them is `run_options.RunOptions`.
+`t5gemma_jax/gin/models/` are generated from it (`python tools/gen_model_gins.py`; a test
+checks they are current), and `show_config` and the docs read it. Presets are architectures
+only; how a run computes them is `run_options.RunOptions`.
 """
 
 from __future__ import annotations

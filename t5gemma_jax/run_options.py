@@ -9,12 +9,21 @@ from the command's gin files (`RunOptions.*` bindings) each time.
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable
 
 import jax.numpy as jnp
+import numpy as np
 
 REMAT_POLICIES = ("none", "full", "minimal")
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "triton")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def common_dtype_name(dtypes: Iterable) -> str:
+  """The `DTYPES` name shared by all of `dtypes` (numpy or jax dtypes, e.g. a params tree's),
+  or "float32" when they mix, are empty or are none we compute in."""
+  names = {str(np.dtype(d)) for d in dtypes}
+  return names.pop() if len(names) == 1 and names <= set(DTYPES) else "float32"
 
 
 @dataclasses.dataclass(frozen=True)

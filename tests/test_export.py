@@ -76,6 +76,7 @@ def test_mesh_trained_scanned_run_exports_to_transformers(mesh_run, tmp_path, cl
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
 
   cfg = run_files.read_model_config(mesh_run)
+  assert params_reader.ParamsReader(mesh_run).scanned  # --gin.RunOptions.scan_layers reached it
   params = evaluation.load_params(cfg, mesh_run, run=SCANNED)  # gathered from the shards
   enc, dec = ref.padded_batch(np.random.default_rng(0), cfg.vocab_size, 3, 20, 12)
   ours = np.asarray(jax.jit(model.T5Gemma(cfg, SCANNED).apply)({"params": params}, enc, dec))

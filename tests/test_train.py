@@ -213,7 +213,8 @@ def test_misspelt_macro_fails_before_compiling(clean_gin, tmp_path, capsys):
 def test_splash_attention_trains_from_the_cli(clean_gin, tmp_path, capsys):
   """attention_impl='splash' end to end on CPU (Pallas interpret mode): initialisation never
   traces the kernel with one-token inputs and the kernel runs under the training mesh."""
-  argv = ["train", *QUICK, f'--gin.MODEL_DIR="{tmp_path}"', "--gin.RunOptions.attention_impl='splash'",
+  argv = ["train", *QUICK, f'--gin.MODEL_DIR="{tmp_path}"',
+          "--gin.RunOptions.attention_impl='splash'",
           '--gin.TASK_FEATURE_LENGTHS={"inputs": 128, "targets": 128}', "--gin.TRAIN_STEPS=2",
           "--gin.WARMUP_STEPS=1", "--gin.TrainConfig.eval_tasks=()"]
   assert app.main(argv) == 0, capsys.readouterr().err

@@ -78,5 +78,5 @@ def quiet_start() -> None:
   absl_logging.set_verbosity(absl_logging.ERROR)
   if "tensorflow" not in sys.modules:
     with native_stderr_filtered():
-      import tensorflow as tf
-      tf.config.set_visible_devices([], "GPU")
+      from t5gemma_jax.data import pipeline  # imports TensorFlow and seqio
+      pipeline.hide_gpus_from_tensorflow()

@@ -132,7 +132,9 @@ def adapt(args: argparse.Namespace) -> int:
         cross_attention=args.cross_attention, scan_layers=args.scan_layers)
   params_checkpoint.save_params(params, cfg, args.output_dir, overwrite=args.overwrite)
   import jax
-  _print_run(args.output_dir, cfg, str(jax.tree_util.tree_leaves(params)[0].dtype))
+  from t5gemma_jax.run_options import common_dtype_name
+  _print_run(args.output_dir, cfg,
+             common_dtype_name(x.dtype for x in jax.tree_util.tree_leaves(params)))
   return 0
 
 

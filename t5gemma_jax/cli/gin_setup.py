@@ -189,10 +189,8 @@ def load(command: str, gin_files: Sequence[str], bindings: Sequence[str],
 def apply_data_settings():
   """Builds `tasks.DataSettings` from the bound `data_settings.*`, configures the tasks with
   it and returns it."""
-  import dataclasses
   from t5gemma_jax import tasks
   _register_data_configurables()
   settings = _registered["data"]()  # the gin wrapper applies the data_settings.* bindings
-  settings = dataclasses.replace(settings, user_tasks=tuple(settings.user_tasks))
   tasks.configure(settings)
   return settings

@@ -53,7 +53,8 @@ def infer(args: argparse.Namespace) -> int:
   """Decodes a task split or a text file with a run's checkpoint into JSONL."""
   del args
   import jax
-  from t5gemma_jax import evaluation
+  from t5gemma_jax import compile_cache, evaluation
+  compile_cache.enable()
   cfg = gin_setup.infer_config()
   n = evaluation.infer(cfg)
   if jax.process_index() == 0:  # it wrote the file; the others only decoded their share
@@ -65,7 +66,8 @@ def evaluate(args: argparse.Namespace) -> int:
   """Metrics (BLEU, ROUGE, ...) of a run's checkpoint on a task split."""
   del args
   import jax
-  from t5gemma_jax import evaluation
+  from t5gemma_jax import compile_cache, evaluation
+  compile_cache.enable()
   cfg = gin_setup.eval_config()
   results = evaluation.run_eval(cfg)
   if jax.process_index() != 0:  # same results on every process; one report, by the writer

@@ -18,12 +18,10 @@ import json
 import os
 from typing import Any, Optional
 
-import numpy as np
-
 from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.convert import hf_config, hf_reader, hf_t5gemma2, hf_writer, safetensors_io
 from t5gemma_jax.model import layout
-from t5gemma_jax.run_options import DTYPES
+from t5gemma_jax.run_options import common_dtype_name
 
 Params = dict[str, Any]
 
@@ -94,7 +92,6 @@ def save(params: Params, cfg: T5GemmaConfig, path: str, *, dtype: Optional[str] 
       tokenizer_files.write_tokenizer_files(vocabulary, writer.tmp)
 
   if dtype is None:
-    stored = {str(np.dtype(leaf.dtype)) for _, leaf in hf_writer.leaves_of(params)}
-    dtype = stored.pop() if len(stored) == 1 and stored <= set(DTYPES) else "float32"
+    dtype = common_dtype_name(leaf.dtype for _, leaf in hf_writer.leaves_of(params))
   hf_writer.write_folder(cfg, path, dtype, fill, overwrite=overwrite,
                          max_shard_bytes=max_shard_bytes)

@@ -17,7 +17,7 @@ import numpy as np
 
 from t5gemma_jax import params_reader, run_files
 from t5gemma_jax.config import T5GemmaConfig
-from t5gemma_jax.run_options import DTYPES, RunOptions
+from t5gemma_jax.run_options import DTYPES, RunOptions, common_dtype_name
 from t5gemma_jax.convert import hf, hf_t5gemma2, hf_writer, params_checkpoint
 from t5gemma_jax.model import abstract_params, layout
 
@@ -172,7 +172,7 @@ def compare_with_transformers(folder: str, params: Any, cfg: T5GemmaConfig,
                           ).logits.float().numpy()
   del model
   with jax.default_matmul_precision("highest"):
-    net = T5Gemma(cfg, RunOptions(scan_layers=layout.is_scanned(params)))
+    net = T5Gemma(cfg, layout.options_for(params))
     ours = np.asarray(jax.jit(net.apply)({"params": params}, jnp.asarray(enc),
                                          jnp.asarray(dec)))
   real = dec != cfg.pad_id  # padded decoder positions are not compared
@@ -205,4 +205,4 @@ def import_hf(hf_dir: str, output_dir: str, *, scan_layers: bool = False,
   hf_writer.check_destination(output_dir, overwrite)
   params, cfg = hf.load(hf_dir, param_dtype=param_dtype, scan_layers=scan_layers)
   params_checkpoint.save_params(params, cfg, output_dir, overwrite=overwrite)
-  return cfg, _DTYPE_NAMES[np.dtype(next(iter(hf_writer.leaves_of(params)))[1].dtype)]
+  return cfg, common_dtype_name(leaf.dtype for _, leaf in hf_writer.leaves_of(params))

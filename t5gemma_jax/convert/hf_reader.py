@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 
 from t5gemma_jax.config import T5GemmaConfig
-from t5gemma_jax.run_options import DTYPES
+from t5gemma_jax.run_options import DTYPES, common_dtype_name
 from t5gemma_jax.convert import param_schema
 
 Params = dict[str, Any]
@@ -27,8 +27,7 @@ def default_param_dtype(*tensor_sets: Tensors) -> str:
   Args:
     *tensor_sets: the tensors of one or more folders.
   """
-  stored = {str(v.dtype) for tensors in tensor_sets for v, _ in tensors.values()}
-  return stored.pop() if len(stored) == 1 and stored <= set(DTYPES) else "float32"
+  return common_dtype_name(v.dtype for tensors in tensor_sets for v, _ in tensors.values())
 
 
 def set_leaf(params: Params, path: Iterable[str], value: Any) -> None:

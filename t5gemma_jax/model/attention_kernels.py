@@ -31,9 +31,9 @@ import jax.numpy as jnp
 
 from t5gemma_jax.model import triton_attention
 from t5gemma_jax.model.masks import MergedMaskSpec, window_offsets
+from t5gemma_jax.run_options import ATTENTION_IMPLS
 
 Array = jax.Array
-IMPLEMENTATIONS = ("xla", "cudnn", "splash", "triton")
 
 
 def fused_attention(impl: str, q: Array, k: Array, v: Array, mask: Any, *, scale: float,
@@ -49,7 +49,7 @@ def fused_attention(impl: str, q: Array, k: Array, v: Array, mask: Any, *, scale
     return splash_attention(q, k, v, mask, scale=scale, softcap=softcap)
   if impl == "triton":
     return triton_flash_attention(q, k, v, mask, scale=scale, softcap=softcap)
-  raise ValueError(f"unknown attention_impl {impl!r}; known: {IMPLEMENTATIONS}")
+  raise ValueError(f"unknown attention_impl {impl!r}; known: {ATTENTION_IMPLS}")
 
 
 def cudnn_attention(q: Array, k: Array, v: Array, mask: Any, *, scale: float,

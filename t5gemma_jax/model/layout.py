@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
+from t5gemma_jax.run_options import RunOptions
 
 Params = dict[str, Any]
 
@@ -117,6 +118,12 @@ def is_scanned(params: Any) -> bool:
   """Whether a model's params (or a tree of their shapes) are in the scanned layout: the
   encoder always owns its layers, so its entries tell."""
   return isinstance(params, Mapping) and "layers" in params.get("encoder", {})
+
+
+def options_for(params: Any, run: RunOptions = RunOptions()) -> RunOptions:
+  """`run` with `scan_layers` set to the layout `params` are in: how to run params as stored
+  (decoding, verification against transformers), whatever layout the options asked for."""
+  return run.replace(scan_layers=is_scanned(params))
 
 
 def select_beams(cache: Params, rows: jax.Array) -> Params:

@@ -8,9 +8,9 @@ encoder/embedder (plus encoder/embedder/eoi_embedding when `eoi_id` is set); wit
 `merged_attention` decoder layers have no cross_attn nor cross norms; with `share_blocks` the
 decoder has no layers at all (it runs the encoder's); with `cross_attention_layers="global"`
 only full-attention decoder layers have cross-attention.
-With `RunOptions.scan_layers` the leading `R = num_layers // period` repeats of the layer-type pattern
-live under `layers/block_{s}` with a leading [R] axis (logical name "layers"); leftover layers,
-if any, keep their `layers_{i}` names. `t5gemma_jax.model.layout` converts between the two.
+With `RunOptions.scan_layers` the leading `R = num_layers // period` repeats of the layer-type
+pattern live under `layers/block_{s}` with a leading [R] axis (logical name "layers"); leftover
+layers, if any, keep their `layers_{i}` names. `t5gemma_jax.model.layout` converts between the two.
 
 Decoding runs the same stacks (`T5Gemma.start_decode`, `T5Gemma.decode_step`). Its cache:
   {"index": int32 [B] (the next position), "encoder_segment_ids": int32 [B, S],
@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 
 from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
-from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.model import layout
 from t5gemma_jax.model import masks as masks_lib
 from t5gemma_jax.model.blocks import DecoderBlock, EncoderBlock, remat_policy
 from t5gemma_jax.model.layers import Embedder, RMSNorm, constrain, embed_tokens, embedding_logits
+from t5gemma_jax.run_options import RunOptions
 
 Array = jax.Array
 

@@ -37,6 +37,9 @@ class DataSettings:
   user_tasks: Sequence[str] = ()
   metric_mode: str = "default"
 
+  def __post_init__(self):
+    object.__setattr__(self, "user_tasks", tuple(self.user_tasks))  # gin binds a list
+
 
 def configure(settings: DataSettings = DataSettings()) -> None:
   """Applies `settings` to the vocabularies and (re)registers the mixtures that depend on them.

@@ -65,7 +65,8 @@ def register_supervised(suite: metrics.MetricSuite) -> None:
 def register() -> None:
   for task, objective in PRETRAINING.items():
     seqio.TaskRegistry.add(task, source=PreparedTfdsSource(C4),
-                           preprocessors=text_objectives.preprocessors(objective, named_vocabularies.GEMMA),
+                           preprocessors=text_objectives.preprocessors(
+                               objective, named_vocabularies.GEMMA),
                            output_features=GEMMA_FEATURES)
   register_pretraining_mixture()
   register_supervised(metrics.for_mode("default"))

@@ -3,17 +3,14 @@
 import jax
 import numpy as np
 
-from t5gemma_jax import model
-from t5gemma_jax.model import layout
-from t5gemma_jax.run_options import RunOptions
+from tests.helpers.nets import net_for
 
 
 def teacher_forced_argmax(cfg, params, enc: np.ndarray, tokens: np.ndarray) -> np.ndarray:
   """int [B, N]: the model's argmax at each position when fed BOS + tokens[:, :-1]."""
   b = tokens.shape[0]
   dec = np.concatenate([np.full((b, 1), cfg.bos_id, np.int32), tokens[:, :-1]], axis=1)
-  net = model.T5Gemma(cfg, RunOptions(scan_layers=layout.is_scanned(params)))
-  logits = jax.jit(net.apply)(
+  logits = jax.jit(net_for(cfg, params).apply)(
       {"params": params}, enc, dec, encoder_segment_ids=(enc > 0).astype(np.int32),
       decoder_segment_ids=np.ones_like(dec))
   return np.asarray(logits.argmax(-1))

@@ -7,4 +7,4 @@ from t5gemma_jax.run_options import RunOptions
 
 def net_for(cfg, params, **options) -> model.T5Gemma:
   """`T5Gemma(cfg)` run in the layout `params` are in, with other `RunOptions` fields given."""
-  return model.T5Gemma(cfg, RunOptions(scan_layers=layout.is_scanned(params), **options))
+  return model.T5Gemma(cfg, layout.options_for(params, RunOptions(**options)))
