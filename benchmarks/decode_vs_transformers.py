@@ -40,8 +40,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from t5gemma_jax import config, decoding, model, presets  # noqa: E402
-from t5gemma_jax.run_options import RunOptions  # noqa: E402
 from t5gemma_jax.model import layout  # noqa: E402
+from t5gemma_jax.run_options import RunOptions  # noqa: E402
 
 
 def model_config(name: str) -> config.T5GemmaConfig:

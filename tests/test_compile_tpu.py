@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from t5gemma_jax import chips, config, presets
-from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.config import FULL
+from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.train import aot, loop, optim
 
 pytest.importorskip("libtpu", reason="TPU compiles need libtpu (the test extra installs it)")

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from t5gemma_jax import config, presets
-from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.cli import app
+from t5gemma_jax.run_options import RunOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,6 +79,18 @@ def test_architecture_and_run_options_are_apart(tmp_path):
   assert run_files.read_model_config(str(tmp_path)) == presets.preset("tiny2")
   with pytest.raises(TypeError):
     presets.preset("tiny", scan_layers=True)
+
+
+def test_run_options_bindings_that_reach_no_config_are_an_error(clean_gin, tmp_path, capsys):
+  """A run file building TrainConfig without `TrainConfig.run = @RunOptions()` must not drop
+  --gin.RunOptions.* silently."""
+  run_file = tmp_path / "no_run.gin"
+  run_file.write_text("include 'runs/demo.gin'\nTrainConfig.run = None\n")
+  rc = app.main(["train", f"--gin_file={run_file}", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+                 "--gin.RunOptions.scan_layers=True"])
+  assert rc == 2
+  assert "bind TrainConfig.run = @RunOptions()" in capsys.readouterr().err
+  assert not (tmp_path / "run").exists()
 
 
 def test_model_gin_files_are_generated_from_the_preset_table(tmp_path):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from t5gemma_jax import config, presets
-from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.convert import hf, hf_config, safetensors_io
 from t5gemma_jax.model import layout
+from t5gemma_jax.run_options import RunOptions
 from tests.helpers.random_params import random_params
 
 

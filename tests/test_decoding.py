@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from t5gemma_jax import config, decoding, model, presets
-from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.convert import hf
 from t5gemma_jax.model import layout
+from t5gemma_jax.run_options import RunOptions
 from tests.helpers import hf_reference as ref
 from tests.helpers.greedy_checks import assert_greedy_is_teacher_forced
 from tests.helpers.random_params import random_params

@@ -15,10 +15,10 @@ import torch
 import transformers
 
 from t5gemma_jax import config, evaluation, model, params_reader, presets, run_files
-from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.cli import app, gin_setup
 from t5gemma_jax.convert import hf, hf_checkpoint, params_checkpoint, safetensors_io
 from t5gemma_jax.model import layout
+from t5gemma_jax.run_options import RunOptions
 from tests.helpers import hf_reference as ref
 from tests.helpers.random_params import random_params
 

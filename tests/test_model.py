@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from t5gemma_jax import config, model, presets
-from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.model import layout
+from t5gemma_jax.run_options import RunOptions
 from tests.helpers.param_counts import expected_param_count
 from tests.helpers.random_params import random_params
 

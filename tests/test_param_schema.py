@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from t5gemma_jax import config, presets
-from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.convert import param_schema
 from t5gemma_jax.model import abstract_params, layout
+from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.train import optim
 from tools import import_graph
 

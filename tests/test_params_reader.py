@@ -11,9 +11,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from t5gemma_jax import checkpoint, params_reader, presets
-from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.convert import params_checkpoint
 from t5gemma_jax.model import abstract_params, layout
+from t5gemma_jax.run_options import RunOptions
 from tests.helpers.random_params import random_params
 from tests.helpers.states import abstract, assert_bitwise, replicated, small_state
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from t5gemma_jax import config, presets
-from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.model import attention, attention_kernels, masks, triton_attention
+from t5gemma_jax.run_options import RunOptions
 
 # (queries, keys, heads, kv heads, head_dim, causal, window, split, softcap, cross-attention)
 CASES = {

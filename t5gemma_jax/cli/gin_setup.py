@@ -79,25 +79,36 @@ def run_options() -> run_options_lib.RunOptions:
   return _BoundRunOptions()
 
 
+def _with_bound_run(cfg, name: str):
+  """`cfg` (a Train/Infer/EvalConfig) after checking that the `RunOptions.*` bindings reach
+  its `run` field: a run file that builds the config without `NAME.run = @RunOptions()` would
+  otherwise drop `--gin.RunOptions.dtype=...` without a word."""
+  bound = run_options()
+  if cfg.run != bound:
+    raise ValueError(f"gin bindings RunOptions.* ({bound}) do not reach {name}.run "
+                     f"({cfg.run}): bind {name}.run = @RunOptions() in the run's gin file")
+  return cfg
+
+
 @gin.configurable
 def train_config(cfg=gin.REQUIRED):
   """The run `t5gemma train` executes; gin files bind `train_config.cfg = @TrainConfig()`."""
   from t5gemma_jax.train import loop
   if not isinstance(cfg, loop.TrainConfig):
     raise ValueError("gin binding train_config.cfg must be @TrainConfig()")
-  return cfg
+  return _with_bound_run(cfg, "TrainConfig")
 
 
 @gin.configurable
 def infer_config(cfg=gin.REQUIRED):
   """`t5gemma infer` runs this; gin binds `infer_config.cfg = @InferConfig()`."""
-  return cfg
+  return _with_bound_run(cfg, "InferConfig")
 
 
 @gin.configurable
 def eval_config(cfg=gin.REQUIRED):
   """`t5gemma eval` runs this; gin binds `eval_config.cfg = @EvalConfig()`."""
-  return cfg
+  return _with_bound_run(cfg, "EvalConfig")
 
 
 def parse_bindings(flags: Sequence[str]) -> list[str]:

@@ -28,10 +28,10 @@ from typing import Any, Optional
 import numpy as np
 
 from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
-from t5gemma_jax.run_options import DTYPES
 from t5gemma_jax.convert import hf_gemma_config, hf_reader, param_schema, safetensors_io
 from t5gemma_jax.convert.hf_config import CONFIG_NAME
 from t5gemma_jax.model import layout
+from t5gemma_jax.run_options import DTYPES
 
 Params = dict[str, Any]
 CROSS_ATTENTION_MODES = ("auto", "copy", "random")

@@ -27,10 +27,10 @@ from typing import Any, Optional
 import numpy as np
 
 from t5gemma_jax.config import FULL, SLIDING, T5GemmaConfig
-from t5gemma_jax.presets import T5GEMMA2_EOI_ID
-from t5gemma_jax.run_options import DTYPES
 from t5gemma_jax.convert import adapt, hf_gemma_config, hf_reader, param_schema, safetensors_io
 from t5gemma_jax.model import layout
+from t5gemma_jax.presets import T5GEMMA2_EOI_ID
+from t5gemma_jax.run_options import DTYPES
 
 Params = dict[str, Any]
 MODEL_TYPES = ("gemma3_text", "gemma3")

@@ -17,9 +17,9 @@ import numpy as np
 
 from t5gemma_jax import params_reader, run_files
 from t5gemma_jax.config import T5GemmaConfig
-from t5gemma_jax.run_options import DTYPES, RunOptions, common_dtype_name
 from t5gemma_jax.convert import hf, hf_t5gemma2, hf_writer, params_checkpoint
 from t5gemma_jax.model import abstract_params, layout
+from t5gemma_jax.run_options import DTYPES, RunOptions, common_dtype_name
 
 _DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 

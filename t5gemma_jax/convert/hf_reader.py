@@ -12,8 +12,8 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 
 from t5gemma_jax.config import T5GemmaConfig
-from t5gemma_jax.run_options import DTYPES, common_dtype_name
 from t5gemma_jax.convert import param_schema
+from t5gemma_jax.run_options import DTYPES, common_dtype_name
 
 Params = dict[str, Any]
 # name -> (array, or safetensors_io.StoredTensor: read when taken; file it is in)

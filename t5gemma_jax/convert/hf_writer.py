@@ -20,9 +20,9 @@ import jax
 import numpy as np
 
 from t5gemma_jax.config import T5GemmaConfig
-from t5gemma_jax.run_options import DTYPES
 from t5gemma_jax.convert import hf_config, param_schema, safetensors_io
 from t5gemma_jax.model import layout
+from t5gemma_jax.run_options import DTYPES
 
 GENERATION_CONFIG = "generation_config.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
