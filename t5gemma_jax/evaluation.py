@@ -171,7 +171,7 @@ def evaluate(params: Any, cfg: T5GemmaConfig, task: str, split: str,
   """
   pipeline.get_mixture_or_task(task)
   # Every process computes the metrics (all hold every prediction); process 0 alone logs them.
-  loggers = (seqio.TensorBoardLogger,) if model_dir and jax.process_index() == 0 else ()
+  loggers = (_TensorBoardWithSettings,) if model_dir and jax.process_index() == 0 else ()
   evaluator = seqio.Evaluator(
       task, feature_converter=pipeline.feature_converter(pack=False), eval_split=split,
       sequence_length=dict(lengths), num_examples=num_examples, logger_cls=loggers,
@@ -191,11 +191,18 @@ def evaluate(params: Any, cfg: T5GemmaConfig, task: str, split: str,
       log.write("".join(json.dumps({"step": step, "task": name, "split": split, **m,
                                     "metric_settings": settings.get(name, {})}) + "\n"
                         for name, m in results.items()))
-    text_log = seqio.TensorBoardLogger(os.path.join(model_dir, "eval"))  # as TensorBoard text
-    for name, s in settings.items():
-      text_log(name, step, {f"metric_settings/{k}": seqio.metrics.Text(v) for k, v in s.items()},
-               None, None, None)
   return results
+
+
+class _TensorBoardWithSettings(seqio.TensorBoardLogger):
+  """seqio's TensorBoard logger that also writes each metric's settings as text, in the same
+  events file as the numbers (one writer per task, as before)."""
+
+  def __call__(self, task_name, step, metrics, dataset, inferences, targets):
+    fns = seqio.get_mixture_or_task(task_name).metric_fns
+    texts = {f"metric_settings/{k}": seqio.metrics.Text(v)
+             for k, v in metric_lib.signatures(fns).items()}
+    super().__call__(task_name, step, {**metrics, **texts}, dataset, inferences, targets)
 
 
 @dataclasses.dataclass(frozen=True)
