@@ -1,4 +1,5 @@
-"""Model architecture: one `ModuleConfig` per stack, a `T5GemmaConfig` for the pair.
+"""Model architecture: one `ModuleConfig` per stack, a `T5GemmaConfig` for the pair, a
+`DecoderOnlyConfig` for a decoder-only Gemma (the baseline T5Gemma is compared against).
 
 Configs are frozen dataclasses so they can be hashed, used as static jit arguments and bound from
 gin at the edges (see `t5gemma_jax/cli/`); the model itself never reads gin.
@@ -7,13 +8,14 @@ gin at the edges (see `t5gemma_jax/cli/`); the model itself never reads gin.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 ENCODER_WINDOWS = ("symmetric", "split")
 CROSS_ATTENTION_LAYERS = ("all", "global")
+NO_ENCODER = "none"  # a decoder-only model's blocks: no layer reads an encoder
 
 
 def alternating_layer_types(num_layers: int) -> tuple[str, ...]:
@@ -22,7 +24,10 @@ def alternating_layer_types(num_layers: int) -> tuple[str, ...]:
 
 
 def layer_reads_encoder(cross_attention_layers: str, layer_type: str) -> bool:
-  """Whether a decoder layer of `layer_type` reads the encoder ("all" or only "global")."""
+  """Whether a decoder layer of `layer_type` reads the encoder ("all", only "global", or
+  "none": decoder-only)."""
+  if cross_attention_layers == NO_ENCODER:
+    return False
   return cross_attention_layers == "all" or layer_type == FULL
 
 
@@ -194,6 +199,16 @@ class T5GemmaConfig:
   def vocab_size(self) -> int:
     return self.decoder.vocab_size
 
+  @property
+  def stacks(self) -> dict[str, ModuleConfig]:
+    """The stacks by parameter-tree name."""
+    return {"encoder": self.encoder, "decoder": self.decoder}
+
+  @property
+  def layer_stacks(self) -> dict[str, ModuleConfig]:
+    """The stacks that own layer parameters (with `share_blocks` the decoder owns none)."""
+    return {"encoder": self.encoder} if self.share_blocks else self.stacks
+
   def reads_encoder(self, layer_type: str) -> bool:
     """Whether a decoder layer of `layer_type` attends to the encoder output."""
     return layer_reads_encoder(self.cross_attention_layers, layer_type)
@@ -202,21 +217,80 @@ class T5GemmaConfig:
     return dataclasses.replace(self, **changes)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderOnlyConfig:
+  """A decoder-only Gemma 2 or Gemma 3: one causal stack of the same blocks, the embedding tied
+  to the output layer (transformers' Gemma2ForCausalLM / Gemma3ForCausalLM).
+
+  Attributes:
+    decoder: the stack (Gemma 3 sets `qk_norm`, `rope_local_theta`, ... as `t5gemma2_stack`).
+    pad_id, eos_id, bos_id: special token ids.
+    prefix_lm: PrefixLM: tokens of the input prefix (the `decoder_causal_attention` feature)
+      attend to each other both ways, targets causally (the T5Gemma paper's decoder-only
+      baseline). False: a plain causal LM. Parameters are the same either way.
+  """
+
+  decoder: ModuleConfig
+  pad_id: int = 0
+  eos_id: int = 1
+  bos_id: int = 2
+  prefix_lm: bool = False
+
+  def __post_init__(self):
+    if self.decoder.encoder_window != "symmetric":
+      raise ValueError("DecoderOnlyConfig.decoder.encoder_window has no meaning without an "
+                       "encoder; leave it 'symmetric'")
+
+  @property
+  def family(self) -> str:
+    """"gemma3" (QK-norm or a local RoPE base: transformers' Gemma 3 layout) or "gemma2"."""
+    d = self.decoder
+    return "gemma3" if d.qk_norm or d.rope_local_theta is not None else "gemma2"
+
+  @property
+  def vocab_size(self) -> int:
+    return self.decoder.vocab_size
+
+  @property
+  def stacks(self) -> dict[str, ModuleConfig]:
+    return {"decoder": self.decoder}
+
+  layer_stacks = stacks
+
+  def replace(self, **changes) -> "DecoderOnlyConfig":
+    return dataclasses.replace(self, **changes)
+
+
+ModelConfig = Union[T5GemmaConfig, DecoderOnlyConfig]
+
+
+def is_decoder_only(cfg: ModelConfig) -> bool:
+  return isinstance(cfg, DecoderOnlyConfig)
+
+
 # ------------------------------------------------------------------------ serialisation
 
 
-def to_dict(cfg: T5GemmaConfig) -> dict:
-  """A JSON-ready dict of every field (`from_dict` reads it back into an equal config)."""
-  return dataclasses.asdict(cfg)
+def to_dict(cfg: ModelConfig) -> dict:
+  """A JSON-ready dict of every field (`from_dict` reads it back into an equal config); a
+  decoder-only config says so under "architecture"."""
+  d = dataclasses.asdict(cfg)
+  return {"architecture": "decoder_only", **d} if is_decoder_only(cfg) else d
 
 
 # Run options that `model_config.json` files written before `RunOptions` existed also hold.
 _LEGACY_RUN_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl")
 
 
-def from_dict(d: dict, source: str = "config") -> T5GemmaConfig:
+def from_dict(d: dict, source: str = "config") -> ModelConfig:
   """The inverse of `to_dict`; unknown or missing fields are errors naming `source` (run
   options that older files recorded beside the architecture are skipped)."""
+  if d.get("architecture") == "decoder_only":
+    try:
+      rest = {k: v for k, v in d.items() if k not in ("architecture", "decoder")}
+      return DecoderOnlyConfig(decoder=ModuleConfig(**d["decoder"]), **rest)
+    except (KeyError, TypeError) as e:
+      raise ValueError(f"{source}: not a DecoderOnlyConfig ({e})") from None
   try:
     stacks = {side: ModuleConfig(**d[side]) for side in ("encoder", "decoder")}
     rest = {k: v for k, v in d.items()
@@ -226,19 +300,20 @@ def from_dict(d: dict, source: str = "config") -> T5GemmaConfig:
     raise ValueError(f"{source}: not a T5GemmaConfig ({e})") from None
 
 
-def to_gin(cfg: T5GemmaConfig) -> str:
+def to_gin(cfg: ModelConfig) -> str:
   """Gin bindings that make `model_config.cfg` exactly `cfg` (for `--gin_file=`)."""
+  kind = type(cfg).__name__
   lines = ["# The model of this checkpoint: pass it as --gin_file=.../model.gin",
-           "model_config.cfg = @T5GemmaConfig()"]
-  for field in dataclasses.fields(T5GemmaConfig):
+           f"model_config.cfg = @{kind}()"]
+  for field in dataclasses.fields(cfg):
     value = getattr(cfg, field.name)
     if field.name in ("encoder", "decoder"):
-      lines.append(f"T5GemmaConfig.{field.name} = @{field.name}/ModuleConfig()")
+      lines.append(f"{kind}.{field.name} = @{field.name}/ModuleConfig()")
       for sub in dataclasses.fields(ModuleConfig):
         lines.append(f"{field.name}/ModuleConfig.{sub.name} = "
                      f"{_gin_value(getattr(value, sub.name))}")
     else:
-      lines.append(f"T5GemmaConfig.{field.name} = {_gin_value(value)}")
+      lines.append(f"{kind}.{field.name} = {_gin_value(value)}")
   return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from t5gemma_jax.config import FULL, SLIDING, ModuleConfig, T5GemmaConfig
+from t5gemma_jax.config import (FULL, SLIDING, DecoderOnlyConfig, ModuleConfig, T5GemmaConfig,
+                               alternating_layer_types)
 
 # The released T5Gemma (Gemma 2 based) stacks. Every one uses head_dim as its query scale.
 _GEMMA2_STACKS = {
@@ -104,6 +105,38 @@ def _tiny2() -> T5GemmaConfig:
                               layer_types=t5gemma2_layer_types(T5GEMMA2_PERIOD))
   return T5GemmaConfig(encoder=stack, decoder=stack, merged_attention=True,
                        shared_embedding=True, eoi_id=_TINY2_EOI_ID)
+
+
+def decoder_only(stack: str = "tiny", prefix_lm: bool = False,
+                 **overrides) -> DecoderOnlyConfig:
+  """A decoder-only Gemma built from one named stack.
+
+  Args:
+    stack: a T5Gemma stack ("tiny", "s", "b", ..., "9b": Gemma 2 blocks), a T5Gemma 2 one
+      ("270m", "1b", "4b": Gemma 3 blocks) or "tiny2" (tiny widths, Gemma 3 blocks).
+    prefix_lm: PrefixLM attention over the input (see `DecoderOnlyConfig`).
+    **overrides: `ModuleConfig` fields to change (e.g. num_layers=3, intermediate_size=96);
+      a new `num_layers` without `layer_types` repeats the stack's own pattern.
+
+  Returns:
+    The config (gin: `model_config.cfg = @decoder_only()`, `decoder_only.stack = "b"`).
+  """
+  if stack == "tiny2":
+    base = _tiny2().decoder
+  elif stack in _GEMMA3_STACKS:
+    base = t5gemma2_stack(stack)
+  else:
+    base = stack_preset(stack)
+  gemma3 = base.qk_norm
+  if "num_layers" in overrides and "layer_types" not in overrides:
+    n = int(overrides["num_layers"])
+    overrides["layer_types"] = (t5gemma2_layer_types(n) if gemma3
+                                else alternating_layer_types(n))
+  try:
+    module = dataclasses.replace(base, encoder_window="symmetric", **overrides)
+  except TypeError as e:
+    raise ValueError(f"decoder_only: {e}") from None
+  return DecoderOnlyConfig(decoder=module, prefix_lm=prefix_lm)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -74,15 +74,14 @@ class RunOptions:
 
   def check(self, cfg) -> "RunOptions":
     """Raises ValueError when these options cannot run the architecture `cfg` (a
-    `config.T5GemmaConfig`): the fused kernels have no attention dropout and cuDNN no softcap.
+    `config.T5GemmaConfig` or `config.DecoderOnlyConfig`): the fused kernels have no attention dropout and cuDNN no softcap.
 
     Returns:
       self, so that callers can write `run = RunOptions(...).check(cfg)`.
     """
     if self.attention_impl == "xla":
       return self
-    for side in ("encoder", "decoder"):
-      m = getattr(cfg, side)
+    for side, m in cfg.stacks.items():
       if m.attention_dropout:
         raise ValueError(f"RunOptions.attention_impl={self.attention_impl!r} has no attention "
                          f"dropout; {side}.attention_dropout is {m.attention_dropout}")

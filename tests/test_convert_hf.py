@@ -84,9 +84,13 @@ def test_save_replaces_an_existing_folder(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
-def test_decoder_only_gemma_is_refused_by_model_type(tmp_path):
+def test_other_model_types_are_refused_by_model_type(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+  with pytest.raises(ValueError, match="model_type is 'llama', expected 't5gemma'.*gemma2"):
+    hf.load(str(tmp_path))
+  # A decoder-only Gemma 2 folder loads as a decoder-only model; a broken one names the field.
   (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2", "hidden_size": 8}))
-  with pytest.raises(ValueError, match="model_type is 'gemma2', expected 't5gemma'"):
+  with pytest.raises(ValueError, match="missing field 'intermediate_size'"):
     hf.load(str(tmp_path))
 
 

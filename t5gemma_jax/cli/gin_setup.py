@@ -26,6 +26,8 @@ gin.external_configurable(presets.preset, "preset")
 gin.external_configurable(presets.stack_preset, "stack_preset")
 gin.external_configurable(config.ModuleConfig, "ModuleConfig")
 gin.external_configurable(config.T5GemmaConfig, "T5GemmaConfig")
+gin.external_configurable(config.DecoderOnlyConfig, "DecoderOnlyConfig")
+gin.external_configurable(presets.decoder_only, "decoder_only")
 # The wrapper applies `RunOptions.*` bindings when called (`@RunOptions()` in the run files).
 _BoundRunOptions = gin.external_configurable(run_options_lib.RunOptions, "RunOptions")
 _registered: dict[str, object] = {}
@@ -58,14 +60,16 @@ def _register_run_configurables() -> None:
 
 
 @gin.configurable
-def model_config(cfg: config.T5GemmaConfig = gin.REQUIRED) -> config.T5GemmaConfig:
-  """The model every command works on; gin files bind `model_config.cfg = @preset()`."""
-  if not isinstance(cfg, config.T5GemmaConfig):
-    raise ValueError(f"gin binding model_config.cfg must be a T5GemmaConfig, got {type(cfg)}")
+def model_config(cfg: config.ModelConfig = gin.REQUIRED) -> config.ModelConfig:
+  """The model every command works on; gin files bind `model_config.cfg = @preset()` (or
+  `@decoder_only()`, `@DecoderOnlyConfig()`)."""
+  if not isinstance(cfg, (config.T5GemmaConfig, config.DecoderOnlyConfig)):
+    raise ValueError("gin binding model_config.cfg must be a T5GemmaConfig or a "
+                     f"DecoderOnlyConfig, got {type(cfg)}")
   return cfg
 
 
-def bound_model() -> Optional[config.T5GemmaConfig]:
+def bound_model() -> Optional[config.ModelConfig]:
   """The gin-bound model config, or None when no gin file binds one."""
   try:
     gin.query_parameter("model_config.cfg")

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from t5gemma_jax.config import FULL, SLIDING, T5GemmaConfig
+from t5gemma_jax.config import T5GemmaConfig
 from t5gemma_jax.convert import adapt, hf_gemma_config, hf_reader, param_schema, safetensors_io
 from t5gemma_jax.model import layout
 from t5gemma_jax.presets import T5GEMMA2_EOI_ID
@@ -142,12 +142,7 @@ def _text_config(hf_config: dict, config_path: str) -> tuple[dict, str]:
     # Gemma 3 would apply it, but T5Gemma 2 has none: the adapted model could not match.
     raise ValueError(f"{where}: attn_logit_softcapping={text['attn_logit_softcapping']} is "
                      "set; T5Gemma 2 has no attention softcapping, so it cannot be adapted")
-  text = dict(text)
-  if not text.get("layer_types"):
-    # Configs from before layer_types name only the period (every N-th layer is global).
-    period = text.get("sliding_window_pattern") or text.get("_sliding_window_pattern") or 6
-    n = text.get("num_hidden_layers", hf_gemma_config.TEXT_DEFAULTS["num_hidden_layers"])
-    text["layer_types"] = [FULL if (i + 1) % int(period) == 0 else SLIDING for i in range(n)]
+  text = hf_gemma_config.fill_layer_types(dict(text))
   return text, where
 
 

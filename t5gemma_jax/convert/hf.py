@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any, Optional
 
-from t5gemma_jax.config import T5GemmaConfig
+from t5gemma_jax.config import ModelConfig
 from t5gemma_jax.convert import hf_config, hf_reader, hf_t5gemma2, hf_writer, safetensors_io
 from t5gemma_jax.model import layout
 from t5gemma_jax.run_options import common_dtype_name
@@ -30,7 +30,7 @@ Params = dict[str, Any]
 
 
 def load(path: str, *, param_dtype: Optional[str] = None,
-         scan_layers: bool = False) -> tuple[Params, T5GemmaConfig]:
+         scan_layers: bool = False) -> tuple[Params, ModelConfig]:
   """Reads an HF T5Gemma folder into our params and config.
 
   Args:
@@ -63,7 +63,7 @@ def load(path: str, *, param_dtype: Optional[str] = None,
 # --------------------------------------------------------------------------------- save
 
 
-def save(params: Params, cfg: T5GemmaConfig, path: str, *, dtype: Optional[str] = None,
+def save(params: Params, cfg: ModelConfig, path: str, *, dtype: Optional[str] = None,
          overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3,
          vocabulary: Any = None) -> None:
   """Writes an HF folder that `T5GemmaForConditionalGeneration.from_pretrained` loads.

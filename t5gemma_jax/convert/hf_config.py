@@ -1,13 +1,14 @@
-"""config.json of a Hugging Face T5Gemma or T5Gemma 2 folder <-> our `T5GemmaConfig`.
+"""config.json of a Hugging Face T5Gemma, T5Gemma 2 or decoder-only Gemma folder <-> our config.
 
-T5Gemma (model_type "t5gemma") is handled here; T5Gemma 2 ("t5gemma2") in `hf_t5gemma2`, which
-these two functions dispatch to, so a reader or writer needs only this module for either family.
+T5Gemma (model_type "t5gemma") is handled here; T5Gemma 2 ("t5gemma2") in `hf_t5gemma2`,
+Gemma2ForCausalLM / Gemma3ForCausalLM ("gemma2", "gemma3_text") in `hf_causal_lm`, which these
+two functions dispatch to, so a reader or writer needs only this module for any family.
 """
 
 from __future__ import annotations
 
-from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
-from t5gemma_jax.convert import hf_gemma_config, hf_t5gemma2
+from t5gemma_jax.config import ModelConfig, ModuleConfig, T5GemmaConfig, is_decoder_only
+from t5gemma_jax.convert import hf_causal_lm, hf_gemma_config, hf_t5gemma2
 
 CONFIG_NAME = "config.json"
 # Our dtype names (`RunOptions.param_dtype`) -> the "dtype" field transformers reads (the same
@@ -15,8 +16,9 @@ CONFIG_NAME = "config.json"
 HF_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def config_from_hf(hf: dict, source: str = CONFIG_NAME) -> T5GemmaConfig:
-  """Builds a `T5GemmaConfig` from an HF T5Gemma (or T5Gemma 2) config dict.
+def config_from_hf(hf: dict, source: str = CONFIG_NAME) -> ModelConfig:
+  """Builds our config from an HF T5Gemma, T5Gemma 2, Gemma2ForCausalLM or
+  Gemma3ForCausalLM config dict (the last two: a `DecoderOnlyConfig`).
 
   Args:
     hf: the parsed config.json.
@@ -32,11 +34,14 @@ def config_from_hf(hf: dict, source: str = CONFIG_NAME) -> T5GemmaConfig:
   model_type = hf.get("model_type")
   if model_type == hf_t5gemma2.MODEL_TYPE:
     return hf_t5gemma2.config_from_hf(hf, source)
+  if model_type in hf_causal_lm.MODEL_TYPES:
+    return hf_causal_lm.config_from_hf(hf, source)
   if model_type != "t5gemma":
-    hint = (" (a decoder-only Gemma checkpoint: adapt it to an encoder-decoder first)"
-            if isinstance(model_type, str) and model_type.startswith("gemma") else "")
-    raise ValueError(f"{source}: model_type is {model_type!r}, expected 't5gemma' or "
-                     f"'t5gemma2'{hint}")
+    hint = (" (a multimodal Gemma 3: only its text part, saved as Gemma3ForCausalLM, loads as "
+            "a decoder-only model; `t5gemma adapt` reads it whole)"
+            if model_type == "gemma3" else "")
+    raise ValueError(f"{source}: model_type is {model_type!r}, expected 't5gemma', "
+                     f"'t5gemma2' or a decoder-only {sorted(hf_causal_lm.MODEL_TYPES)}{hint}")
   stacks = {}
   for side in ("encoder", "decoder"):
     if not isinstance(hf.get(side), dict):
@@ -48,7 +53,7 @@ def config_from_hf(hf: dict, source: str = CONFIG_NAME) -> T5GemmaConfig:
                        bos_id=int(hf.get("bos_token_id", 2)))
 
 
-def config_to_hf(cfg: T5GemmaConfig, dtype: str = "float32") -> dict:
+def config_to_hf(cfg: ModelConfig, dtype: str = "float32") -> dict:
   """The config.json dict that transformers' T5GemmaConfig (or T5Gemma2Config) reads back into
   the same model.
 
@@ -63,6 +68,8 @@ def config_to_hf(cfg: T5GemmaConfig, dtype: str = "float32") -> dict:
     ValueError: `cfg` has no transformers counterpart (T5Gemma 2 features in a T5Gemma 1
       model, cross-attention on some layers only, different dropout per stack).
   """
+  if is_decoder_only(cfg):
+    return hf_causal_lm.config_to_hf(cfg, HF_DTYPE[dtype])
   if cfg.family == "t5gemma2":
     return hf_t5gemma2.config_to_hf(cfg, HF_DTYPE[dtype])
   if cfg.has_t5gemma2_features:
@@ -73,21 +80,9 @@ def config_to_hf(cfg: T5GemmaConfig, dtype: str = "float32") -> dict:
                      "decoder layer has cross-attention)")
 
   def module(m: ModuleConfig, is_decoder: bool) -> dict:
-    d = {
-        "model_type": "t5_gemma_module", "hidden_size": m.hidden_size,
-        "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
-        "head_dim": m.head_dim, "query_pre_attn_scalar": m.query_pre_attn_scalar,
-        "vocab_size": m.vocab_size, "attn_logit_softcapping": m.attn_logit_softcapping,
-        "final_logit_softcapping": m.final_logit_softcapping,
-        "sliding_window": m.sliding_window, "layer_types": list(m.layer_types),
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-        "rms_norm_eps": m.rms_norm_eps, "hidden_activation": "gelu_pytorch_tanh",
-        "attention_bias": False, "dropout_rate": m.dropout_rate,
-        "attention_dropout": m.attention_dropout, "is_decoder": is_decoder,
-        "pad_token_id": cfg.pad_id, "eos_token_id": cfg.eos_id, "bos_token_id": cfg.bos_id,
-        "tie_word_embeddings": True,
-    }
+    d = dict(hf_gemma_config.gemma2_stack_to_hf(m), model_type="t5_gemma_module",
+             is_decoder=is_decoder, pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id,
+             bos_token_id=cfg.bos_id)
     if is_decoder:
       d["cross_attention_hidden_size"] = cfg.encoder.hidden_size
     return d

@@ -152,3 +152,46 @@ def text_module_from_hf(m: dict, top: dict, where: str) -> ModuleConfig:
       rms_norm_eps=float(f["rms_norm_eps"]), **_dropout(m, top),
       qk_norm=True, rope_local_theta=local_theta, rope_scaling_factor=factor,
       encoder_window="split")
+
+
+# --------------------------------------------------------------------- our stack -> HF fields
+
+
+def gemma2_stack_to_hf(m: ModuleConfig) -> dict:
+  """The Gemma 2 fields of one stack (a T5Gemma module, or a whole Gemma2ForCausalLM config),
+  which `module_from_hf` reads back into `m`."""
+  return {
+      "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size,
+      "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+      "num_key_value_heads": m.num_kv_heads, "head_dim": m.head_dim,
+      "query_pre_attn_scalar": m.query_pre_attn_scalar, "vocab_size": m.vocab_size,
+      "attn_logit_softcapping": m.attn_logit_softcapping,
+      "final_logit_softcapping": m.final_logit_softcapping,
+      "sliding_window": m.sliding_window, "layer_types": list(m.layer_types),
+      "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+      "rms_norm_eps": m.rms_norm_eps, "hidden_activation": "gelu_pytorch_tanh",
+      "attention_bias": False, "dropout_rate": m.dropout_rate,
+      "attention_dropout": m.attention_dropout, "tie_word_embeddings": True}
+
+
+def gemma3_stack_to_hf(m: ModuleConfig) -> dict:
+  """The Gemma 3 text fields of one stack (a T5Gemma 2 text config, or a Gemma3ForCausalLM
+  config), which `text_module_from_hf` reads back (but for `encoder_window`)."""
+  theta, factor = m.rope_for(FULL)
+  full = {"rope_type": "default", "rope_theta": theta}
+  if factor != 1.0:
+    full = {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+  return dict(gemma2_stack_to_hf(m), attn_logit_softcapping=None, rope_parameters={
+      SLIDING: {"rope_type": "default", "rope_theta": m.rope_for(SLIDING)[0]}, FULL: full})
+
+
+def fill_layer_types(text: dict) -> dict:
+  """A Gemma 3 text config with `layer_types` filled in: configs from before that field name
+  only the period (every N-th layer is global)."""
+  if text.get("layer_types"):
+    return text
+  period = (text.get("sliding_window_pattern") or text.get("_sliding_window_pattern")
+            or _SLIDING_PERIOD)
+  n = text.get("num_hidden_layers", TEXT_DEFAULTS["num_hidden_layers"])
+  return dict(text, layer_types=[FULL if (i + 1) % int(period) == 0 else SLIDING
+                                 for i in range(n)])

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
-from t5gemma_jax.config import T5GemmaConfig
+from t5gemma_jax.config import ModelConfig
 from t5gemma_jax.convert import param_schema
 from t5gemma_jax.run_options import DTYPES, common_dtype_name
 
@@ -61,7 +61,7 @@ def take(tensors: Tensors, name: str, param: param_schema.Param,
   return param_schema.from_hf(param.kind, np.asarray(w), param.shape)
 
 
-def read_params(tensors: Tensors, cfg: T5GemmaConfig, param_dtype: str, *, folder: str,
+def read_params(tensors: Tensors, cfg: ModelConfig, param_dtype: str, *, folder: str,
                 config_path: str) -> Params:
   """Every parameter of `cfg`'s schema, read from a T5Gemma or T5Gemma 2 folder's tensors.
 

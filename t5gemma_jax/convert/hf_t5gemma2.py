@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from t5gemma_jax.config import FULL, SLIDING, ModuleConfig, T5GemmaConfig
+from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
 from t5gemma_jax.convert import hf_gemma_config
 
 MODEL_TYPE = "t5gemma2"
@@ -88,23 +88,7 @@ def config_to_hf(cfg: T5GemmaConfig, dtype: str) -> dict:
   ids = {"pad_token_id": cfg.pad_id, "eos_token_id": cfg.eos_id, "bos_token_id": cfg.bos_id}
 
   def text(m: ModuleConfig, model_type: str) -> dict:
-    theta, factor = m.rope_for(FULL)
-    full = {"rope_type": "default", "rope_theta": theta}
-    if factor != 1.0:
-      full = {"rope_type": "linear", "factor": factor, "rope_theta": theta}
-    return {
-        "model_type": model_type, "hidden_size": m.hidden_size,
-        "intermediate_size": m.intermediate_size, "num_hidden_layers": m.num_layers,
-        "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
-        "head_dim": m.head_dim, "query_pre_attn_scalar": m.query_pre_attn_scalar,
-        "vocab_size": m.vocab_size, "attn_logit_softcapping": None,
-        "final_logit_softcapping": m.final_logit_softcapping,
-        "sliding_window": m.sliding_window, "layer_types": list(m.layer_types),
-        "rope_parameters": {
-            SLIDING: {"rope_type": "default", "rope_theta": m.rope_for(SLIDING)[0]}, FULL: full},
-        "rms_norm_eps": m.rms_norm_eps, "hidden_activation": "gelu_pytorch_tanh",
-        "attention_bias": False, "dropout_rate": m.dropout_rate,
-        "attention_dropout": m.attention_dropout, "tie_word_embeddings": True, **ids}
+    return dict(hf_gemma_config.gemma3_stack_to_hf(m), model_type=model_type, **ids)
 
   encoder = {"model_type": "t5gemma2_encoder",
              "text_config": text(cfg.encoder, "t5gemma2_text"),

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import jax
 import numpy as np
 
-from t5gemma_jax.config import T5GemmaConfig
+from t5gemma_jax.config import ModelConfig, is_decoder_only
 from t5gemma_jax.convert import hf_config, param_schema, safetensors_io
 from t5gemma_jax.model import layout
 from t5gemma_jax.run_options import DTYPES
@@ -37,8 +37,10 @@ def check_destination(path: str, overwrite: bool) -> None:
     raise FileExistsError(f"output path {path} exists and is not a folder")
 
 
-def generation_config(cfg: T5GemmaConfig) -> dict:
+def generation_config(cfg: ModelConfig) -> dict:
   """generation_config.json: decoding starts from BOS and stops at EOS, as ours does."""
+  if is_decoder_only(cfg):
+    return {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id}
   return {"bos_token_id": cfg.bos_id, "decoder_start_token_id": cfg.bos_id,
           "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id}
 
@@ -54,7 +56,7 @@ class FolderWriter:
     max_shard_bytes: a new safetensors shard starts above this size (HF's default 5 GB).
   """
 
-  def __init__(self, cfg: T5GemmaConfig, path: str, dtype: str, *, overwrite: bool = False,
+  def __init__(self, cfg: ModelConfig, path: str, dtype: str, *, overwrite: bool = False,
                max_shard_bytes: int = DEFAULT_SHARD_BYTES):
     if dtype not in DTYPES:
       raise ValueError(f"export dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -130,7 +132,7 @@ class FolderWriter:
     shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def write_folder(cfg: T5GemmaConfig, path: str, dtype: str,
+def write_folder(cfg: ModelConfig, path: str, dtype: str,
                  fill: Callable[[FolderWriter], None], *, overwrite: bool = False,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                  check: Optional[Callable[[str], None]] = None) -> None:

@@ -6,6 +6,8 @@ optimizer group. Readers (`hf_reader`, `adapt`, `adapt_gemma3`) and the writer (
 walk these tables; `train.optim` groups parameters by `group_of`, the rule `Param.group` uses.
 
 Families:
+  * decoder-only Gemma 2 / Gemma 3 (`decoder_only_params`): `model.layers.{i}.*`, the LM head
+    tied to `model.embed_tokens`.
   * T5Gemma (`t5gemma_params`): separate encoder / decoder embeddings, decoder layers with a
     cross-attention block of their own; names `model.{encoder,decoder}.layers.{i}.*`.
   * T5Gemma 2 (`t5gemma2_params`): one shared table (`model.encoder.embed_tokens`, plus the
@@ -29,7 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
-from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
+from t5gemma_jax.config import (DecoderOnlyConfig, ModelConfig, ModuleConfig, T5GemmaConfig,
+                                is_decoder_only)
 from t5gemma_jax.convert import hf_t5gemma2
 
 COPY, IN, OUT = "copy", "in", "out"
@@ -39,6 +42,7 @@ GROUPS = ("embeddings", "cross_attention", "encoder", "decoder")
 CROSS_ATTENTION_MODULES = ("cross_attn", "pre_cross_attn_norm", "post_cross_attn_norm")
 # The T5Gemma LM head is tied to the decoder embedding: transformers neither writes nor needs it.
 T5GEMMA_TIED_NAMES = ("lm_head.out_proj.weight",)
+CAUSAL_LM_TIED_NAMES = ("lm_head.weight",)
 
 
 # ------------------------------------------------------------------------------ the rules
@@ -148,6 +152,10 @@ def _norms(*names: str) -> tuple[Row, ...]:
   return tuple(((n, "scale"), f"{_HF_NORMS[n]}.weight", COPY, ("d",)) for n in names)
 
 
+# Gemma{2,3}ForCausalLM spell the two self-attention norms the Llama way.
+_CAUSAL_LM_NORMS = {"pre_self_attn_layernorm.weight": "input_layernorm.weight",
+                    "post_self_attn_layernorm.weight": "post_attention_layernorm.weight"}
+
 _MLP: tuple[Row, ...] = ((("mlp", "gate", "kernel"), "mlp.gate_proj.weight", IN, ("d", "f")),
                          (("mlp", "up", "kernel"), "mlp.up_proj.weight", IN, ("d", "f")),
                          (("mlp", "down", "kernel"), "mlp.down_proj.weight", IN, ("f", "d")))
@@ -228,14 +236,35 @@ def t5gemma2_params(cfg: T5GemmaConfig) -> list[Param]:
   return out
 
 
-def params_of(cfg: T5GemmaConfig) -> list[Param]:
-  """The table of `cfg`'s family: `t5gemma2_params` when `cfg.family == "t5gemma2"`, else
-  `t5gemma_params`."""
+def decoder_only_params(cfg: DecoderOnlyConfig) -> list[Param]:
+  """Every parameter of a decoder-only Gemma 2 / Gemma 3 (`Gemma{2,3}ForCausalLM` names:
+  `model.layers.{i}.*`, the two self-attention norms as `input_layernorm` and
+  `post_attention_layernorm`)."""
+  m = cfg.decoder
+  sizes = {"d": m.hidden_size, "f": m.intermediate_size, "h": m.num_heads,
+           "k": m.num_kv_heads, "dh": m.head_dim, "vocab": m.vocab_size}
+  out = _expand(T5GEMMA_STACK, sizes, ("decoder",), "model")
+  layer = tuple((ours, _CAUSAL_LM_NORMS.get(theirs, theirs), kind, shape)
+                for ours, theirs, kind, shape in _attention("self_attn", "d", m.qk_norm) + _MLP
+                + _norms("pre_self_attn_norm", "post_self_attn_norm", "pre_ffw_norm",
+                         "post_ffw_norm"))
+  for i in range(m.num_layers):
+    out += _expand(layer, sizes, ("decoder", f"layers_{i}"), f"model.layers.{i}")
+  return out
+
+
+def params_of(cfg: ModelConfig) -> list[Param]:
+  """The table of `cfg`'s family: `decoder_only_params`, `t5gemma2_params` (family
+  "t5gemma2") or `t5gemma_params`."""
+  if is_decoder_only(cfg):
+    return decoder_only_params(cfg)
   return t5gemma2_params(cfg) if cfg.family == "t5gemma2" else t5gemma_params(cfg)
 
 
-def tied_names(cfg: T5GemmaConfig) -> frozenset[str]:
+def tied_names(cfg: ModelConfig) -> frozenset[str]:
   """HF names transformers ties to a stored tensor: a folder may hold them, we never write them."""
+  if is_decoder_only(cfg):
+    return frozenset(CAUSAL_LM_TIED_NAMES)
   if cfg.family == "t5gemma2":
     return frozenset(T5GEMMA_TIED_NAMES + hf_t5gemma2.TIED_KEYS)
   return frozenset(T5GEMMA_TIED_NAMES)

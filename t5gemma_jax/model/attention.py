@@ -210,7 +210,7 @@ class Attention(nn.Module):
       empty = {"k": jnp.zeros((b, kh, dh, slots), k.dtype),
                "v": jnp.zeros((b, kh, slots, dh), v.dtype),
                "pos": jnp.full((b, slots), -1, jnp.int32)}
-      new_cache = _write_ring(empty, k, v, positions)
+      new_cache = _write_ring(empty, k, v, positions, valid=mask.q_segments > 0)
     if merged_input is not None:
       # The encoder keys reuse this layer's k/v kernels and k_norm, without RoPE (HF
       # T5Gemma2MergedAttention); the concatenation lets one softmax weigh both sources.
@@ -238,19 +238,25 @@ def _values_layout(v: Array) -> Array:
   return v.transpose(0, 2, 1, 3)
 
 
-def _write_ring(cache: Cache, k: Array, v: Array, positions: Array) -> Cache:
+def _write_ring(cache: Cache, k: Array, v: Array, positions: Array,
+                valid: Optional[Array] = None) -> Cache:
   """The cache with keys/values [B, T, K, Dh] at `positions` int [B, T] written into their
-  ring slots (position p in slot p % slots; of more than `slots` new tokens only the last
-  ones stay). Buffers longer than the ring (merged attention's encoder part) keep the rest."""
+  ring slots (position p in slot p % slots; of more than `slots` new tokens of a row only its
+  last `slots` stay). `valid` bool [B, T] (default all): padding (a right-padded prompt) is
+  not written. Buffers longer than the ring (merged attention's encoder part) keep the rest."""
   slots = cache["pos"].shape[1]
-  keep = min(k.shape[1], slots)
-  k, v, positions = k[:, -keep:], v[:, -keep:], positions[:, -keep:]
-  index = positions % slots  # [B, T]
+  if valid is None:
+    valid = jnp.ones(positions.shape, bool)
+  last = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
+  write = valid & (positions > last - slots)
+  # Slot index `slots` is out of range: those updates are dropped, so the kept ones never
+  # collide (they are fewer than `slots` consecutive positions).
+  index = jnp.where(write, positions % slots, slots)  # [B, T]
   rows = jnp.arange(k.shape[0])[:, None]
   rows_, heads, slot = rows[:, :, None], jnp.arange(k.shape[2])[None, :, None], index[:, None, :]
   # Both index [B, K, T] (+ Dh): the advanced indices come first whatever sits between them.
   new_k = _values_layout(k).astype(cache["k"].dtype)
   new_v = _values_layout(v).astype(cache["v"].dtype)
-  return dict(cache, k=cache["k"].at[rows_, heads, :, slot].set(new_k),
-              v=cache["v"].at[rows_, heads, slot].set(new_v),
-              pos=cache["pos"].at[rows, index].set(positions.astype(jnp.int32)))
+  return dict(cache, k=cache["k"].at[rows_, heads, :, slot].set(new_k, mode="drop"),
+              v=cache["v"].at[rows_, heads, slot].set(new_v, mode="drop"),
+              pos=cache["pos"].at[rows, index].set(positions.astype(jnp.int32), mode="drop"))

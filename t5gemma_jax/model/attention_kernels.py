@@ -40,6 +40,9 @@ def fused_attention(impl: str, q: Array, k: Array, v: Array, mask: Any, *, scale
                     softcap: Optional[float]) -> Array:
   """q [B, T, H, Dh], k/v [B, S, K, Dh], mask a `MaskSpec` or `MergedMaskSpec` (then S = T +
   encoder length) -> [B, T, H, Dh]."""
+  if getattr(mask, "prefix", None) is not None:
+    raise ValueError(f"attention_impl={impl!r} has no PrefixLM mask (a decoder-only model with "
+                     "prefix_lm=True); use attention_impl='xla'")
   if impl == "cudnn":
     if softcap is not None:
       raise ValueError("attention_impl='cudnn' cannot apply an attention logit softcap; use "

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
+from t5gemma_jax.config import ModelConfig, ModuleConfig, is_decoder_only
 from t5gemma_jax.run_options import RunOptions
 
 Params = dict[str, Any]
@@ -57,11 +57,10 @@ def _unscan_stack(stack: Params, cfg: ModuleConfig) -> Params:
   return out
 
 
-def _both(params: Params, cfg: T5GemmaConfig, fn: Callable) -> Params:
+def _both(params: Params, cfg: ModelConfig, fn: Callable) -> Params:
   out = dict(params)
-  out["encoder"] = fn(params["encoder"], cfg.encoder)
-  if not cfg.share_blocks:  # otherwise the decoder has no layers of its own
-    out["decoder"] = fn(params["decoder"], cfg.decoder)
+  for name, stack in cfg.layer_stacks.items():  # share_blocks: the decoder owns no layers
+    out[name] = fn(params[name], stack)
   return out
 
 
@@ -70,30 +69,30 @@ def layer_params(stack: Params) -> Params:
   return {k: v for k, v in stack.items() if k == "layers" or k.startswith("layers_")}
 
 
-def untie_blocks(params: Params, cfg: T5GemmaConfig) -> Params:
+def untie_blocks(params: Params, cfg: ModelConfig) -> Params:
   """With `cfg.share_blocks`, params whose decoder holds the encoder's layers (the same arrays,
   in the same layout): what an unshared model computing the same function reads."""
-  if not cfg.share_blocks:
+  if is_decoder_only(cfg) or not cfg.share_blocks:
     return params
   return dict(params, decoder={**params["decoder"], **layer_params(params["encoder"])})
 
 
-def scan_params(params: Params, cfg: T5GemmaConfig) -> Params:
+def scan_params(params: Params, cfg: ModelConfig) -> Params:
   """Unrolled params -> scanned layout (a no-op on params that are already scanned)."""
   return _both(params, cfg, _scan_stack)
 
 
-def unscan_params(params: Params, cfg: T5GemmaConfig) -> Params:
+def unscan_params(params: Params, cfg: ModelConfig) -> Params:
   """Scanned params -> unrolled layout (a no-op on params that are already unrolled)."""
   return _both(params, cfg, _unscan_stack)
 
 
-def to_layout(params: Params, cfg: T5GemmaConfig, scanned: bool) -> Params:
+def to_layout(params: Params, cfg: ModelConfig, scanned: bool) -> Params:
   """Params in the scanned layout when `scanned` (`RunOptions.scan_layers`), else unrolled."""
   return scan_params(params, cfg) if scanned else unscan_params(params, cfg)
 
 
-def unrolled_slices(path: tuple[str, ...], cfg: T5GemmaConfig) -> list[tuple[tuple[str, ...],
+def unrolled_slices(path: tuple[str, ...], cfg: ModelConfig) -> list[tuple[tuple[str, ...],
                                                                          Any]]:
   """Where the layers held by one parameter go in the unrolled layout.
 
@@ -107,7 +106,7 @@ def unrolled_slices(path: tuple[str, ...], cfg: T5GemmaConfig) -> list[tuple[tup
     `r * period + s` at index r; any other leaf maps to itself with index None.
   """
   if len(path) > 2 and path[1] == "layers":
-    stack = cfg.encoder if path[0] == "encoder" else cfg.decoder
+    stack = cfg.stacks[path[0]]
     repeats, period = _stack_split(stack)
     s = int(path[2][len("block_"):])
     return [((path[0], f"layers_{r * period + s}") + tuple(path[3:]), r) for r in range(repeats)]
@@ -116,8 +115,10 @@ def unrolled_slices(path: tuple[str, ...], cfg: T5GemmaConfig) -> list[tuple[tup
 
 def is_scanned(params: Any) -> bool:
   """Whether a model's params (or a tree of their shapes) are in the scanned layout: the
-  encoder always owns its layers, so its entries tell."""
-  return isinstance(params, Mapping) and "layers" in params.get("encoder", {})
+  encoder always owns its layers (a decoder-only model: the decoder), so its entries tell."""
+  if not isinstance(params, Mapping):
+    return False
+  return "layers" in params.get("encoder", params.get("decoder", {}))
 
 
 def options_for(params: Any, run: RunOptions = RunOptions()) -> RunOptions:

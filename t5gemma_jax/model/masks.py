@@ -102,6 +102,9 @@ class MaskSpec:
     q_positions, kv_positions: int [B, T] / [B, S] indices the window compares (j - i). None
       = the row's own order, arange; a decode step sets them (its query sits at position t,
       its keys in ring slots: `over_keys`; such steps take the XLA path).
+    prefix: PrefixLM (self-attention only): int [B, T], 1 on the tokens of the input prefix
+      (seqio's `decoder_causal_attention`). Two prefix tokens of one segment see each other
+      both ways (within |j - i| < W on sliding layers); everything else follows `causal`.
   """
 
   q_segments: Array
@@ -111,32 +114,41 @@ class MaskSpec:
   split_window: bool = struct.field(pytree_node=False, default=False)
   q_positions: Optional[Array] = None
   kv_positions: Optional[Array] = None
+  prefix: Optional[Array] = None
 
   @classmethod
   def for_layer(cls, cfg: ModuleConfig, layer_type: str, segment_ids: Array, causal: bool,
-                positions: Optional[Array] = None) -> "MaskSpec":
+                positions: Optional[Array] = None,
+                prefix: Optional[Array] = None) -> "MaskSpec":
     """The self-attention pattern of one layer kind of stack `cfg` over `segment_ids`."""
     return cls(segment_ids, segment_ids, causal, layer_window(cfg, layer_type),
-               cfg.encoder_window == "split", positions, positions)
+               cfg.encoder_window == "split", positions, positions, prefix)
 
   def over_keys(self, kv_segments: Array, kv_positions: Array) -> "MaskSpec":
-    """This pattern with other keys: e.g. a decode cache's slots (segment 0 = empty slot)."""
-    return self.replace(kv_segments=kv_segments, kv_positions=kv_positions)
+    """This pattern with other keys: e.g. a decode cache's slots (segment 0 = empty slot).
+    A decode step's query is a target token, so the PrefixLM part does not apply."""
+    return self.replace(kv_segments=kv_segments, kv_positions=kv_positions, prefix=None)
 
   def dense(self) -> Array:
     """The boolean [B, T, S] mask (True = may attend)."""
-    mask = _segment_mask(self.q_segments, self.kv_segments)
+    segments = _segment_mask(self.q_segments, self.kv_segments)
     lo, hi = self.offsets
-    if lo is None and hi is None:
-      return mask
+    if lo is None and hi is None and self.prefix is None:
+      return segments
     i = (jnp.arange(self.q_segments.shape[-1])[None] if self.q_positions is None
          else self.q_positions)[:, :, None]
     j = (jnp.arange(self.kv_segments.shape[-1])[None] if self.kv_positions is None
          else self.kv_positions)[:, None, :]
+    mask = segments
     if lo is not None:
       mask &= j - i >= lo
     if hi is not None:
       mask &= j - i <= hi
+    if self.prefix is not None:
+      both = segments & (self.prefix[:, :, None] > 0) & (self.prefix[:, None, :] > 0)
+      if self.window is not None:
+        both &= jnp.abs(j - i) < self.window
+      mask |= both
     return mask
 
   @property
