@@ -2,7 +2,9 @@
 
     tokens = decoding.generate(params, cfg, encoder_input_tokens, max_new_tokens=32)
 
-No model math lives here. The model decodes through its own modules: `T5Gemma.start_decode`
+No model math lives here. A decoder-only model (`model.decoder_only`) reads BOS + the inputs
+as its prompt (`DecoderOnly.start_decode`) and continues each row from its own last token.
+The encoder-decoder decodes through its own modules: `T5Gemma.start_decode`
 runs BOS through the decoder and builds the cache (every layer's encoder keys and values
 projected once, a self-attention ring per layer, stacked on the layer axis when the params are
 scanned), `T5Gemma.decode_step` runs one position through the same (scanned) layers as
@@ -18,8 +20,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from t5gemma_jax.config import T5GemmaConfig
-from t5gemma_jax.model import T5Gemma, layout, masks
+from t5gemma_jax.config import ModelConfig, is_decoder_only
+from t5gemma_jax.model import from_config, layout, masks
 from t5gemma_jax.run_options import RunOptions
 
 Array = jax.Array
@@ -179,31 +181,27 @@ def beam_search(logits: Array, cache: Cache, tokens_to_logits: TokensToLogits,
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(cfg: T5GemmaConfig, run: RunOptions, strategy: str, max_new_tokens: int,
+def _compiled(cfg: ModelConfig, run: RunOptions, strategy: str, max_new_tokens: int,
               temperature: float, top_k: int, top_p: float, num_beams: int,
               length_penalty: float, min_new_tokens: int):
   return jax.jit(generate_function(cfg, strategy, max_new_tokens, temperature, top_k, top_p,
                                    num_beams, length_penalty, min_new_tokens, run=run))
 
 
-def generate_function(cfg: T5GemmaConfig, strategy: str = "greedy", max_new_tokens: int = 32,
+def generate_function(cfg: ModelConfig, strategy: str = "greedy", max_new_tokens: int = 32,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                       num_beams: int = 4, length_penalty: float = 0.6,
                       min_new_tokens: int = 0, run: RunOptions = RunOptions()):
   """The whole decoding loop, not yet jitted: `run(params, encoder_input_tokens, rng)` ->
   int32 [B, max_new_tokens], for params in the layout `run.scan_layers` says. `generate`
   jits it; `t5gemma compile` lowers it for a TPU topology."""
-  net = T5Gemma(cfg, run)
+  net = from_config(cfg, run)
   beams = num_beams if strategy == "beam" else 1
 
   def decode(params, encoder_input_tokens, rng):
     variables = {"params": params}
     tokens = jnp.repeat(encoder_input_tokens, beams, axis=0)  # rows, then beams
-    encoder_segment_ids = masks.segment_ids_from_tokens(tokens, cfg.pad_id)
-    encoded = net.apply(variables, tokens, method=net.encode)
-    bos = jnp.full((tokens.shape[0], 1), cfg.bos_id, jnp.int32)
-    logits, cache = net.apply(variables, encoded, encoder_segment_ids, bos, max_new_tokens,
-                              method=net.start_decode)
+    logits, cache = _start(net, cfg, variables, tokens, max_new_tokens)
 
     def tokens_to_logits(step_tokens, cache):
       logits, cache = net.apply(variables, step_tokens[:, None], cache,
@@ -213,10 +211,10 @@ def generate_function(cfg: T5GemmaConfig, strategy: str = "greedy", max_new_toke
     ids = dict(max_new_tokens=max_new_tokens, eos_id=cfg.eos_id, pad_id=cfg.pad_id,
                min_new_tokens=min_new_tokens)
     if strategy == "beam":
-      out = beam_search(logits[:, 0], cache, tokens_to_logits, layout.select_beams,
+      out = beam_search(logits, cache, tokens_to_logits, layout.select_beams,
                         num_beams=num_beams, length_penalty=length_penalty, **ids)
     else:
-      out = sample_search(logits[:, 0], cache, tokens_to_logits, rng=rng, strategy=strategy,
+      out = sample_search(logits, cache, tokens_to_logits, rng=rng, strategy=strategy,
                           temperature=temperature, top_k=top_k, top_p=top_p, **ids)
     if not jax.sharding.get_abstract_mesh().empty:
       # Under a mesh (training's, with its rules) the rows come out sharded like the batch;
@@ -227,7 +225,30 @@ def generate_function(cfg: T5GemmaConfig, strategy: str = "greedy", max_new_toke
   return decode
 
 
-def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
+def _start(net, cfg: ModelConfig, variables: dict, tokens: Array,
+           max_new_tokens: int) -> tuple[Array, Cache]:
+  """The first new token's float32 logits [B, V] and the cache after the prompt.
+
+  Encoder-decoder: `tokens` int32 [B, S] are encoded and the decoder starts from BOS. Decoder-
+  only: the prompt is BOS then `tokens` (right-padded; PrefixLM attends to it both ways) and
+  each row continues after its own last token.
+  """
+  if is_decoder_only(cfg):
+    prompt = jnp.concatenate([jnp.full((tokens.shape[0], 1), cfg.bos_id, jnp.int32), tokens],
+                             axis=1)
+    logits, cache = net.apply(variables, prompt, prompt.shape[1] + max_new_tokens,
+                              method=net.start_decode)
+    last = (cache["index"] - 1)[:, None, None]
+    return jnp.take_along_axis(logits, last, axis=1)[:, 0], cache
+  encoder_segment_ids = masks.segment_ids_from_tokens(tokens, cfg.pad_id)
+  encoded = net.apply(variables, tokens, method=net.encode)
+  bos = jnp.full((tokens.shape[0], 1), cfg.bos_id, jnp.int32)
+  logits, cache = net.apply(variables, encoded, encoder_segment_ids, bos, max_new_tokens,
+                            method=net.start_decode)
+  return logits[:, 0], cache
+
+
+def generate(params: Any, cfg: ModelConfig, encoder_input_tokens: Array, *,
              max_new_tokens: int, strategy: str = "greedy", num_beams: int = 4,
              length_penalty: float = 0.6, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, min_new_tokens: int = 0,
@@ -237,7 +258,8 @@ def generate(params: Any, cfg: T5GemmaConfig, encoder_input_tokens: Array, *,
   Args:
     params: model params (scanned or not).
     cfg: the architecture.
-    encoder_input_tokens: int32 [B, S], 0 = padding (rows may have different lengths).
+    encoder_input_tokens: int32 [B, S], 0 = padding (rows may have different lengths); for a
+      decoder-only model the prompt after BOS.
     max_new_tokens: decoder steps at most.
     strategy: "greedy", "sample" or "beam".
     num_beams, length_penalty: beam search width and alpha (score / length ** alpha).

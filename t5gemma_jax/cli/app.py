@@ -27,8 +27,9 @@ def _no_args(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: dict[str, Command] = {
-    "show_config": Command(model_commands.show_config, _no_args,
-                           "print the bound model config and its parameter counts"),
+    "show_config": Command(model_commands.show_config, model_commands.show_config_args,
+                           "print the bound model config, its parameter counts and the "
+                           "decoder-only configs matched to it"),
     "show_task": Command(model_commands.show_task, model_commands.show_task_args,
                          "print examples and statistics of a task"),
     "train": Command(run_commands.train, _no_args, "train or resume a run"),

@@ -17,6 +17,7 @@ from typing import Iterator, Optional, Sequence
 import gin
 
 from t5gemma_jax import config, presets, run_options as run_options_lib
+from t5gemma_jax.train import matched
 
 # The gin files ship inside the package (package data), so an installed wheel finds them too.
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -28,6 +29,7 @@ gin.external_configurable(config.ModuleConfig, "ModuleConfig")
 gin.external_configurable(config.T5GemmaConfig, "T5GemmaConfig")
 gin.external_configurable(config.DecoderOnlyConfig, "DecoderOnlyConfig")
 gin.external_configurable(presets.decoder_only, "decoder_only")
+gin.external_configurable(matched.matched_decoder_only, "matched_decoder_only")
 # The wrapper applies `RunOptions.*` bindings when called (`@RunOptions()` in the run files).
 _BoundRunOptions = gin.external_configurable(run_options_lib.RunOptions, "RunOptions")
 _registered: dict[str, object] = {}

@@ -5,31 +5,47 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 
 from t5gemma_jax import config
 from t5gemma_jax.cli import gin_setup
 
 
-def count_params(cfg: config.T5GemmaConfig) -> dict[str, int]:
-  """Parameter counts per stack, from shapes alone (nothing is allocated)."""
-  import jax
-  from t5gemma_jax import model
+def show_config_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--inputs_length", type=int, default=None,
+                 help="example shape for the FLOP comparison (default: TASK_FEATURE_LENGTHS "
+                      "when a gin file binds it, else 512)")
+  p.add_argument("--targets_length", type=int, default=None, help="(default: ... else 128)")
 
-  shapes = model.abstract_params(cfg, boxed=False)
-  return {side: sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes[side]))
-          for side in ("encoder", "decoder")}
+
+def _lengths(args: argparse.Namespace) -> tuple[int, int]:
+  import gin
+  try:
+    bound = dict(gin.query_parameter("%TASK_FEATURE_LENGTHS"))
+  except (ValueError, TypeError):
+    bound = {}
+  return (args.inputs_length or int(bound.get("inputs", 512)),
+          args.targets_length or int(bound.get("targets", 128)))
 
 
 def show_config(args: argparse.Namespace) -> int:
-  """Prints the bound architecture, the bound run options and the parameter counts as JSON."""
-  del args
+  """Prints the bound architecture, the bound run options and the parameter counts as JSON;
+  for an encoder-decoder also the decoder-only configs matched to it by parameters and by
+  training FLOPs per example (`train.matched`), causal and PrefixLM alike in size."""
+  from t5gemma_jax.train import matched
   cfg = gin_setup.model_config()
-  counts = count_params(cfg)
-  counts["total"] = counts["encoder"] + counts["decoder"]
   run = gin_setup.run_options().check(cfg)
-  print(json.dumps({"config": dataclasses.asdict(cfg), "run_options": dataclasses.asdict(run),
-                    "parameters": counts}, indent=2))
+  out = {"config": config.to_dict(cfg), "run_options": dataclasses.asdict(run),
+         "parameters": matched.parameter_counts(cfg)}
+  if not config.is_decoder_only(cfg):
+    s, t = _lengths(args)
+    out["matched_decoder_only"] = {"inputs_length": s, "targets_length": t}
+    for by in matched.BY:
+      try:
+        other = matched.matched_decoder_only(cfg, by, s, t)
+        out["matched_decoder_only"][f"by_{by}"] = matched.compare(cfg, other, s, t)
+      except ValueError as e:
+        out["matched_decoder_only"][f"by_{by}"] = {"error": str(e)}
+  print(json.dumps(out, indent=2))
   return 0
 
 

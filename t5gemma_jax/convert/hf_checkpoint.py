@@ -16,8 +16,9 @@ from typing import Any, Optional
 import numpy as np
 
 from t5gemma_jax import params_reader, run_files
-from t5gemma_jax.config import T5GemmaConfig
-from t5gemma_jax.convert import hf, hf_t5gemma2, hf_writer, params_checkpoint
+from t5gemma_jax.config import ModelConfig, is_decoder_only
+from t5gemma_jax.convert import (hf, hf_causal_lm, hf_config, hf_t5gemma2, hf_writer,
+                                 params_checkpoint)
 from t5gemma_jax.model import abstract_params, layout
 from t5gemma_jax.run_options import DTYPES, RunOptions, common_dtype_name
 
@@ -25,7 +26,7 @@ _DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
 def checkpoint_config(reader: params_reader.ParamsReader,
-                      cfg: Optional[T5GemmaConfig] = None) -> T5GemmaConfig:
+                      cfg: Optional[ModelConfig] = None) -> ModelConfig:
   """The model config of a checkpoint step, checked against the saved shapes.
 
   Args:
@@ -58,7 +59,7 @@ def checkpoint_config(reader: params_reader.ParamsReader,
 
 
 def export_checkpoint(checkpoint_path: str, output_dir: str, *,
-                      cfg: Optional[T5GemmaConfig] = None, dtype: Optional[str] = None,
+                      cfg: Optional[ModelConfig] = None, dtype: Optional[str] = None,
                       overwrite: bool = False, vocabulary: Any = None, verify: bool = False,
                       tolerance: float = 1e-3,
                       max_shard_bytes: int = hf_writer.DEFAULT_SHARD_BYTES,
@@ -121,7 +122,7 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, *,
   return report
 
 
-def compare_with_transformers(folder: str, params: Any, cfg: T5GemmaConfig,
+def compare_with_transformers(folder: str, params: Any, cfg: ModelConfig,
                               tolerance: float, batch: int = 2, seed: int = 0) -> float:
   """Max |logit difference| between transformers on `folder` and our model on `params`.
 
@@ -139,11 +140,15 @@ def compare_with_transformers(folder: str, params: Any, cfg: T5GemmaConfig,
     raise ImportError(f"--verify needs torch and transformers installed ({e})") from None
   import jax
   import jax.numpy as jnp
-  from t5gemma_jax.model import T5Gemma
+  from t5gemma_jax.model import from_config
 
   t5gemma2 = cfg.family == "t5gemma2"
-  cls = (transformers.T5Gemma2ForConditionalGeneration if t5gemma2
-         else transformers.T5GemmaForConditionalGeneration)
+  if is_decoder_only(cfg):
+    cls = getattr(transformers, hf_causal_lm.MODEL_TYPES[
+        hf_config.config_to_hf(cfg)["model_type"]])
+  else:
+    cls = (transformers.T5Gemma2ForConditionalGeneration if t5gemma2
+           else transformers.T5GemmaForConditionalGeneration)
   # Its load report would list every (expected) missing vision key; we check `info` ourselves.
   verbosity = transformers.logging.get_verbosity()
   transformers.logging.set_verbosity_error()
@@ -165,16 +170,21 @@ def compare_with_transformers(folder: str, params: Any, cfg: T5GemmaConfig,
   enc[1:, 17:] = cfg.pad_id
   dec[1:, 9:] = cfg.pad_id
   with torch.no_grad():
-    theirs = model.eval()(input_ids=torch.from_numpy(enc).long(),
-                          attention_mask=torch.from_numpy(enc != cfg.pad_id).long(),
-                          decoder_input_ids=torch.from_numpy(dec).long(),
-                          decoder_attention_mask=torch.from_numpy(dec != cfg.pad_id).long()
-                          ).logits.float().numpy()
+    if is_decoder_only(cfg):  # causal over the tokens (PrefixLM too: no prefix is marked)
+      theirs = model.eval()(input_ids=torch.from_numpy(dec).long(),
+                            attention_mask=torch.from_numpy(dec != cfg.pad_id).long()
+                            ).logits.float().numpy()
+    else:
+      theirs = model.eval()(input_ids=torch.from_numpy(enc).long(),
+                            attention_mask=torch.from_numpy(enc != cfg.pad_id).long(),
+                            decoder_input_ids=torch.from_numpy(dec).long(),
+                            decoder_attention_mask=torch.from_numpy(dec != cfg.pad_id).long()
+                            ).logits.float().numpy()
   del model
   with jax.default_matmul_precision("highest"):
-    net = T5Gemma(cfg, layout.options_for(params))
-    ours = np.asarray(jax.jit(net.apply)({"params": params}, jnp.asarray(enc),
-                                         jnp.asarray(dec)))
+    net = from_config(cfg, layout.options_for(params))
+    inputs = (dec,) if is_decoder_only(cfg) else (enc, dec)
+    ours = np.asarray(jax.jit(net.apply)({"params": params}, *map(jnp.asarray, inputs)))
   real = dec != cfg.pad_id  # padded decoder positions are not compared
   diff = float(np.max(np.abs(ours - theirs)[real]))
   logging.info("verify: max |logit diff| %.3g over %d positions", diff, int(real.sum()))
@@ -186,7 +196,7 @@ def compare_with_transformers(folder: str, params: Any, cfg: T5GemmaConfig,
 
 def import_hf(hf_dir: str, output_dir: str, *, scan_layers: bool = False,
               param_dtype: Optional[str] = None,
-              overwrite: bool = False) -> tuple[T5GemmaConfig, str]:
+              overwrite: bool = False) -> tuple[ModelConfig, str]:
   """A Hugging Face T5Gemma folder -> a run directory with a params-only step 0.
 
   `train` fine-tunes from it with `TrainConfig.init_from=output_dir`; `infer` and `eval`

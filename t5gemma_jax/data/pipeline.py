@@ -24,6 +24,9 @@ from t5gemma_jax.data.vocab import BOS_ID
 MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
                   "decoder_loss_weights", "encoder_segment_ids", "decoder_segment_ids",
                   "encoder_positions", "decoder_positions")
+# Features of PrefixLMFeatureConverter (decoder-only models); unpacked batches lack the last two.
+DECODER_ONLY_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+                         "decoder_causal_attention", "decoder_segment_ids", "decoder_positions")
 
 
 def hide_gpus_from_tensorflow() -> None:
@@ -48,6 +51,8 @@ class DataConfig:
     pack: pack several examples into each row (segment ids and positions are then set).
     num_epochs: None repeats forever (training); 1 for a single pass (evaluation).
     use_cached: read a seqio cache prepared offline.
+    decoder_only: batches for a decoder-only model: each example's inputs then targets in one
+      row of inputs + targets tokens (`feature_converter`).
   """
 
   mixture_or_task: str
@@ -59,10 +64,16 @@ class DataConfig:
   pack: bool = True
   num_epochs: Optional[int] = None
   use_cached: bool = False
+  decoder_only: bool = False
 
 
-def feature_converter(pack: bool) -> seqio.EncDecFeatureConverter:
-  """seqio's encoder-decoder converter with Gemma's BOS (2) starting every decoder segment."""
+def feature_converter(pack: bool, decoder_only: bool = False) -> seqio.FeatureConverter:
+  """seqio's converter with Gemma's BOS (2) starting every decoder segment: encoder-decoder, or
+  for a decoder-only model `PrefixLMFeatureConverter` (BOS, inputs, targets in one row; loss on
+  the targets only; `decoder_causal_attention` marks BOS and the inputs, which a PrefixLM model
+  attends to both ways and a causal one ignores)."""
+  if decoder_only:
+    return seqio.PrefixLMFeatureConverter(pack=pack, bos_id=BOS_ID, loss_on_targets_only=True)
   return seqio.EncDecFeatureConverter(pack=pack, bos_id=BOS_ID)
 
 
@@ -99,7 +110,7 @@ def host_dataset(cfg: DataConfig, process_index: Optional[int] = None,
   get_mixture_or_task(cfg.mixture_or_task)  # fail early with a helpful message
   ds = seqio.get_dataset(
       cfg.mixture_or_task, task_feature_lengths=dict(cfg.task_feature_lengths),
-      feature_converter=feature_converter(cfg.pack), dataset_split=cfg.split,
+      feature_converter=feature_converter(cfg.pack, cfg.decoder_only), dataset_split=cfg.split,
       use_cached=cfg.use_cached, shuffle=cfg.shuffle, num_epochs=cfg.num_epochs,
       shard_info=seqio.ShardInfo(index=index, num_shards=count), verbose=False,
       seed=cfg.seed, batch_size=None)

@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from t5gemma_jax import chips, decoding, sharding
+from t5gemma_jax.config import is_decoder_only
+from t5gemma_jax.data import pipeline
 from t5gemma_jax.train import flops, hlo_stats, loop
 
 _FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
@@ -81,6 +83,11 @@ def topology_devices(accelerator_type: str, num_slices: int = 1) -> tuple[chips.
 def abstract_batch(cfg: loop.TrainConfig, batch_size: int, batch_sharding) -> dict:
   """The batch the pipeline would deliver, as ShapeDtypeStructs: int32 [B, length]."""
   lengths = cfg.task_feature_lengths
+  if is_decoder_only(cfg.model):  # one row of inputs + targets; packing adds the last two
+    names = pipeline.DECODER_ONLY_FEATURES[:len(pipeline.DECODER_ONLY_FEATURES) - 2 * (
+        not cfg.pack)]
+    return {name: jax.ShapeDtypeStruct((batch_size, lengths["inputs"] + lengths["targets"]),
+                                       jnp.int32, sharding=batch_sharding) for name in names}
   names = _FEATURES + (_PACKING if cfg.pack else ())
   return {name: jax.ShapeDtypeStruct(
       (batch_size, lengths["inputs"] if name.startswith("encoder") else lengths["targets"]),

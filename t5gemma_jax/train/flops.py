@@ -22,8 +22,8 @@ from typing import Any, Optional, Union
 import jax
 
 from t5gemma_jax.chips import CHIPS
-from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
-from t5gemma_jax.model.masks import layer_offsets, window_offsets
+from t5gemma_jax.config import DecoderOnlyConfig, ModelConfig, ModuleConfig, is_decoder_only
+from t5gemma_jax.model.masks import layer_offsets, layer_window, window_offsets
 
 # Dense (not 2:4 sparse) bf16 matmul peak per chip in FLOP/s. Keys are `device_kind` strings.
 # TPUs come from `chips.CHIPS` (figures and sources there), also under "TPU v5e"-style names.
@@ -121,7 +121,7 @@ def mlp_flops(module: ModuleConfig, tokens: int) -> int:
   return 3 * matmul_flops(tokens, module.hidden_size, module.intermediate_size)
 
 
-def lm_head_flops(cfg: T5GemmaConfig, tokens: int) -> int:
+def lm_head_flops(cfg: ModelConfig, tokens: int) -> int:
   """Output layer d -> vocab. Tied to the decoder embedding, but still one full matmul."""
   return matmul_flops(tokens, cfg.decoder.hidden_size, cfg.vocab_size)
 
@@ -129,9 +129,14 @@ def lm_head_flops(cfg: T5GemmaConfig, tokens: int) -> int:
 # --------------------------------------------------------------------------------- totals
 
 
-def flops_breakdown(cfg: T5GemmaConfig, batch: int, inputs_length: int, targets_length: int,
+def flops_breakdown(cfg: ModelConfig, batch: int, inputs_length: int, targets_length: int,
                     training: bool = True, dense_attention: bool = False) -> dict[str, float]:
   """FLOPs of one step on a [batch, inputs_length] -> [batch, targets_length] batch, by family.
+
+  A decoder-only model reads each row as one sequence of inputs_length + targets_length tokens
+  (`pipeline.feature_converter`): its families are the decoder's and the LM head (at every
+  position), the encoder and cross-attention ones are 0. PrefixLM adds the pairs above the
+  diagonal inside a prefix of inputs_length tokens.
 
   Args:
     cfg: the model config.
@@ -147,6 +152,9 @@ def flops_breakdown(cfg: T5GemmaConfig, batch: int, inputs_length: int, targets_
     decoder_self_attention, cross_attention_projections, cross_attention, decoder_mlp and
     lm_head; they sum to the step's total.
   """
+  if is_decoder_only(cfg):
+    return _decoder_only_breakdown(cfg, batch, inputs_length, targets_length, training,
+                                   dense_attention)
   enc, dec = cfg.encoder, cfg.decoder
   s, t = inputs_length, targets_length
   enc_tokens, dec_tokens = batch * s, batch * t
@@ -176,7 +184,29 @@ def flops_breakdown(cfg: T5GemmaConfig, batch: int, inputs_length: int, targets_
   return {name: float(factor * value) for name, value in forward.items()}
 
 
-def training_flops_per_step(cfg: T5GemmaConfig, batch: int, inputs_length: int,
+def _decoder_only_breakdown(cfg: DecoderOnlyConfig, batch: int, inputs_length: int,
+                            targets_length: int, training: bool,
+                            dense_attention: bool) -> dict[str, float]:
+  dec, length = cfg.decoder, inputs_length + targets_length
+  tokens = batch * length
+  pairs = sum(layer_pairs(dec, lt, length, True, dense_attention) for lt in dec.layer_types)
+  if cfg.prefix_lm and not dense_attention:
+    for lt in dec.layer_types:  # prefix token i also sees later prefix tokens j (j - i < W)
+      window = layer_window(dec, lt)
+      pairs += window_pairs(inputs_length, inputs_length, 1, None if window is None
+                            else window - 1)
+  forward = dict.fromkeys(_LAYER_FAMILIES, 0)
+  forward.update({
+      "decoder_projections": dec.num_layers * (
+          qo_projection_flops(dec, tokens) + kv_projection_flops(dec, tokens, dec.hidden_size)),
+      "decoder_self_attention": batch * attention_flops(dec, pairs),
+      "decoder_mlp": dec.num_layers * mlp_flops(dec, tokens),
+      "lm_head": lm_head_flops(cfg, tokens)})
+  factor = 3 if training else 1
+  return {name: float(factor * value) for name, value in forward.items()}
+
+
+def training_flops_per_step(cfg: ModelConfig, batch: int, inputs_length: int,
                             targets_length: int, dense_attention: bool = False) -> float:
   """Model FLOPs of one training step (forward + backward = 3x forward).
 
@@ -200,7 +230,7 @@ _LAYER_FAMILIES = ("encoder_projections", "encoder_attention", "encoder_mlp",
 _ATTENTION_FAMILIES = ("encoder_attention", "decoder_self_attention", "cross_attention")
 
 
-def executed_flops_per_step(cfg: T5GemmaConfig, batch: int, inputs_length: int,
+def executed_flops_per_step(cfg: ModelConfig, batch: int, inputs_length: int,
                             targets_length: int, remat_policy: str = "none") -> float:
   """Matmul FLOPs the XLA program of one training step executes (what the chip must do).
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from t5gemma_jax import (atomic, checkpoint, compile_cache, evaluation, params_reader, run_files,
                          sharding, storage)
-from t5gemma_jax.config import T5GemmaConfig
+from t5gemma_jax.config import ModelConfig, is_decoder_only
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.model import abstract_params
 from t5gemma_jax.run_options import RunOptions
@@ -60,7 +60,7 @@ class TrainConfig:
       `compile_cache.default_dir()` ($T5GEMMA_CACHE); "": off.
   """
 
-  model: T5GemmaConfig
+  model: ModelConfig
   mixture_or_task: str
   task_feature_lengths: Mapping[str, int]
   batch_size: int
@@ -150,8 +150,8 @@ def _check_finite(step: int, loss: float) -> None:
 def _data(cfg: TrainConfig, split: str, train: bool) -> pipeline.DataConfig:
   return pipeline.DataConfig(cfg.mixture_or_task, cfg.task_feature_lengths, cfg.batch_size,
                              split=split, shuffle=train and cfg.shuffle, seed=cfg.seed,
-                             pack=cfg.pack,
-                             num_epochs=None if train else 1)
+                             pack=cfg.pack, num_epochs=None if train else 1,
+                             decoder_only=is_decoder_only(cfg.model))
 
 
 def evaluate(eval_step, params, cfg: TrainConfig, batch_sharding) -> Optional[float]:

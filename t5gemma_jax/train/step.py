@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from t5gemma_jax import sharding
-from t5gemma_jax.config import T5GemmaConfig
-from t5gemma_jax.model import T5Gemma, abstract_params, init_params
+from t5gemma_jax.config import ModelConfig, is_decoder_only
+from t5gemma_jax.model import abstract_params, from_config, init_params
 from t5gemma_jax.run_options import RunOptions
 from t5gemma_jax.train import optim
 from t5gemma_jax.train.losses import LossConfig, cross_entropy_sums
@@ -20,17 +20,31 @@ from t5gemma_jax.train.state import TrainState
 Batch = Mapping[str, jax.Array]
 _OPTIONAL = ("encoder_segment_ids", "decoder_segment_ids", "encoder_positions",
              "decoder_positions")
+_DECODER_ONLY_OPTIONAL = ("decoder_segment_ids", "decoder_positions", "decoder_causal_attention")
 
 
-def model_inputs(batch: Batch) -> dict:
-  """The model's keyword arguments from a pipeline batch (packing features when present)."""
+def model_inputs(batch: Batch, cfg: Optional[ModelConfig] = None) -> dict:
+  """The model's keyword arguments from a pipeline batch (packing features when present);
+  `cfg` a decoder-only config: its inputs (`pipeline.DECODER_ONLY_FEATURES`)."""
+  if cfg is not None and is_decoder_only(cfg):
+    out = {"decoder_input_tokens": batch["decoder_input_tokens"]}
+    out.update({k: batch[k] for k in _DECODER_ONLY_OPTIONAL if k in batch})
+    return out
   out = {"encoder_input_tokens": batch["encoder_input_tokens"],
          "decoder_input_tokens": batch["decoder_input_tokens"]}
   out.update({k: batch[k] for k in _OPTIONAL if k in batch})
   return out
 
 
-def state_shardings(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation, mesh,
+def real_tokens(batch: Batch, target_weight: jax.Array) -> jax.Array:
+  """Non-padding tokens the step processed: the weighted targets plus the encoder's inputs
+  (a decoder-only row holds its inputs among the decoder tokens: all its non-padding ones)."""
+  if "encoder_input_tokens" in batch:
+    return target_weight + jnp.sum(batch["encoder_input_tokens"] > 0)
+  return jnp.sum(batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+
+
+def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh,
                     run: RunOptions = RunOptions()) -> tuple[TrainState, TrainState]:
   """(abstract state with shardings, shardings) for the whole TrainState on `mesh`, params in
   the layout and dtype of `run`."""
@@ -47,7 +61,7 @@ def state_shardings(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
   return with_sh, shardings
 
 
-def init_state(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation, mesh,
+def init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh,
                seed: int, shardings: TrainState | None = None,
                run: RunOptions = RunOptions()) -> tuple[TrainState, TrainState]:
   """A fresh TrainState created directly in its sharded layout (never whole on one host).
@@ -71,7 +85,7 @@ def init_state(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation, mesh
   return state, shardings
 
 
-def make_train_step(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
                     loss_cfg: LossConfig, num_microbatches: int = 1,
                     learning_rate: Callable[[jax.Array], jax.Array] | None = None,
                     run: RunOptions = RunOptions()):
@@ -82,11 +96,11 @@ def make_train_step(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
   `lax.scan` as sums; loss and gradients are divided by the real target tokens of the whole
   batch once, so any split gives the same update as the full batch.
   """
-  net = T5Gemma(cfg, run)
+  net = from_config(cfg, run)
 
   def sums_and_grads(params, batch, rng):
     def loss_fn(p):
-      logits = net.apply({"params": p}, **model_inputs(batch), deterministic=False,
+      logits = net.apply({"params": p}, **model_inputs(batch, cfg), deterministic=False,
                          rngs={"dropout": rng})
       sums = cross_entropy_sums(logits, batch["decoder_target_tokens"],
                                 batch["decoder_loss_weights"], loss_cfg)
@@ -99,7 +113,7 @@ def make_train_step(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
     if num_microbatches == 1:
       sums, grads = sums_and_grads(state.params, batch, step_rng)
     else:
-      rows = batch["encoder_input_tokens"].shape[0]
+      rows = batch["decoder_input_tokens"].shape[0]
       if rows % num_microbatches:
         raise ValueError(f"batch of {rows} rows does not split into {num_microbatches} "
                          "microbatches")
@@ -125,7 +139,7 @@ def make_train_step(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
     metrics = {"loss": sums["loss"] / tokens, "z_loss": sums["z_loss"] / tokens,
                "cross_entropy": sums["cross_entropy"] / tokens,
                "accuracy": sums["correct"] / tokens, "target_tokens": sums["weight"],
-               "real_tokens": sums["weight"] + jnp.sum(batch["encoder_input_tokens"] > 0),
+               "real_tokens": real_tokens(batch, sums["weight"]),
                **optim.grad_norms(grads)}
     if learning_rate is not None:
       metrics["learning_rate"] = learning_rate(state.step)
@@ -134,12 +148,12 @@ def make_train_step(cfg: T5GemmaConfig, optimizer: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(cfg: T5GemmaConfig, loss_cfg: LossConfig, run: RunOptions = RunOptions()):
+def make_eval_step(cfg: ModelConfig, loss_cfg: LossConfig, run: RunOptions = RunOptions()):
   """Builds `eval_step(params, batch) -> loss sums` (deterministic, no dropout)."""
-  net = T5Gemma(cfg, run)
+  net = from_config(cfg, run)
 
   def eval_step(params, batch):
-    logits = net.apply({"params": params}, **model_inputs(batch))
+    logits = net.apply({"params": params}, **model_inputs(batch, cfg))
     return cross_entropy_sums(logits, batch["decoder_target_tokens"],
                               batch["decoder_loss_weights"], loss_cfg)
 
