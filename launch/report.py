@@ -6,7 +6,8 @@
 For each run the table has its swept values (for plain MODEL_DIRs: the gin bindings in which
 their config.gin files differ), final step, final train loss, best and final validation loss,
 the median tokens/s (the first logged interval, which includes compilation, left out) and the
-latest value of every metric in eval_results.jsonl. The plot shows train loss per run (solid)
+latest value of every metric in eval_results.jsonl; with a "seed" axis, a second table gives
+each setting's mean ± std over the seeds. The plot shows train loss per run (solid)
 and validation loss (dashed, same colour). Both files are written atomically.
 """
 
@@ -145,6 +146,40 @@ def markdown(runs: Sequence[dict], columns: Sequence[str], title: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+SEED_AXES = ("seed", "SEED")
+
+
+def seed_summary(runs: Sequence[dict], columns: Sequence[str]) -> str:
+  """Markdown: runs that differ only in their seed axis, as mean ± sample std (n runs) of the
+  final validation loss and every eval metric; "" when there is no seed axis."""
+  seed = next((c for c in columns if c in SEED_AXES), None)
+  if seed is None:
+    return ""
+  rest = [c for c in columns if c != seed]
+  eval_columns = sorted({k for r in runs for k in r["summary"]["eval"]})
+  groups: dict[tuple, list[dict]] = {}
+  for r in runs:
+    groups.setdefault(tuple(r["values"].get(c, NO_VALUE) for c in rest), []).append(r)
+  header = [*rest, "runs", "final val loss", *eval_columns]
+  lines = ["", f"## Mean ± std over {seed}", "",
+           "| " + " | ".join(_cell(h) for h in header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+
+  def stat(values: list) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+      return NO_VALUE
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.2f} ± {spread:.2f}"
+
+  for key, members in groups.items():
+    done = [m["summary"] for m in members]
+    row = [*key, str(len(members)), stat([d["final_validation_loss"] for d in done]),
+           *(stat([d["eval"].get(c) for d in done]) for c in eval_columns)]
+    lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def plot(runs: Sequence[dict], title: str) -> bytes:
   """Loss curves as PNG bytes."""
   import matplotlib
@@ -187,7 +222,8 @@ def report(paths: Sequence[str], out: Optional[str] = None) -> tuple[str, str]:
     r["summary"] = summarise(r["model_dir"])
   title = f"Sweep {os.path.basename(root.rstrip('/'))}" if root else "Runs"
   md, png = os.path.join(out, "report.md"), os.path.join(out, "loss_curves.png")
-  write_bytes(md, markdown(runs, columns, title).encode("utf-8"))
+  text = markdown(runs, columns, title) + seed_summary(runs, columns)
+  write_bytes(md, text.encode("utf-8"))
   write_bytes(png, plot(runs, title))
   return md, png
 

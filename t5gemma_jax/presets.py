@@ -38,6 +38,10 @@ _TINY = ModuleConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_he
                      num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, vocab_size=2048,
                      sliding_window=16)
 
+# Deep enough that the layers, not the 2048-entry LM head, hold most of a step's FLOPs, so that
+# a decoder-only model can be matched to it by FLOPs as well as by parameters.
+_MINI = dataclasses.replace(_TINY, num_layers=4, layer_types=None)
+
 # T5Gemma 2 text stacks. "270m" is confirmed from a public print of the released config
 # (docs/t5gemma2_reference.md §6). "1b" and "4b" are NOT confirmed: they are the Gemma 3 1B / 4B
 # text stacks, which T5Gemma 2 is adapted from; likewise their vocabulary (262144, as 270m;
@@ -165,6 +169,10 @@ PRESETS: dict[str, Preset] = {
     "1b-1b": Preset(_t5gemma2("1b"), "T5Gemma 2 1b-1b (text; Gemma 3 1B sizes)", False),
     "4b-4b": Preset(_t5gemma2("4b"), "T5Gemma 2 4b-4b (text; Gemma 3 4B sizes)", False),
     "tiny2": Preset(_tiny2, "T5Gemma 2 in miniature, for tests and its offline demo"),
+    "mini": Preset(lambda: T5GemmaConfig(encoder=_MINI, decoder=_MINI),
+                   "tiny's widths with 4 layers per stack: the encoder-decoder of the "
+                   "encoder-decoder vs decoder-only comparison (launch/sweeps/"
+                   "encdec_vs_deconly.json)"),
 }
 
 

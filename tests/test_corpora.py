@@ -146,20 +146,66 @@ def test_summarization_shapes():
       Pair("ok", f"{body} indented more.", "Returns the thing.")]
 
 
-@pytest.mark.parametrize("locale,germany,january,monday", [
-    ("ru", "Германия", "январь", "понедельник"), ("de", "Deutschland", "Januar", "Montag")])
-def test_cldr_pairs(locale, germany, january, monday):
+@pytest.mark.parametrize("locale,germany,january,monday,five_km,austria", [
+    ("ru", "Германия", "январь", "понедельник", "5 километров", "немецкий (Австрия)"),
+    ("de", "Deutschland", "Januar", "Montag", None, "Deutsch (Österreich)")])
+def test_cldr_pairs(locale, germany, january, monday, five_km, austria):
   pairs = corpora.cldr_pairs(locale)
   by_key = {p.key: p for p in pairs}
-  assert len(by_key) == len(pairs) > 500
+  assert len(by_key) == len(pairs) > 3000
   assert by_key["territory:DE"] == Pair("territory:DE", "Germany", germany)
   assert by_key["month:1"].source == "January" and by_key["month:1"].target == january
   assert by_key["weekday:0"].source == "Monday" and by_key["weekday:0"].target == monday
   assert by_key["language:en"].source == "English"
+  assert by_key["locale:de_AT"] == Pair("locale:de_AT", "German (Austria)", austria)
   assert "currency:USD" in by_key and "script:Cyrl" in by_key
-  assert {k.split(":")[0] for k in by_key} >= {"territory", "language", "currency", "script",
-                                               "unit", "month", "weekday", "city"}
+  assert {k.split(":")[0] for k in by_key} >= {
+      "territory", "language", "currency", "script", "unit", "month", "weekday", "city",
+      "locale", "metazone", "relative", "era", "quarter", "day-period", "variant"}
+  assert by_key["unit:length-kilometer#long:1"].source == "1 kilometer"
+  if five_km:  # Russian's "many" form; German's "5 Kilometer" repeats the form of 2 and is out
+    assert by_key["unit:length-kilometer#long:5"] == Pair(
+        "unit:length-kilometer#long:5", "5 kilometers", five_km)
+  else:
+    assert "unit:length-kilometer#long:5" not in by_key
+    assert by_key["unit:length-kilometer#long:2"].target == "2 Kilometer"
+    assert "unit:length-kilometer#short:1.5" not in by_key  # "1,5 km": only the comma differs
   assert all(p.source and p.target and p.source != p.target for p in pairs)
+  assert all(p.source == " ".join(p.source.split()) and p.target == " ".join(p.target.split())
+             for p in pairs)
+  assert len({(p.source, p.target) for p in pairs}) == len(pairs), "pairs must be deduplicated"
+  assert all(corpora.split_of(p.key) == corpora.split_of(p.key.split("#")[0]) for p in pairs)
+
+
+def test_cldr_ignores_what_babel_read_before():
+  """babel writes resolved aliases into tables locales share; cldr reads private copies."""
+  import babel
+  fresh = corpora.cldr_pairs("ru")
+  dict(babel.Locale.parse("de").quarters["stand-alone"]["wide"])  # pollutes babel's root table
+  assert corpora.cldr_pairs("ru") == fresh
+  assert all("Quartal" not in p.target for p in fresh)
+
+
+@pytest.mark.parametrize("name", sorted(corpora.CLDR_LOCALES))
+def test_cldr_splits(name):
+  train, valid = corpora.load(name, "train"), corpora.load(name, "validation")
+  assert len(valid) >= 500, f"{name}: {len(valid)} validation pairs cannot separate models"
+  assert len(train) > 2 * len(valid)
+  assert not {p.key for p in train} & {p.key for p in valid}
+  groups = lambda items: {p.key.split("#")[0] for p in items}  # noqa: E731
+  assert not groups(train) & groups(valid), "every form of a name shares its split"
+  assert [p.key for p in corpora.load(name, "validation")] == [p.key for p in valid]
+  assert len(train) + len(valid) == len(corpora.cldr_pairs(corpora.CLDR_LOCALES[name]))
+
+
+def test_cldr_key_has_one_split_in_every_locale():
+  split = {name: {p.key: s for s in corpora.SPLITS for p in corpora.load(name, s)}
+           for name in corpora.CLDR_LOCALES}
+  de, ru = split["cldr_en_de"], split["cldr_en_ru"]
+  shared = set(de) & set(ru)
+  assert len(shared) > 2000
+  assert all(de[k] == ru[k] for k in shared)
+  assert {de[k] for k in shared} == set(corpora.SPLITS)
 
 
 def test_cldr_unknown_locale():
@@ -171,10 +217,14 @@ def test_cldr_unknown_locale():
 def test_split(built):
   _, records, _ = built
   keys = [r.key for r in records]
+  assert not [k for k in keys if "#" in k], "a docstring key must be its own group"
   splits = [corpora.split_of(k) for k in keys]
   assert splits == [corpora.split_of(k) for k in keys]
   assert set(splits) == {"train", "validation"}
   assert 0.02 <= splits.count("validation") / len(keys) <= 0.09
+  cldr_keys = [p.key.split("#")[0] for p in corpora.cldr_pairs("ru")]
+  share = [corpora.split_of(k, corpora.CLDR_VALIDATION_PERCENT) for k in set(cldr_keys)]
+  assert 0.15 <= share.count("validation") / len(share) <= 0.25
   train, valid = corpora.select(records, "train"), corpora.select(records, "validation")
   assert not {r.key for r in train} & {r.key for r in valid}
   assert len(train) + len(valid) == len(records)
@@ -196,9 +246,15 @@ def test_load(built):
     assert train and valid, name
     assert not {x.key for x in train} & {x.key for x in valid}, name
     sizes[name] = len(train) + len(valid)
+    if name not in ("pydoc_topics", "docstrings"):  # python_text is the pretraining set
+      assert len(valid) >= 500, f"{name}: {len(valid)} validation examples"
   assert sizes["docstrings"] == len(records)
   assert sizes["python_text"] == sizes["pydoc_topics"] + sizes["docstrings"]
   assert isinstance(corpora.load("cldr_en_ru", "train")[0], Pair)
+  summaries = corpora.load("docstring_summaries", "validation", cache_dir=cache_dir)
+  assert [p.key for p in summaries] == [
+      p.key for p in corpora.load("docstring_summaries", "validation", cache_dir=cache_dir)]
+  assert any(p.key.startswith("tensorflow.") for p in summaries)
 
 
 def test_load_errors():

@@ -231,3 +231,16 @@ def test_report_of_plain_model_dirs_shows_differing_bindings(trained_sweep, tmp_
   assert [(r["run"], r["LEARNING_RATE"]) for r in rows] == [("lr=3e-3", "0.003"),
                                                             ("lr=1e-3", "0.001")]
   assert os.path.getsize(png) > 0
+
+
+def test_seed_summary_gives_mean_and_spread_per_setting():
+  def run(model, seed, loss, chrf):
+    return {"name": f"seed={seed},model={model}", "values": {"seed": str(seed), "model": model},
+            "summary": {"final_validation_loss": loss, "eval": {"t/chrf": chrf}}}
+  runs = [run("a", 0, 2.0, 40.0), run("a", 1, 3.0, 44.0), run("b", 0, 5.0, None)]
+  text = report.seed_summary(runs, ["seed", "model"])
+  rows = _table(text)
+  assert rows == [{"model": "a", "runs": "2", "final val loss": "2.50 ± 0.71",
+                   "t/chrf": "42.00 ± 2.83"},
+                  {"model": "b", "runs": "1", "final val loss": "5.00 ± 0.00", "t/chrf": "–"}]
+  assert report.seed_summary(runs, ["model"]) == ""

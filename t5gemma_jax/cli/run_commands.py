@@ -34,14 +34,33 @@ def summary_text(s: dict) -> str:
       f"metrics:     {s['metrics']}",
       f"tensorboard: tensorboard --logdir {s['tensorboard']}",
   ]
-  for task, values in sorted(s.get("metrics_by_task", {}).items()):
+  scored = s.get("metrics_by_task", {})
+  baseline = _baselines(scored, s.get("eval_split", "validation"), s.get("eval_examples"))
+  for task, values in sorted(scored.items()):
     lines.append(f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(values.items())))
+    if task in baseline:
+      lines.append(baseline[task])
   for task, records in sorted(s.get("examples", {}).items()):
     lines.append(f"examples from {task} (validation):")
     for r in records:
       lines += [f"  input:      {r['input'][:100]}", f"  prediction: {r['prediction'][:100]}",
                 f"  reference:  {r.get('target', '')[:100]}"]
   return "\n".join(lines)
+
+
+def _baselines(scored: dict, split: str, num_examples) -> dict[str, str]:
+  """{task: a line with what no training scores on the same examples} for the built-in tasks
+  among `scored`."""
+  if not scored:
+    return {}
+  from t5gemma_jax import baselines
+  out = {}
+  for task in sorted(set(scored) & set(baselines.supervised_tasks())):
+    values = baselines.score(task, split, num_examples=num_examples)
+    shown = ", ".join(f"{k} {values[k]:.2f}" for k in sorted(scored[task]) if k in values)
+    out[task] = (f"  baseline ({baselines.baseline_name(task)}, the same "
+                 f"{int(values['examples'])} examples): {shown}")
+  return out
 
 
 def compile_run(args: argparse.Namespace) -> int:

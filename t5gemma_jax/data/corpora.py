@@ -7,13 +7,18 @@ Nothing here downloads anything: the text comes from what Python and our depende
   `DEFAULT_PACKAGES`, read from source with `ast` (never imported), keyed by dotted qualified
   name (`json.decoder.JSONDecoder.decode`) and cached as JSON.
 * `summarization_pairs(records)`: docstring body -> its one-line summary, keyed like the docstring.
-* `cldr_pairs(locale)`: English -> `locale` names from babel's CLDR data (territories, languages,
-  currencies, scripts, units, months, weekdays, exemplar cities), keyed `<category>:<code>`.
+* `cldr_pairs(locale)`: English -> `locale` phrases from babel's CLDR data (names of
+  territories, languages, locales, currencies, scripts, units, time zones and cities; calendar
+  words; counted phrases such as "5 kilometers"), keyed `<category>:<code>[#<variant>]`; the
+  extraction lives in `t5gemma_jax.data.cldr`.
 
-`split_of(key)` puts each key in "train" or "validation" by a stable hash, so a split never
-changes between runs or processes. A summary pair shares its docstring's key, hence its split:
-pretraining on the `python_text` train split never shows the text of a `docstring_summaries`
-validation pair. `load(name, split)` is the one entry the task layer calls.
+`split_of(key)` puts each key in "train" or "validation" by a stable hash of its group (the key
+up to "#"), so a split never changes between runs or processes and every form of one CLDR name
+shares a split. A summary pair shares its docstring's key, hence its split: pretraining on the
+`python_text` train split never shows the text of a `docstring_summaries` validation pair. The
+CLDR corpora hold `CLDR_VALIDATION_PERCENT` of their keys out, more than the others' 5%, so
+their validation sets reach 500 pairs; the same key is in the same split in every locale.
+`load(name, split)` is the one entry the task layer calls.
 """
 
 from __future__ import annotations
@@ -33,10 +38,18 @@ import warnings
 import zlib
 from typing import Iterable, Iterator, Optional, Sequence, TypeVar, Union
 
-CORPUS_VERSION = 1  # bump when extraction or filtering changes, to invalidate the caches
+from t5gemma_jax.data import cldr
+
+CORPUS_VERSION = 2  # bump when extraction or filtering changes, to invalidate the caches
+# Install requirements only (setup.py), so every install builds the same corpora. tensorflow,
+# orbax and tensorflow_datasets triple the summary pairs (to ~790 validation pairs); torch and
+# transformers are test extras and stay out.
 DEFAULT_PACKAGES = ("numpy", "jax", "flax", "optax", "seqio", "gin", "sentencepiece", "babel",
-                    "sacrebleu", "absl")
+                    "sacrebleu", "absl", "tensorflow", "tensorflow_datasets", "orbax",
+                    "safetensors")
 SPLITS = ("train", "validation")
+VALIDATION_PERCENT = 5
+CLDR_VALIDATION_PERCENT = 20
 CLDR_LOCALES = {"cldr_en_ru": "ru", "cldr_en_de": "de"}
 CORPORA = ("pydoc_topics", "docstrings", "python_text", "docstring_summaries") + tuple(
     CLDR_LOCALES)
@@ -287,77 +300,51 @@ def summarization_pairs(records: Iterable[Record]) -> list[Pair]:
 
 
 def cldr_pairs(target_locale: str) -> list[Pair]:
-  """English -> `target_locale` display names from babel's CLDR data.
+  """English -> `target_locale` phrases from babel's CLDR data (see `t5gemma_jax.data.cldr`).
 
   Args:
     target_locale: a CLDR locale id such as "ru" or "de".
 
   Returns:
-    Pairs keyed `<category>:<code>` (e.g. `territory:DE`), sorted by key; names missing on
-    either side or equal to the English (untranslated) are left out.
+    Pairs keyed `<category>:<code>[#<variant>]` (e.g. `territory:DE`,
+    `unit:length-kilometer#long:5`), sorted by key; no empty, untranslated or repeated pair.
+
+  Raises:
+    ValueError: babel does not know `target_locale`.
   """
-  import babel  # pylint: disable=import-outside-toplevel
-  try:
-    en, target = babel.Locale.parse("en"), babel.Locale.parse(target_locale)
-  except (ValueError, babel.UnknownLocaleError) as e:
-    raise ValueError(f"cldr_pairs: unknown locale {target_locale!r}: {e}") from None
-  pairs = {}
-
-  def add(category: str, english: dict, translated: dict) -> None:
-    for code, name in english.items():
-      other = translated.get(code)
-      if isinstance(name, str) and isinstance(other, str) and name and other and name != other:
-        pairs[f"{category}:{code}"] = Pair(f"{category}:{code}", name, other)
-
-  add("territory", en.territories, target.territories)
-  add("language", en.languages, target.languages)
-  add("currency", en.currencies, target.currencies)
-  add("script", en.scripts, target.scripts)
-  # Stand-alone forms are the nominative ("январь"); format forms inflect in a date ("января").
-  add("month", en.months["stand-alone"]["wide"], target.months["stand-alone"]["wide"])
-  add("weekday", en.days["stand-alone"]["wide"], target.days["stand-alone"]["wide"])
-  add("unit", _unit_names(en), _unit_names(target))
-  add("city", _city_names(en, target), _city_names(target, target))
-  return [pairs[key] for key in sorted(pairs)]
-
-
-def _unit_names(locale) -> dict[str, str]:
-  # babel has no public list of unit ids; the locale's own table is the only enumeration.
-  names = locale._data.get("unit_display_names", {})  # pylint: disable=protected-access
-  return {unit: names[unit].get("long") for unit in names}
-
-
-def _city_names(locale, zones_of) -> dict[str, str]:
-  """Exemplar city of each zone `zones_of` names one for; CLDR omits the obvious English ones."""
-  out = {}
-  for zone in zones_of.time_zones:
-    city = locale.time_zones.get(zone, {}).get("city")
-    if city is None and locale.language == "en" and "/" in zone and not zone.startswith("Etc/"):
-      city = zone.rsplit("/", 1)[1].replace("_", " ")  # CLDR's own fallback for English
-    if city:
-      out[zone] = city
-  return out
+  return [Pair(key, source, target) for key, source, target in cldr.pairs(target_locale)]
 
 
 # ------------------------------------------------------------------------------------ split
 
 
-def split_of(key: str, validation_percent: int = 5) -> str:
+def split_of(key: str, validation_percent: int = VALIDATION_PERCENT) -> str:
   """"train" or "validation" for `key`, the same in every run and process.
+
+  Only the key's group counts (the part before "#", `cldr.group_of`): "unit:length-meter" and
+  "unit:length-meter#long:5" share a split, so no form of a validation name is trained on.
+  Docstring and topic keys contain no "#".
 
   Args:
     key: a record or pair key.
-    validation_percent: share of keys, 0..100, that go to validation.
+    validation_percent: share of groups, 0..100, that go to validation.
 
   Returns:
-    "validation" when crc32(key) % 100 < validation_percent, else "train".
+    "validation" when crc32(group) % 100 < validation_percent, else "train".
   """
   if not 0 <= validation_percent <= 100:
     raise ValueError(f"validation_percent must be in 0..100, got {validation_percent}")
-  return "validation" if zlib.crc32(key.encode("utf-8")) % 100 < validation_percent else "train"
+  group = cldr.group_of(key).encode("utf-8")
+  return "validation" if zlib.crc32(group) % 100 < validation_percent else "train"
 
 
-def select(items: Iterable[Item], split: str, validation_percent: int = 5) -> list[Item]:
+def validation_percent_of(name: str) -> int:
+  """The `validation_percent` corpus `name` is split with (`CLDR_VALIDATION_PERCENT` or 5)."""
+  return CLDR_VALIDATION_PERCENT if name in CLDR_LOCALES else VALIDATION_PERCENT
+
+
+def select(items: Iterable[Item], split: str,
+           validation_percent: int = VALIDATION_PERCENT) -> list[Item]:
   """The records or pairs of `items` that `split_of` puts in `split`.
 
   Args:
@@ -384,7 +371,8 @@ def load(name: str, split: str, *,
     cache_dir: docstring cache directory, as in `docstrings()`.
 
   Returns:
-    Records for pretraining corpora, pairs for the others.
+    Records for pretraining corpora, pairs for the others; split by `split_of` with
+    `validation_percent_of(name)`.
   """
   if name not in CORPORA:
     raise ValueError(f"unknown corpus {name!r}; known corpora: {', '.join(CORPORA)}")
@@ -401,4 +389,4 @@ def load(name: str, split: str, *,
     items = summarization_pairs(docstrings(cache_dir=cache_dir))
   else:
     items = cldr_pairs(CLDR_LOCALES[name])
-  return select(items, split)
+  return select(items, split, validation_percent_of(name))

@@ -372,6 +372,7 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
                                       cfg.task_feature_lengths["inputs"], cfg.show_examples,
                                       cfg.decode, cfg.run) for task in cfg.eval_tasks}
   summary.update(log.history, last_step=int(jax.device_get(state.step)),
+                 eval_split=cfg.eval_split, eval_examples=cfg.eval_examples,
                  checkpoints=os.path.join(cfg.model_dir, "checkpoints"),
                  metrics=os.path.join(cfg.model_dir, "metrics.jsonl"),
                  tensorboard=os.path.join(cfg.model_dir, "tensorboard"))
