@@ -9,7 +9,7 @@ only; how a run computes them is `run_options.RunOptions`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 from t5gemma_jax.config import (FULL, SLIDING, DecoderOnlyConfig, ModuleConfig, T5GemmaConfig,
                                alternating_layer_types)
@@ -176,15 +176,28 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def preset(name: str) -> T5GemmaConfig:
+def preset(name: str, dropout_rate: Optional[float] = None, **changes) -> T5GemmaConfig:
   """The architecture named `name`, one of `PRESETS` ("tiny", "2b-2b", "270m-270m", ...).
 
+  Args:
+    name: the preset.
+    dropout_rate: residual dropout of both stacks (None: the preset's, 0).
+    **changes: other `T5GemmaConfig` fields, e.g. share_blocks=True (gin:
+      `preset.share_blocks = True`).
+
   Raises:
-    ValueError: an unknown name, listing the known ones.
+    ValueError: an unknown name, listing the known ones, or an unknown field.
   """
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-  return PRESETS[name].build()
+  cfg = PRESETS[name].build()
+  if dropout_rate is not None:
+    cfg = cfg.replace(encoder=dataclasses.replace(cfg.encoder, dropout_rate=dropout_rate),
+                      decoder=dataclasses.replace(cfg.decoder, dropout_rate=dropout_rate))
+  try:
+    return cfg.replace(**changes) if changes else cfg
+  except TypeError as e:
+    raise ValueError(f"preset: {e}") from None
 
 
 def model_gin(name: str) -> str:

@@ -126,6 +126,16 @@ def test_show_config_with_gin_overrides(clean_gin, capsys):
   assert out["parameters"]["decoder"] - out["parameters"]["encoder"] == 26 * cross_attention
 
 
+def test_preset_options_from_gin(clean_gin, capsys):
+  assert app.main(["show_config", "--gin_file=models/tiny2.gin", "--gin.preset.share_blocks=True",
+                   "--gin.preset.dropout_rate=0.1"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["config"]["share_blocks"] is True
+  assert out["config"]["encoder"]["dropout_rate"] == out["config"]["decoder"]["dropout_rate"] == 0.1
+  with pytest.raises(ValueError, match="preset: .*no_such_field"):
+    presets.preset("tiny", no_such_field=1)
+
+
 def test_custom_model_from_gin_dataclasses(clean_gin, tmp_path, capsys):
   gin_file = tmp_path / "custom.gin"
   gin_file.write_text("\n".join([
