@@ -173,3 +173,14 @@ def test_bad_topology_or_mesh_is_one_line_exit_2(args, needle):
   assert code == 2
   lines = [line for line in err.splitlines() if line.startswith("t5gemma compile: error")]
   assert len(lines) == 1 and needle in lines[0], err
+
+
+@pytest.mark.parametrize("prefix_lm,impl", [(True, "xla"), (False, "splash")])
+def test_decoder_only_compiles_for_a_tpu(prefix_lm, impl):
+  """A decoder-only run (rows of inputs + targets tokens) compiles for a v5p-8, training and
+  decoding; a causal one takes the splash kernel (PrefixLM's mask is XLA's only)."""
+  run = RunOptions(scan_layers=True, attention_impl=impl, dtype="bfloat16")
+  report = aot.compile_run(_run(presets.decoder_only("tiny", prefix_lm=prefix_lm), run=run),
+                           "v5p-8")
+  assert report["fits"] and report["decode"]["fits"]
+  assert report["flops_per_step"]["model"] > 0
