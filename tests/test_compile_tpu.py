@@ -64,6 +64,7 @@ def test_accelerator_types_map_to_slices():
 
 def test_cli_compiles_the_demo_run_with_splash_and_prints_json():
   code, out, err = _cli("--topology=v5p-8", "--gin_file=runs/demo.gin",
+                        '--gin.TASK_FEATURE_LENGTHS={"inputs": 256, "targets": 128}',
                         "--gin.RunOptions.scan_layers=True",
                         "--gin.RunOptions.attention_impl='splash'")
   assert code == 0, err
