@@ -95,7 +95,8 @@ def test_nan_loss_stops_the_run_without_saving_it(clean_gin, tmp_path, capsys):
 def test_demo_recipe_loss_falls(clean_gin, tmp_path, capsys):
   argv = ["train", "--gin_file=runs/demo.gin", f'--gin.MODEL_DIR="{tmp_path}"',
           "--gin.TRAIN_STEPS=40", "--gin.WARMUP_STEPS=5", "--gin.EVAL_PERIOD=40",
-          "--gin.CHECKPOINT_PERIOD=40", "--gin.TrainConfig.progress=False"]
+          "--gin.CHECKPOINT_PERIOD=40", "--gin.TrainConfig.progress=False",
+          "--gin.TrainConfig.log_period=1", "--gin.TrainConfig.eval_examples=32"]
   assert app.main(argv) == 0
   out = capsys.readouterr().out
   assert "validation loss" in out and str(tmp_path) in out
