@@ -136,8 +136,11 @@ CASES = {
                                          f"--checkpoint_dir={r}", f"--output_dir={d}/out"],
                            ["does not match"], ["{d}/out"]),
     "import_non_t5gemma": (lambda d, r: ["import_hf", "--hf_dir=" + os.path.dirname(_write(
+        f"{d}/ll/config.json", json.dumps({"model_type": "llama"}))), f"--output_dir={d}/o"],
+        ["llama", "t5gemma", "gemma2"], ["{d}/o"]),
+    "import_broken_gemma2": (lambda d, r: ["import_hf", "--hf_dir=" + os.path.dirname(_write(
         f"{d}/g2/config.json", json.dumps({"model_type": "gemma2"}))), f"--output_dir={d}/o"],
-        ["gemma2", "adapt"], ["{d}/o"]),
+        ["g2/config.json", "missing field 'hidden_size'"], ["{d}/o"]),
     "adapt_missing_folder": (lambda d, r: ["adapt", f"--decoder_only={d}/nothing",
                                            f"--output_dir={d}/o"], ["nothing"], ["{d}/o"]),
     "adapt_t5gemma_folder": (lambda d, r: ["adapt", "--decoder_only=" + os.path.dirname(_write(
