@@ -176,17 +176,19 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def preset(name: str, dropout_rate: Optional[float] = None, **changes) -> T5GemmaConfig:
+def preset(name: str, dropout_rate: Optional[float] = None,
+           shared_embedding: Optional[bool] = None, share_blocks: Optional[bool] = None,
+           cross_attention_layers: Optional[str] = None) -> T5GemmaConfig:
   """The architecture named `name`, one of `PRESETS` ("tiny", "2b-2b", "270m-270m", ...).
 
   Args:
     name: the preset.
     dropout_rate: residual dropout of both stacks (None: the preset's, 0).
-    **changes: other `T5GemmaConfig` fields, e.g. share_blocks=True (gin:
-      `preset.share_blocks = True`).
+    shared_embedding, share_blocks, cross_attention_layers: these `T5GemmaConfig` fields (None:
+      the preset's), e.g. gin `preset.share_blocks = True`.
 
   Raises:
-    ValueError: an unknown name, listing the known ones, or an unknown field.
+    ValueError: an unknown name, listing the known ones, or a combination the config refuses.
   """
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
@@ -194,10 +196,11 @@ def preset(name: str, dropout_rate: Optional[float] = None, **changes) -> T5Gemm
   if dropout_rate is not None:
     cfg = cfg.replace(encoder=dataclasses.replace(cfg.encoder, dropout_rate=dropout_rate),
                       decoder=dataclasses.replace(cfg.decoder, dropout_rate=dropout_rate))
-  try:
-    return cfg.replace(**changes) if changes else cfg
-  except TypeError as e:
-    raise ValueError(f"preset: {e}") from None
+  changes = {k: v for k, v in (("shared_embedding", shared_embedding),
+                               ("share_blocks", share_blocks),
+                               ("cross_attention_layers", cross_attention_layers))
+             if v is not None}
+  return cfg.replace(**changes) if changes else cfg
 
 
 def model_gin(name: str) -> str:

@@ -132,8 +132,8 @@ def test_preset_options_from_gin(clean_gin, capsys):
   out = json.loads(capsys.readouterr().out)
   assert out["config"]["share_blocks"] is True
   assert out["config"]["encoder"]["dropout_rate"] == out["config"]["decoder"]["dropout_rate"] == 0.1
-  with pytest.raises(ValueError, match="preset: .*no_such_field"):
-    presets.preset("tiny", no_such_field=1)
+  with pytest.raises(ValueError, match="share_blocks needs merged_attention"):
+    presets.preset("tiny", share_blocks=True)
 
 
 def test_custom_model_from_gin_dataclasses(clean_gin, tmp_path, capsys):
