@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from t5gemma_jax.config import NO_ENCODER, DecoderOnlyConfig
 from t5gemma_jax.model import layout
 from t5gemma_jax.model.blocks import DecoderBlock
-from t5gemma_jax.model.stack import StackRunner, capped_logits, segments_and_positions, self_masks
+from t5gemma_jax.model.stack import StackRunner, capped_logits, decode_inputs, next_index
 from t5gemma_jax.run_options import RunOptions
 
 Array = jax.Array
@@ -45,19 +45,9 @@ class CausalStack(StackRunner):
                cache_length: Optional[int] = None) -> tuple[Array, Optional[dict]]:
     """(float32 logits [B, T, V], the decoding cache or None); see `DecoderOnly`."""
     mc = self.cfg.decoder
-    if cache is not None:
-      if tokens.shape[1] != 1:
-        raise ValueError(f"a cached decoding step takes one token per row, got {tokens.shape}")
-      positions = cache["index"][:, None]
-      segment_ids = jnp.ones_like(tokens, jnp.int32)
-      masks = self_masks(mc, segment_ids, True, positions)
-    else:
-      if cache_length is not None and tokens.shape[1] > cache_length:
-        raise ValueError(f"cache_length {cache_length} cannot hold the {tokens.shape[1]}-token "
-                         "prompt")
-      segment_ids, positions = segments_and_positions(tokens, segment_ids, positions,
-                                                      self.cfg.pad_id)
-      masks = self_masks(mc, segment_ids, True, prefix=prefix if self.cfg.prefix_lm else None)
+    segment_ids, positions, masks = decode_inputs(
+        mc, tokens, cache, cache_length, segment_ids, positions, self.cfg.pad_id,
+        prefix=prefix if self.cfg.prefix_lm else None)
     embedder = self.embedder(mc)
     block_kwargs = {"cross_attention_layers": NO_ENCODER, "cache_length": cache_length}
     x, layer_caches = self.run(mc, DecoderBlock, block_kwargs, embedder.encode(tokens),
@@ -66,8 +56,7 @@ class CausalStack(StackRunner):
     logits = capped_logits(embedder.decode(x), mc)
     if cache is None and cache_length is None:
       return logits, None
-    last = jnp.max(jnp.where(segment_ids > 0, positions, -1), axis=1)
-    return logits, {"index": last + 1, **layer_caches}
+    return logits, {"index": next_index(segment_ids, positions), **layer_caches}
 
 
 class DecoderOnly(nn.Module):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5gemma_jax.config import ModelConfig, ModuleConfig, is_decoder_only
+from t5gemma_jax.config import ModelConfig, ModuleConfig
 from t5gemma_jax.run_options import RunOptions
 
 Params = dict[str, Any]
@@ -72,7 +72,7 @@ def layer_params(stack: Params) -> Params:
 def untie_blocks(params: Params, cfg: ModelConfig) -> Params:
   """With `cfg.share_blocks`, params whose decoder holds the encoder's layers (the same arrays,
   in the same layout): what an unshared model computing the same function reads."""
-  if is_decoder_only(cfg) or not cfg.share_blocks:
+  if "decoder" in cfg.layer_stacks:  # the decoder owns its layers (or has no encoder)
     return params
   return dict(params, decoder={**params["decoder"], **layer_params(params["encoder"])})
 

@@ -69,6 +69,31 @@ def segments_and_positions(tokens: Array, segment_ids: Optional[Array],
   return segment_ids, positions
 
 
+def decode_inputs(cfg: ModuleConfig, tokens: Array, cache: Optional[dict],
+                  cache_length: Optional[int], segment_ids: Optional[Array],
+                  positions: Optional[Array], pad_id: int,
+                  prefix: Optional[Array] = None) -> tuple[Array, Array, dict]:
+  """(segment ids, positions, self-attention masks) of a causal stack's call: a cached step
+  (one token per row at its row's next position, `cache["index"]`), or the whole `tokens`
+  (when starting to decode, `cache_length` must hold them)."""
+  if cache is not None:
+    if tokens.shape[1] != 1:
+      raise ValueError(f"a cached decoding step takes one token per row, got {tokens.shape}")
+    positions = cache["index"][:, None]
+    segment_ids = jnp.ones_like(tokens, jnp.int32)
+    return segment_ids, positions, self_masks(cfg, segment_ids, True, positions)
+  if cache_length is not None and tokens.shape[1] > cache_length:
+    raise ValueError(f"cache_length {cache_length} cannot hold the {tokens.shape[1]} tokens "
+                     "decoding starts from")
+  segment_ids, positions = segments_and_positions(tokens, segment_ids, positions, pad_id)
+  return segment_ids, positions, self_masks(cfg, segment_ids, True, prefix=prefix)
+
+
+def next_index(segment_ids: Array, positions: Array) -> Array:
+  """int32 [B]: the position after each row's last real token (the decode cache's "index")."""
+  return jnp.max(jnp.where(segment_ids > 0, positions, -1), axis=1) + 1
+
+
 class StackRunner(nn.Module):
   """Shared embed -> blocks -> final norm plumbing of the encoder and the decoder."""
 

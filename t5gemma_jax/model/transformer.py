@@ -32,8 +32,8 @@ from t5gemma_jax.model import layout
 from t5gemma_jax.model import masks as masks_lib
 from t5gemma_jax.model.blocks import DecoderBlock, EncoderBlock
 from t5gemma_jax.model.layers import embed_tokens, embedding_logits
-from t5gemma_jax.model.stack import (StackRunner, capped_logits, segments_and_positions,
-                                     self_masks)
+from t5gemma_jax.model.stack import (StackRunner, capped_logits, decode_inputs, next_index,
+                                     segments_and_positions, self_masks)
 from t5gemma_jax.run_options import RunOptions
 
 Array = jax.Array
@@ -74,19 +74,10 @@ class Decoder(StackRunner):
     after the cached ones, `encoded` and `encoder_segment_ids` then unused (None).
     """
     c, mc = self.cfg, self.cfg.decoder
-    if cache_length is not None and tokens.shape[1] > cache_length:
-      raise ValueError(f"cache_length {cache_length} cannot hold the {tokens.shape[1]} tokens "
-                       "decoding starts from")
+    segment_ids, positions, masks = decode_inputs(mc, tokens, cache, cache_length, segment_ids,
+                                                  positions, c.pad_id)
     if cache is not None:
-      if tokens.shape[1] != 1:
-        raise ValueError(f"a cached decoding step takes one token per row, got {tokens.shape}")
-      positions = cache["index"][:, None]
-      segment_ids = jnp.ones_like(tokens, jnp.int32)
       encoder_segment_ids = cache["encoder_segment_ids"]
-      masks = self_masks(mc, segment_ids, True, positions)
-    else:
-      segment_ids, positions = segments_and_positions(tokens, segment_ids, positions, c.pad_id)
-      masks = self_masks(mc, segment_ids, causal=True)
     if c.shared_embedding:
       table = shared_embedder["embedding"]
       x = embed_tokens(table, tokens, self.run_options.activation_dtype, c.eoi_id,
@@ -105,7 +96,8 @@ class Decoder(StackRunner):
     logits = capped_logits(to_logits(x), mc)
     if cache is None and cache_length is None:
       return logits, None
-    return logits, {"index": positions[:, -1] + 1, "encoder_segment_ids": encoder_segment_ids,
+    return logits, {"index": next_index(segment_ids, positions),
+                    "encoder_segment_ids": encoder_segment_ids,
                     **layer_caches}
 
 
