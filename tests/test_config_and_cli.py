@@ -126,6 +126,22 @@ def test_show_config_with_gin_overrides(clean_gin, capsys):
   assert out["parameters"]["decoder"] - out["parameters"]["encoder"] == 26 * cross_attention
 
 
+def test_show_config_reads_the_sweep_files(clean_gin, capsys):
+  # The same files the comparison sweep trains with: a run file (TrainConfig, DecodeConfig, ...)
+  # plus the matched decoder-only model, lengths taken from the run file's TASK_FEATURE_LENGTHS.
+  assert app.main(["show_config", "--gin_file=runs/compare.gin", "--gin_file=models/mini.gin"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  matched = out["matched_decoder_only"]
+  assert (matched["inputs_length"], matched["targets_length"]) == (96, 32)
+  assert abs(matched["by_params"]["parameters_ratio"] - 1) <= 0.05
+  assert abs(matched["by_flops"]["train_flops_per_example_ratio"] - 1) <= 0.05
+  assert app.main(["show_config", "--gin_file=runs/compare.gin",
+                   "--gin_file=decoder_only/matched.gin",
+                   "--gin.matched_decoder_only.by='flops'"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["config"]["decoder"]["num_layers"] == matched["by_flops"]["decoder_only"]["num_layers"]
+
+
 def test_preset_options_from_gin(clean_gin, capsys):
   assert app.main(["show_config", "--gin_file=models/tiny2.gin", "--gin.preset.share_blocks=True",
                    "--gin.preset.dropout_rate=0.1"]) == 0

@@ -21,7 +21,9 @@ from t5gemma_jax.train import matched
 
 # The gin files ship inside the package (package data), so an installed wheel finds them too.
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
-RUN_COMMANDS = ("train", "compile", "infer", "eval")
+# show_config reads the same files as train (a run file plus a model file), so it needs the
+# run configurables too.
+RUN_COMMANDS = ("train", "compile", "infer", "eval", "show_config")
 
 gin.external_configurable(presets.preset, "preset")
 gin.external_configurable(presets.stack_preset, "stack_preset")
@@ -48,7 +50,7 @@ def _register_data_configurables() -> None:
 
 def _register_run_configurables() -> None:
   """Training and decoding configs become configurables only when a command needs them, so
-  that `show_config` does not import the trainer."""
+  that `show_task` and the conversion commands do not import the trainer."""
   if "run" in _registered:
     return
   from t5gemma_jax import evaluation, sharding
