@@ -23,9 +23,9 @@ import statistics
 import sys
 from typing import Optional, Sequence
 
+from local_runs import STATUS  # what launch/sweep.py's local mode writes
 from t5gemma_jax import atomic, storage
 
-STATUS = "sweep_status.json"  # written by launch/sweep.py's local mode
 BINDING_LINE = re.compile(r"^([A-Za-z_][\w./]*) = (.*)$")
 NO_VALUE = "–"
 
@@ -122,6 +122,42 @@ def load_runs(paths: Sequence[str]) -> tuple[list[dict], list[str], Optional[str
   return runs, columns, None
 
 
+def _eval_setting(model_dir: str) -> tuple[str, Optional[int]]:
+  """(split, number of examples) a run's end-of-training evaluation decoded (its config.gin,
+  else TrainConfig's defaults)."""
+  import ast
+  import dataclasses
+  from t5gemma_jax.train import loop
+  defaults = {f.name: f.default for f in dataclasses.fields(loop.TrainConfig)}
+  bound = _bindings(read_text(os.path.join(model_dir, "config.gin")) or "")
+  split, n = (ast.literal_eval(bound[f"TrainConfig.{k}"]) if f"TrainConfig.{k}" in bound
+              else defaults[k] for k in ("eval_split", "eval_examples"))
+  return split, n
+
+
+def baseline_rows(runs: Sequence[dict]) -> list[dict]:
+  """What no training scores (`t5gemma_jax.baselines`: copy the source, the first sentence) on
+  the same examples as the runs' evaluations, as rows for the tables: one per (split, number
+  of examples) among the runs; [] when no run evaluated a built-in supervised task."""
+  tasks = {k.split("/", 1)[0] for r in runs for k in r["summary"]["eval"]}
+  if not tasks:
+    return []
+  from t5gemma_jax import baselines
+  tasks &= set(baselines.supervised_tasks())
+  rows = []
+  for split, n in sorted({_eval_setting(r["model_dir"]) for r in runs if r["summary"]["eval"]},
+                         key=str):
+    scores = {f"{t}/{k}": v for t in sorted(tasks)
+              for k, v in baselines.score(t, split, num_examples=n).items() if k != "examples"}
+    if scores:
+      label = f"baseline: copy source / first sentence ({split}, {n or 'all'} examples)"
+      rows.append({"name": label, "values": {}, "summary": {
+          "status": NO_VALUE, "step": None, "train_loss": None, "best_validation_loss": None,
+          "final_validation_loss": None, "tokens_per_s": None, "eval": scores,
+          "train_curve": [], "validation_curve": []}})
+  return rows
+
+
 def _fmt(value, spec: str) -> str:
   return NO_VALUE if value is None else format(value, spec)
 
@@ -149,9 +185,11 @@ def markdown(runs: Sequence[dict], columns: Sequence[str], title: str) -> str:
 SEED_AXES = ("seed", "SEED")
 
 
-def seed_summary(runs: Sequence[dict], columns: Sequence[str]) -> str:
+def seed_summary(runs: Sequence[dict], columns: Sequence[str],
+                 baselines: Sequence[dict] = ()) -> str:
   """Markdown: runs that differ only in their seed axis, as mean ± sample std (n runs) of the
-  final validation loss and every eval metric; "" when there is no seed axis."""
+  final validation loss and every eval metric, then the `baselines` rows (`baseline_rows`);
+  "" when there is no seed axis."""
   seed = next((c for c in columns if c in SEED_AXES), None)
   if seed is None:
     return ""
@@ -176,6 +214,11 @@ def seed_summary(runs: Sequence[dict], columns: Sequence[str]) -> str:
     done = [m["summary"] for m in members]
     row = [*key, str(len(members)), stat([d["final_validation_loss"] for d in done]),
            *(stat([d["eval"].get(c) for d in done]) for c in eval_columns)]
+    lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+  for b in baselines:
+    named = [b["name"], *(NO_VALUE for _ in rest[1:])] if rest else []
+    row = [*named, "" if rest else b["name"], NO_VALUE,
+           *(_fmt(b["summary"]["eval"].get(c), ".2f") for c in eval_columns)]
     lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
   return "\n".join(lines) + "\n"
 
@@ -222,7 +265,8 @@ def report(paths: Sequence[str], out: Optional[str] = None) -> tuple[str, str]:
     r["summary"] = summarise(r["model_dir"])
   title = f"Sweep {os.path.basename(root.rstrip('/'))}" if root else "Runs"
   md, png = os.path.join(out, "report.md"), os.path.join(out, "loss_curves.png")
-  text = markdown(runs, columns, title) + seed_summary(runs, columns)
+  base = baseline_rows(runs)
+  text = markdown([*runs, *base], columns, title) + seed_summary(runs, columns, base)
   write_bytes(md, text.encode("utf-8"))
   write_bytes(png, plot(runs, title))
   return md, png

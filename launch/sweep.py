@@ -24,7 +24,8 @@ overrides or one value of NAME. Override keys: `gin_file` (path or list), `objec
 else a gin binding. A JSON string is gin text ("'c4'" is a gin string); numbers, true/false/null,
 lists and objects become gin literals.
 
---mode=local trains the runs in turn, teeing each one's output to MODEL_DIR/train.log; it skips
+--mode=local trains the runs in turn (--jobs=N: N at a time, each pinned to its share of the
+CPUs, output in train.log only), teeing each one's output to MODEL_DIR/train.log; it skips
 runs whose MODEL_DIR/sweep_status.json says they finished with the same arguments, carries on
 after a failure and exits 1 if any failed. --mode=print prints the commands; --mode=tpu prints
 (--launch: runs) `launch/tpu.py run PREFIX-RUN --model_dir=ROOT/RUN [TPU_ARGS] [--dry_run] --
@@ -41,13 +42,12 @@ import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from typing import Any, NamedTuple, Optional, Sequence
 
+from local_runs import STATUS, run_local  # noqa: F401 (STATUS: the tests read it)
 from t5gemma_jax import atomic, storage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,7 +57,6 @@ LITERAL = re.compile(r"[0-9.+-].*|True|False|None")  # numbers and constants, as
 AXIS_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
 MAX_NAME = 120  # far below file name limits
 TPU_NAME_BODY = 48  # + 9 for the hash: under GCE's 63 with room for "-N" node suffixes
-STATUS = "sweep_status.json"
 MACRO_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)\s*=", re.M)
 QUOTED = r"\"(?:\\.|[^\"\\])*\"|'(?:\\.|[^'\\])*'"
 GIN_TOKEN = re.compile(QUOTED + r"|[^\"',()\[\]{}]+|.")
@@ -79,7 +78,6 @@ class Run:
     return [*self.args, f"--gin.MODEL_DIR={json.dumps(self.model_dir, ensure_ascii=False)}"]
 
 
-read_text = storage.read_text_if_exists
 write_text = atomic.write_text  # local or gs:// (through tf.io.gfile)
 
 
@@ -301,68 +299,6 @@ def tpu_command(run: Run, prefix: str, tpu_args: Sequence[str], dry_run: bool) -
           *tpu_args, *(["--dry_run"] if dry_run else []), "--", *run.args]
 
 
-def _finished(run: Run) -> bool:
-  try:
-    status = json.loads(read_text(os.path.join(run.model_dir, STATUS)) or "{}")
-  except ValueError:
-    return False
-  return status.get("status") == "finished" and status.get("args") == run.train_args()
-
-
-def _train(run: Run, command: list[str], stop: list) -> int:
-  """Runs `command`, teeing its output to MODEL_DIR/train.log; SIGTERM is passed on."""
-  os.makedirs(run.model_dir, exist_ok=True)
-  with open(os.path.join(run.model_dir, "train.log"), "ab") as log:
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def on_sigterm(signum, frame):
-      stop.append(signum)
-      proc.send_signal(signal.SIGTERM)  # train saves a checkpoint and exits
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-      while chunk := proc.stdout.read1(1 << 16):  # whatever is there: progress bars too
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.flush()
-        log.write(chunk)
-      return proc.wait()
-    except KeyboardInterrupt:  # the child got the same Ctrl-C and stops on its own
-      stop.append(signal.SIGINT)
-      return proc.wait()
-    finally:
-      signal.signal(signal.SIGTERM, previous)
-
-
-def run_local(runs: Sequence[Run], command=local_command) -> int:
-  """Trains the runs in order: 0 when all finished, 1 if any failed, 128+N after signal N."""
-  failed, skipped, stop = [], 0, []
-  for i, run in enumerate(runs, 1):
-    header = f"sweep [{i}/{len(runs)}] {run.name}"
-    if _finished(run):
-      print(f"{header}: finished before, skipped", flush=True)
-      skipped += 1
-      continue
-    print(f"{header}: training in {run.model_dir}", flush=True)
-    start = time.time()
-    rc = _train(run, command(run), stop)
-    status = "interrupted" if stop else ("failed" if rc else "finished")
-    write_text(os.path.join(run.model_dir, STATUS), json.dumps(
-        {"status": status, "returncode": rc, "seconds": round(time.time() - start, 1),
-         "args": run.train_args()}, indent=2) + "\n")
-    print(f"{header}: {status} (exit status {rc}, {time.time() - start:.0f} s)", flush=True)
-    if stop:
-      print(f"sweep: stopped by signal {stop[0]}; the same command goes on from here",
-            file=sys.stderr)
-      return 128 + int(stop[0])
-    if rc:
-      failed.append(run)
-  print(f"sweep: {len(runs) - len(failed)} of {len(runs)} runs finished ({skipped} before)",
-        flush=True)
-  for run in failed:
-    print(f"sweep: FAILED {run.name}: see {run.model_dir}/train.log", file=sys.stderr)
-  return 1 if failed else 0
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   cut = argv.index("--") if "--" in argv else len(argv)
@@ -373,12 +309,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--axis", action="append", default=[], help="[LABEL:]NAME=V1,V2,...")
   parser.add_argument("--zip", action="store_true", help="zip the axes instead of a grid")
   parser.add_argument("--mode", choices=("local", "print", "tpu"), default="local")
+  parser.add_argument("--jobs", type=int, default=1,
+                      help="local mode: runs at a time, each pinned to its share of the CPUs")
   parser.add_argument("--name", help="TPU name prefix (default: ROOT's basename)")
   parser.add_argument("--tpu_arg", action="append", default=[],
                       help="tpu mode: an option of tpu.py run, e.g. --tpu_arg=--zone=Z")
   parser.add_argument("--launch", action="store_true", help="tpu mode: run the commands")
   parser.add_argument("--dry_run", action="store_true", help="tpu mode: pass --dry_run on")
   args = parser.parse_args(argv[:cut])
+  if args.jobs < 1 or (args.jobs > 1 and args.mode != "local"):
+    parser.error("--jobs is a positive number of runs at a time, for --mode=local")
   if args.mode != "tpu" and (args.launch or args.dry_run or args.tpu_arg):
     parser.error("--launch, --dry_run and --tpu_arg are for --mode=tpu")
   try:
@@ -406,7 +346,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"sweep: warning: could not write {root}/sweep.json ({type(e).__name__}); "
           "launch/report.py needs it", file=sys.stderr)
   if args.mode == "local":
-    return run_local(runs)
+    return run_local(runs, local_command, jobs=args.jobs)
   if args.mode == "print":
     print("\n".join(shlex.join(local_command(r)) for r in runs))
     return 0

@@ -183,6 +183,27 @@ def test_local_mode_skips_finished_runs_and_goes_on_after_a_failure(tmp_path, ca
   assert capsys.readouterr().out.count("finished before, skipped") == 2
 
 
+def test_local_mode_runs_jobs_at_once_on_their_own_cpus(tmp_path, capsys):
+  runs = sweep.expand(_axes("X=1,2,3"), [], str(tmp_path))
+
+  def fake(run):  # writes its CPUs, then waits (up to 60 s) until another run has started too
+    code = (f"import glob, os, time; d = {str(tmp_path)!r};"
+            f"open(os.path.join(d, {run.name!r} + '.cpus'), 'w')"
+            f".write(repr(sorted(os.sched_getaffinity(0))));"
+            "t = time.time();\n"
+            "while len(glob.glob(os.path.join(d, '*.cpus'))) < 2 and time.time() - t < 60:"
+            " time.sleep(0.05)\n"
+            "raise SystemExit(len(glob.glob(os.path.join(d, '*.cpus'))) < 2)")
+    return [sys.executable, "-c", code]
+
+  assert sweep.run_local(runs, command=fake, jobs=2) == 0  # one at a time would wait in vain
+  assert "3 of 3 runs finished" in capsys.readouterr().out
+  cpus = {r.name: eval((tmp_path / f"{r.name}.cpus").read_text()) for r in runs}
+  if len(os.sched_getaffinity(0)) >= 2:
+    assert not set(cpus["X=1"]) & set(cpus["X=2"])  # the first two ran side by side
+    assert sorted(cpus["X=1"] + cpus["X=2"]) == sorted(os.sched_getaffinity(0))
+
+
 @pytest.fixture(scope="module")
 def trained_sweep(tmp_path_factory):
   """Two real trainings of the tiny recipe, one per learning rate."""
@@ -244,3 +265,21 @@ def test_seed_summary_gives_mean_and_spread_per_setting():
                    "t/chrf": "42.00 ± 2.83"},
                   {"model": "b", "runs": "1", "final val loss": "5.00 ± 0.00", "t/chrf": "–"}]
   assert report.seed_summary(runs, ["model"]) == ""
+
+
+def test_baseline_rows_score_the_examples_the_runs_decoded(tmp_path):
+  from t5gemma_jax import baselines
+  (tmp_path / "config.gin").write_text("TrainConfig.eval_examples = 50\n")
+  runs = [{"name": f"seed={s},model=a", "model_dir": str(tmp_path),
+           "values": {"seed": str(s), "model": "a"},
+           "summary": {"final_validation_loss": 2.0, "eval": {"cldr_translate_en_de/chrf": 50.0,
+                                                              "my_task/chrf": 1.0}}}
+          for s in (0, 1)]
+  [row] = report.baseline_rows(runs)
+  copy = baselines.score("cldr_translate_en_de", "validation", num_examples=50)
+  assert row["summary"]["eval"]["cldr_translate_en_de/chrf"] == copy["chrf"]
+  assert "my_task/chrf" not in row["summary"]["eval"] and "50 examples" in row["name"]
+  rows = _table(report.seed_summary(runs, ["seed", "model"], [row]))
+  assert rows[1]["model"] == row["name"]
+  assert rows[1]["cldr_translate_en_de/chrf"] == f"{copy['chrf']:.2f}"
+  assert rows[1]["my_task/chrf"] == "–"
