@@ -132,7 +132,7 @@ def test_show_config_reads_the_sweep_files(clean_gin, capsys):
   assert app.main(["show_config", "--gin_file=runs/compare.gin", "--gin_file=models/mini.gin"]) == 0
   out = json.loads(capsys.readouterr().out)
   matched = out["matched_decoder_only"]
-  assert (matched["inputs_length"], matched["targets_length"]) == (96, 32)
+  assert (matched["inputs_length"], matched["targets_length"]) == (64, 32)
   assert abs(matched["by_params"]["parameters_ratio"] - 1) <= 0.05
   assert abs(matched["by_flops"]["train_flops_per_example_ratio"] - 1) <= 0.05
   assert app.main(["show_config", "--gin_file=runs/compare.gin",
