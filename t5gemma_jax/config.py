@@ -253,9 +253,13 @@ class DecoderOnlyConfig:
 
   @property
   def stacks(self) -> dict[str, ModuleConfig]:
+    """The stacks by parameter-tree name: the one stack."""
     return {"decoder": self.decoder}
 
-  layer_stacks = stacks
+  @property
+  def layer_stacks(self) -> dict[str, ModuleConfig]:
+    """The stacks that own layer parameters (as T5GemmaConfig's): the one stack."""
+    return self.stacks
 
   def replace(self, **changes) -> "DecoderOnlyConfig":
     return dataclasses.replace(self, **changes)

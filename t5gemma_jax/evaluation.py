@@ -18,7 +18,7 @@ import seqio
 
 from t5gemma_jax import atomic, decoding, storage
 from t5gemma_jax import metrics as metric_lib
-from t5gemma_jax.config import T5GemmaConfig
+from t5gemma_jax.config import ModelConfig
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.model import abstract_params
 from t5gemma_jax.run_options import RunOptions
@@ -35,7 +35,7 @@ def strip(tokens: Sequence[int], eos_id: int, pad_id: int = 0) -> list[int]:
   return out
 
 
-def predictions(params: Any, cfg: T5GemmaConfig, encoder_batches, max_new_tokens: int,
+def predictions(params: Any, cfg: ModelConfig, encoder_batches, max_new_tokens: int,
                 batch_size: int, **decode) -> np.ndarray:
   """Decodes encoder rows in fixed-size batches (short ones padded: no recompiles).
 
@@ -132,7 +132,7 @@ def _check_same_rows(padded: Optional[np.ndarray]) -> None:
                      f"read the same inputs): {shown}")
 
 
-def make_predict_fn(params: Any, cfg: T5GemmaConfig, max_new_tokens: int, batch_size: int,
+def make_predict_fn(params: Any, cfg: ModelConfig, max_new_tokens: int, batch_size: int,
                     **decode):
   """A seqio `predict_fn`: (index, features) dataset -> [(index, token ids)]."""
 
@@ -151,7 +151,7 @@ def make_predict_fn(params: Any, cfg: T5GemmaConfig, max_new_tokens: int, batch_
   return predict_fn
 
 
-def evaluate(params: Any, cfg: T5GemmaConfig, task: str, split: str,
+def evaluate(params: Any, cfg: ModelConfig, task: str, split: str,
              lengths: Mapping[str, int], *, max_new_tokens: int, batch_size: int = 16,
              num_examples: Optional[int] = None, model_dir: Optional[str] = None,
              step: Optional[int] = None, **decode) -> dict[str, dict[str, float]]:
@@ -238,7 +238,7 @@ class InferConfig:
     max_examples: stop after this many (None = all).
   """
 
-  model: T5GemmaConfig
+  model: ModelConfig
   model_dir: str
   output: str
   run: RunOptions = RunOptions()
@@ -251,7 +251,7 @@ class InferConfig:
   decode: DecodeConfig = DecodeConfig()
 
 
-def load_params(cfg: T5GemmaConfig, model_dir: str, step: Optional[int] = None,
+def load_params(cfg: ModelConfig, model_dir: str, step: Optional[int] = None,
                 run: RunOptions = RunOptions()) -> Any:
   """A run's checkpoint params, whole on this process's first local device.
 
@@ -334,7 +334,7 @@ def _task_rows(task_name: str, split: str, inputs_length: int, targets_length: i
   return np.stack(rows), texts, targets, task.output_features["targets"].vocabulary
 
 
-def _decode_rows(params: Any, model: T5GemmaConfig, source, decode: DecodeConfig,
+def _decode_rows(params: Any, model: ModelConfig, source, decode: DecodeConfig,
                  run: RunOptions) -> list[dict]:
   """[{"input", "prediction", "target"?}] in row order, from `_file_rows` / `_task_rows`'s
   (rows [n, S], texts, targets or None, vocabulary); on every process of a multi-process run."""
@@ -351,7 +351,7 @@ def _decode_rows(params: Any, model: T5GemmaConfig, source, decode: DecodeConfig
   return records
 
 
-def task_records(params: Any, model: T5GemmaConfig, task: str, split: str, inputs_length: int,
+def task_records(params: Any, model: ModelConfig, task: str, split: str, inputs_length: int,
                  max_examples: Optional[int], decode: DecodeConfig,
                  run: RunOptions = RunOptions()) -> list[dict]:
   """[{"input", "prediction", "target"}] for the first examples of a task split."""
@@ -387,7 +387,7 @@ def infer(cfg: InferConfig) -> int:
 class EvalConfig:
   """`t5gemma eval`: metrics of a run's latest checkpoint on a task (or mixture) split."""
 
-  model: T5GemmaConfig
+  model: ModelConfig
   model_dir: str
   task: str
   run: RunOptions = RunOptions()

@@ -155,7 +155,7 @@ class ParamsReader:
       abstract_params: the params tree of `jax.ShapeDtypeStruct`s, each with a `.sharding`
         (e.g. from `model.abstract_params` and `sharding.logical_to_shardings`); leaves are
         cast to their dtype.
-      cfg: the model's `T5GemmaConfig`; with it, a step saved in the other layout (scanned vs
+      cfg: the model's config (`config.ModelConfig`); with it, a step saved in the other layout (scanned vs
         unrolled) is read in its own layout and converted on the devices.
 
     Returns:

@@ -18,7 +18,7 @@ VOCABULARY = "vocabulary.model"
 VOCABULARY_INFO = "vocabulary.json"
 
 
-def read_model_config(run_dir: str) -> config.T5GemmaConfig:
+def read_model_config(run_dir: str) -> config.ModelConfig:
   """The model config a run recorded in `model_config.json`."""
   path = os.path.join(run_dir, MODEL_CONFIG)
   if not storage.isfile(path):
@@ -30,7 +30,7 @@ def read_model_config(run_dir: str) -> config.T5GemmaConfig:
     raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def write_model_files(cfg: config.T5GemmaConfig, run_dir: str) -> None:
+def write_model_files(cfg: config.ModelConfig, run_dir: str) -> None:
   """model_config.json (for tools) and model.gin (for the CLI) describing `cfg`."""
   atomic.write_text(os.path.join(run_dir, MODEL_CONFIG),
                     json.dumps(config.to_dict(cfg), indent=2, sort_keys=True) + "\n")

@@ -17,7 +17,6 @@ token.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -112,10 +111,3 @@ def init_params(cfg: DecoderOnlyConfig, rng: Array, run: RunOptions = RunOptions
   """Fresh parameters, boxed with their logical axis names (see `transformer.init_params`)."""
   tokens = jnp.ones((1, 1), jnp.int32)
   return DecoderOnly(cfg, run.replace(attention_impl="xla")).init(rng, tokens)["params"]
-
-
-def abstract_params(cfg: DecoderOnlyConfig, run: RunOptions = RunOptions(),
-                    boxed: bool = True) -> Any:
-  """Parameter shapes without allocating anything (see `transformer.abstract_params`)."""
-  shapes = jax.eval_shape(functools.partial(init_params, cfg, run=run), jax.random.PRNGKey(0))
-  return shapes if boxed else nn.meta.unbox(shapes)

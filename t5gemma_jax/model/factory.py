@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -28,6 +29,12 @@ def init_params(cfg: ModelConfig, rng: jax.Array, run: RunOptions = RunOptions()
 
 
 def abstract_params(cfg: ModelConfig, run: RunOptions = RunOptions(), boxed: bool = True) -> Any:
-  """Parameter shapes of either architecture, allocating nothing."""
-  module = decoder_only if is_decoder_only(cfg) else transformer
-  return module.abstract_params(cfg, run, boxed)
+  """Parameter shapes (`jax.ShapeDtypeStruct`s) of either architecture, allocating nothing.
+
+  Args:
+    cfg: the architecture.
+    run: the run options (the layout and dtype of the parameters follow them).
+    boxed: keep flax's `nn.Partitioned` boxes (logical axis names, for sharding rules).
+  """
+  shapes = jax.eval_shape(functools.partial(init_params, cfg, run=run), jax.random.PRNGKey(0))
+  return shapes if boxed else nn.meta.unbox(shapes)

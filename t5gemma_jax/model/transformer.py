@@ -20,7 +20,6 @@ Decoding runs the same stacks (`T5Gemma.start_decode`, `T5Gemma.decode_step`). I
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -204,19 +203,6 @@ def init_params(cfg: T5GemmaConfig, rng: Array, run: RunOptions = RunOptions()) 
   tokens = jnp.ones((1, 1), jnp.int32)
   net = T5Gemma(cfg, run.replace(attention_impl="xla"))
   return net.init(rng, tokens, tokens)["params"]
-
-
-def abstract_params(cfg: T5GemmaConfig, run: RunOptions = RunOptions(),
-                    boxed: bool = True) -> Any:
-  """Parameter shapes (`jax.ShapeDtypeStruct`s) without allocating anything.
-
-  Args:
-    cfg: the architecture.
-    run: the run options (the layout and dtype of the parameters follow them).
-    boxed: keep flax's `nn.Partitioned` boxes (logical axis names, for sharding rules).
-  """
-  shapes = jax.eval_shape(functools.partial(init_params, cfg, run=run), jax.random.PRNGKey(0))
-  return shapes if boxed else nn.meta.unbox(shapes)
 
 
 def _check_segments(encoder_segment_ids, decoder_segment_ids):
