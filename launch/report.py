@@ -187,9 +187,9 @@ SEED_AXES = ("seed", "SEED")
 
 def seed_summary(runs: Sequence[dict], columns: Sequence[str],
                  baselines: Sequence[dict] = ()) -> str:
-  """Markdown: runs that differ only in their seed axis, as mean ± sample std (n runs) of the
-  final validation loss and every eval metric, then the `baselines` rows (`baseline_rows`);
-  "" when there is no seed axis."""
+  """Markdown: runs that differ only in their seed axis, as mean ± sample std (n: the runs with
+  results so far; one run: its value alone) of the final validation loss and every eval
+  metric, then the `baselines` rows (`baseline_rows`); "" when there is no seed axis."""
   seed = next((c for c in columns if c in SEED_AXES), None)
   if seed is None:
     return ""
@@ -207,12 +207,18 @@ def seed_summary(runs: Sequence[dict], columns: Sequence[str],
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
       return NO_VALUE
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.2f} ± {spread:.2f}"
+    if len(values) == 1:
+      return f"{values[0]:.2f}"  # one run has no spread
+    return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
 
+  evaluated = any(r["summary"]["eval"] for r in runs)
   for key, members in groups.items():
-    done = [m["summary"] for m in members]
-    row = [*key, str(len(members)), stat([d["final_validation_loss"] for d in done]),
+    # The runs with results: with end-of-training evaluations in the sweep, those that have
+    # them (a run still training has only its validation losses so far).
+    done = [m["summary"] for m in members
+            if (m["summary"]["eval"] if evaluated else
+                m["summary"]["final_validation_loss"] is not None)]
+    row = [*key, str(len(done)), stat([d["final_validation_loss"] for d in done]),
            *(stat([d["eval"].get(c) for d in done]) for c in eval_columns)]
     lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
   for b in baselines:
@@ -223,24 +229,37 @@ def seed_summary(runs: Sequence[dict], columns: Sequence[str],
   return "\n".join(lines) + "\n"
 
 
-def plot(runs: Sequence[dict], title: str) -> bytes:
-  """Loss curves as PNG bytes."""
+def plot(runs: Sequence[dict], title: str, columns: Sequence[str] = ()) -> bytes:
+  """Loss curves as PNG bytes. With a seed axis among `columns`, the runs of one setting share
+  a colour and a legend entry (one line per seed)."""
   import matplotlib
   matplotlib.use("Agg")  # files only, never a display
   from matplotlib import pyplot as plt
 
+  seed = next((c for c in columns if c in SEED_AXES), None)
+  rest = [c for c in columns if c != seed]
+
+  def setting(r: dict) -> str:
+    if seed is None:
+      return r["name"]
+    return ",".join(f"{c}={r['values'].get(c, NO_VALUE)}" for c in rest) or "all seeds"
+
+  palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  colors: dict[str, str] = {}
   fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
   drawn = False
   for r in runs:
-    s = r["summary"]
+    s, key = r["summary"], setting(r)
+    first = key not in colors
+    color = colors.setdefault(key, palette[len(colors) % len(palette)])
     train = [(x, y) for x, y in s["train_curve"] if math.isfinite(y)]
     val = [(x, y) for x, y in s["validation_curve"] if math.isfinite(y)]
-    color = None
     if train:
-      color = ax.plot(*zip(*train), label=r["name"])[0].get_color()
+      ax.plot(*zip(*train), color=color, linewidth=1 if seed else 1.5, alpha=0.8,
+              label=key if first else None)
     if val:
       ax.plot(*zip(*val), linestyle="--", marker="." if len(val) < 20 else None, color=color,
-              label=f"{r['name']} (validation)")
+              label=f"{key} (validation)" if first else None)
     drawn = drawn or bool(train or val)
   if drawn:
     ax.legend(fontsize="small")
@@ -268,7 +287,7 @@ def report(paths: Sequence[str], out: Optional[str] = None) -> tuple[str, str]:
   base = baseline_rows(runs)
   text = markdown([*runs, *base], columns, title) + seed_summary(runs, columns, base)
   write_bytes(md, text.encode("utf-8"))
-  write_bytes(png, plot(runs, title))
+  write_bytes(png, plot(runs, title, columns))
   return md, png
 
 

@@ -263,7 +263,7 @@ def test_seed_summary_gives_mean_and_spread_per_setting():
   rows = _table(text)
   assert rows == [{"model": "a", "runs": "2", "final val loss": "2.50 ± 0.71",
                    "t/chrf": "42.00 ± 2.83"},
-                  {"model": "b", "runs": "1", "final val loss": "5.00 ± 0.00", "t/chrf": "–"}]
+                  {"model": "b", "runs": "1", "final val loss": "5.00", "t/chrf": "–"}]
   assert report.seed_summary(runs, ["model"]) == ""
 
 
