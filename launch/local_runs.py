@@ -57,10 +57,10 @@ def _train(run, command: list[str], procs: set, echo: bool,
           sys.stdout.buffer.write(chunk)
           sys.stdout.flush()
         log.write(chunk)
-      return proc.wait()
     finally:
-      proc.wait()
+      rc = proc.wait()
       procs.discard(proc)
+  return rc
 
 
 def run_local(runs: Sequence, command: Callable[[Any], list[str]], jobs: int = 1) -> int:

@@ -185,15 +185,20 @@ def markdown(runs: Sequence[dict], columns: Sequence[str], title: str) -> str:
 SEED_AXES = ("seed", "SEED")
 
 
+def split_seed(columns: Sequence[str]) -> tuple[Optional[str], list[str]]:
+  """(the seed axis among `columns` or None, the other columns)."""
+  seed = next((c for c in columns if c in SEED_AXES), None)
+  return seed, [c for c in columns if c != seed]
+
+
 def seed_summary(runs: Sequence[dict], columns: Sequence[str],
                  baselines: Sequence[dict] = ()) -> str:
   """Markdown: runs that differ only in their seed axis, as mean ± sample std (n: the runs with
   results so far; one run: its value alone) of the final validation loss and every eval
   metric, then the `baselines` rows (`baseline_rows`); "" when there is no seed axis."""
-  seed = next((c for c in columns if c in SEED_AXES), None)
+  seed, rest = split_seed(columns)
   if seed is None:
     return ""
-  rest = [c for c in columns if c != seed]
   eval_columns = sorted({k for r in runs for k in r["summary"]["eval"]})
   groups: dict[tuple, list[dict]] = {}
   for r in runs:
@@ -236,8 +241,7 @@ def plot(runs: Sequence[dict], title: str, columns: Sequence[str] = ()) -> bytes
   matplotlib.use("Agg")  # files only, never a display
   from matplotlib import pyplot as plt
 
-  seed = next((c for c in columns if c in SEED_AXES), None)
-  rest = [c for c in columns if c != seed]
+  seed, rest = split_seed(columns)
 
   def setting(r: dict) -> str:
     if seed is None:

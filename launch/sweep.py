@@ -47,7 +47,7 @@ import sys
 from collections import Counter
 from typing import Any, NamedTuple, Optional, Sequence
 
-from local_runs import STATUS, run_local  # noqa: F401 (STATUS: the tests read it)
+from local_runs import run_local
 from t5gemma_jax import atomic, storage
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -14,6 +14,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "launch"))
+import local_runs  # noqa: E402
 import report  # noqa: E402
 import sweep  # noqa: E402
 
@@ -174,7 +175,7 @@ def test_local_mode_skips_finished_runs_and_goes_on_after_a_failure(tmp_path, ca
   assert sweep.run_local(runs, command=fake) == 1
   captured = capsys.readouterr()
   assert "FAILED X=2" in captured.err and "2 of 3 runs finished" in captured.out
-  status = {r.name: json.loads((tmp_path / r.name / sweep.STATUS).read_text())["status"]
+  status = {r.name: json.loads((tmp_path / r.name / local_runs.STATUS).read_text())["status"]
             for r in runs}
   assert status == {"X=1": "finished", "X=2": "failed", "X=3": "finished"}
   assert (tmp_path / "X=1" / "train.log").read_text() == "training\n"
