@@ -171,7 +171,7 @@ PRESETS: dict[str, Preset] = {
     "tiny2": Preset(_tiny2, "T5Gemma 2 in miniature, for tests and its offline demo"),
     "mini": Preset(lambda: T5GemmaConfig(encoder=_MINI, decoder=_MINI),
                    "tiny's widths with 4 layers per stack: the encoder-decoder of the "
-                   "encoder-decoder vs decoder-only comparison (launch/sweeps/"
+                   "encoder-decoder vs decoder-only comparison (t5gemma_jax/launch/sweeps/"
                    "encdec_vs_deconly.json)"),
 }
 

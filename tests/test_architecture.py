@@ -91,3 +91,63 @@ def test_model_train_step_flops_and_decoding_import_without_tensorflow_seqio_gin
                         capture_output=True, text=True, timeout=300,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _declared_requirements():
+  """{extra or "install": [distribution names]} read from setup.py's lists (not executed)."""
+  import ast
+  import re
+  tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+  lists = {}
+  for node in tree.body:
+    if isinstance(node, ast.Assign) and isinstance(node.value, ast.List):
+      names = []
+      for item in node.value.elts:
+        if isinstance(item, ast.Starred):
+          names += lists[item.value.id]
+        else:
+          names.append(re.split(r"[\[=<>!~ ]", ast.literal_eval(item))[0])
+      lists[node.targets[0].id] = names
+  return lists
+
+
+def _normal(name):
+  return name.lower().replace("_", "-")
+
+
+def _top_level_imports(path):
+  """Modules a file imports when it is imported (module level, not inside functions)."""
+  import ast
+  tree = ast.parse(open(path).read(), path)
+  names = []
+  for node in tree.body:
+    for sub in ast.walk(node) if isinstance(node, (ast.If, ast.Try)) else [node]:
+      if isinstance(sub, ast.Import):
+        names += [a.name for a in sub.names]
+      elif isinstance(sub, ast.ImportFrom) and not sub.level and sub.module:
+        names.append(sub.module)
+  return names
+
+
+def test_every_third_party_import_is_declared():
+  """A wheel install gets each package the code imports: install_requires for what every run
+  needs, an extra for what one feature needs (imported only inside that feature's functions,
+  so the base install still imports every module)."""
+  import importlib.metadata
+  owners = importlib.metadata.packages_distributions()
+  declared = _declared_requirements()
+  base = {_normal(n) for n in declared["INSTALL_REQUIRES"]}
+  extras = {_normal(n) for key, names in declared.items() if key != "INSTALL_REQUIRES"
+            for n in names}
+  undeclared, eager = [], []
+  for name, path in sorted(import_graph.module_files(ROOT).items()):
+    top_level = {m.split(".")[0] for m in _top_level_imports(path)}
+    for module in sorted({m.split(".")[0] for m in import_graph.third_party_imports(path)}):
+      if module in sys.stdlib_module_names or module == "t5gemma_jax":
+        continue
+      dists = {_normal(d) for d in owners.get(module, [module])}
+      if not dists & (base | extras):
+        undeclared.append((name, module))
+      elif not dists & base and module in top_level:
+        eager.append((name, module))
+  assert undeclared == [] and eager == []

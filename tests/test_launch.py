@@ -1,10 +1,9 @@
-"""launch/tpu.py and launch/slurm.py: the commands they would run, checked without a network.
+"""t5gemma launch tpu and t5gemma launch slurm: the commands they would run, checked without a network.
 
 Quoting is checked twice: by parsing the printed commands back with shlex, and by running the
 remote scripts with a real bash against stand-in programs that record the argv they receive.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -19,16 +18,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load(name):
-  spec = importlib.util.spec_from_file_location(f"launch_{name}",
-                                                os.path.join(REPO, "launch", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-tpu = _load("tpu")
-slurm = _load("slurm")
+from t5gemma_jax.launch import shipping, slurm, tpu  # noqa: E402
 
 # Values that break naive quoting: quotes of both kinds, spaces, shell metacharacters, $ and `.
 TRICKY = [
@@ -112,7 +102,7 @@ def test_multislice_create_is_one_queued_resource():
 def test_run_ships_installs_and_starts_the_same_command_on_every_worker():
   cmds = _run_cmds()
   tarball = tpu.local_tarball(tpu.parse(["status", "my-tpu", *BASE])[0])
-  assert cmds[0][1:] == [os.path.join(REPO, "launch", "tpu.py"), "pack", f"--output={tarball}"]
+  assert cmds[0][1:] == ["-m", "t5gemma_jax.launch.tpu", "pack", f"--output={tarball}"]
   stop, scp, prepare, launch = cmds[1:]
   assert scp[3:7] == ["tpu-vm", "scp", tarball, "my-tpu:t5gemma.tar.gz"]
   for cmd in (stop, scp, prepare, launch):
@@ -232,10 +222,49 @@ def test_dry_run_prints_runnable_lines_and_runs_nothing(capsys, monkeypatch):
                    "--", *TRICKY]) == 2
 
 
-def test_tpu_py_runs_as_a_script():
-  out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "tpu.py"), "delete", "x",
-                        *BASE, "--dry_run"], capture_output=True, text=True, check=True).stdout
-  assert out == "gcloud compute tpus tpu-vm delete x --zone=us-east5-a\n"
+def test_the_launchers_run_from_the_cli_and_as_modules():
+  for argv in (["-m", "t5gemma_jax.cli", "launch", "tpu"], ["-m", "t5gemma_jax.launch.tpu"]):
+    out = subprocess.run([sys.executable, *argv, "delete", "x", *BASE, "--dry_run"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "gcloud compute tpus tpu-vm delete x --zone=us-east5-a\n"
+  listing = subprocess.run([sys.executable, "-m", "t5gemma_jax.cli", "launch", "--help"],
+                           capture_output=True, text=True, check=True).stdout
+  assert all(name in listing for name in ("local", "tpu", "slurm", "sweep", "report"))
+  bad = subprocess.run([sys.executable, "-m", "t5gemma_jax.cli", "launch", "nope"],
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and "unknown launcher 'nope'" in bad.stderr
+
+
+def test_run_ships_a_wheel(tmp_path):
+  """From an installed package there is no checkout to pack: the wheel goes instead."""
+  wheel = tmp_path / "t5gemma_jax-0.1.0-py3-none-any.whl"
+  wheel.write_bytes(b"PK")
+  cmds = _run_cmds(f"--wheel={wheel}")
+  stop, scp, prepare, launch = cmds
+  assert scp[3:7] == ["tpu-vm", "scp", str(wheel), "my-tpu:" + wheel.name]
+  setup = _script(prepare)
+  assert f"pip install -q --force-reinstall --no-deps ./{wheel.name}" in setup
+  assert "pip install -q -e ." not in setup and "tar -x" not in setup
+  assert _train_argv(_script(launch))[0] == "train"
+  # Under a real shell: the uploaded wheel ends up alone in the code folder.
+  home = tmp_path / "home"
+  (home / "t5gemma").mkdir(parents=True)
+  (home / "t5gemma" / "old.py").write_text("")
+  (home / wheel.name).write_bytes(b"PK")
+  no_setup = _script(_run_cmds(f"--wheel={wheel}", "--skip_setup")[2])
+  subprocess.run(["bash", "-c", no_setup], env=dict(os.environ, HOME=str(home)), check=True,
+                 timeout=30)
+  assert os.listdir(home / "t5gemma") == [wheel.name] and not (home / wheel.name).exists()
+  with pytest.raises(ValueError, match="not a .whl file"):
+    _run_cmds(f"--wheel={tmp_path / 'missing.whl'}")
+  with pytest.raises(ValueError, match="one way"):
+    _run_cmds(f"--wheel={wheel}", "--git_ref=main", "--repo_url=https://x/y.git")
+
+
+def test_an_installed_package_without_a_checkout_must_name_what_to_ship(monkeypatch):
+  monkeypatch.setattr(shipping, "is_checkout", lambda root="/nonexistent": False)
+  with pytest.raises(ValueError, match="--wheel=PATH.whl"):
+    _run_cmds()
 
 
 def _fake_program(path, record):
@@ -289,8 +318,8 @@ def test_remote_scripts_under_a_real_shell(tmp_path):
 
 
 def test_pack_takes_git_files_only(tmp_path):
-  names = tpu.pack(str(tmp_path / "src.tar.gz"))
-  assert "launch/tpu.py" in names and "setup.py" in names
+  names = shipping.pack(str(tmp_path / "src.tar.gz"))
+  assert "t5gemma_jax/launch/tpu.py" in names and "setup.py" in names
   assert not any(n.startswith((".venv/", ".git/")) or "__pycache__" in n for n in names)
   with tarfile.open(tmp_path / "src.tar.gz") as tar:
     assert sorted(tar.getnames()) == names

@@ -67,3 +67,17 @@ def test_show_config_and_a_short_training_run_outside_the_checkout(installed):
   assert train.returncode == 0, train.stderr[-3000:]
   assert "steps 0 -> 3" in train.stdout, train.stdout
   assert {"checkpoints", "model.gin", "config.gin", "metrics.jsonl"} <= set(os.listdir(model_dir))
+
+
+def test_the_launchers_and_sweep_files_come_with_the_wheel(installed):
+  _, t5gemma, work = installed
+  sweep = subprocess.run([t5gemma, "launch", "sweep", f"--root={work}/cmp",
+                          "--sweep_file=encdec_vs_deconly.json", "--mode=print"], cwd=work,
+                         env=_env(), capture_output=True, text=True, timeout=300)
+  assert sweep.returncode == 0, sweep.stderr[-2000:]
+  assert len(sweep.stdout.splitlines()) == 15  # 5 models x 3 seeds
+  # No checkout to pack from a wheel install: the TPU launcher asks for a wheel or a git ref.
+  tpu = subprocess.run([t5gemma, "launch", "tpu", "run", "x", "--zone=z", "--model_dir=gs://b/r",
+                        "--skip_compile_check", "--dry_run", "--", "--gin_file=runs/demo.gin"],
+                       cwd=work, env=_env(), capture_output=True, text=True, timeout=300)
+  assert tpu.returncode == 2 and "--wheel=PATH.whl" in tpu.stderr, tpu.stderr

@@ -13,10 +13,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "launch"))
-import local_runs  # noqa: E402
-import report  # noqa: E402
-import sweep  # noqa: E402
+from t5gemma_jax.launch import local_runs, report, sweep  # noqa: E402
 
 pytestmark = pytest.mark.slow  # subprocess runs or long trainings: `make test` only
 
@@ -141,13 +138,12 @@ def test_tpu_mode_commands(tmp_path, capsys):
   names = set()
   for command, run in zip(commands, runs):
     cut = command.index("--")
-    assert command[0] == sys.executable and command[2] == "run"
-    assert os.path.abspath(command[1]) == os.path.join(REPO, "launch", "tpu.py")
-    assert command[4:cut] == [f"--model_dir={run['model_dir']}", "--zone=us-east5-a", "--dry_run"]
+    assert command[:4] == [sys.executable, "-m", "t5gemma_jax.launch.tpu", "run"]
+    assert command[5:cut] == [f"--model_dir={run['model_dir']}", "--zone=us-east5-a", "--dry_run"]
     assert command[cut + 1:] == run["args"][:-1]  # MODEL_DIR comes from --model_dir
-    names.add(command[3])
-    assert TPU_NAME.fullmatch(command[3]) and len(command[3]) <= 63
-    assert command[3].startswith("tpu-root-task-feature-lengths-")
+    names.add(command[4])
+    assert TPU_NAME.fullmatch(command[4]) and len(command[4]) <= 63
+    assert command[4].startswith("tpu-root-task-feature-lengths-")
   assert len(names) == 4
   assert "--gin.MIXTURE_OR_TASK_NAME=\"it's \\\"x\\\"\"" in commands[1]
 
@@ -209,7 +205,7 @@ def test_local_mode_runs_jobs_at_once_on_their_own_cpus(tmp_path, capsys):
 def trained_sweep(tmp_path_factory):
   """Two real trainings of the tiny recipe, one per learning rate."""
   root = tmp_path_factory.mktemp("sweep")
-  argv = [sys.executable, "launch/sweep.py", f"--root={root}",
+  argv = [sys.executable, "-m", "t5gemma_jax.cli", "launch", "sweep", f"--root={root}",
           "--axis", "lr:LEARNING_RATE=3e-3,1e-3", "--", *TINY]
   result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -164,7 +164,7 @@ def _free_port():
 
 
 def test_two_processes_give_the_losses_of_one(tmp_path):
-  """launch/local.py: two real processes joined by jax.distributed train like one."""
+  """t5gemma launch local: two real processes joined by jax.distributed train like one."""
   # No dropout: the two processes read the same examples, but rows land in another order
   # within the global batch, so each would draw another row's dropout mask.
   common = ["--gin.TRAIN_STEPS=3", "--gin.TrainConfig.pack=False",
@@ -174,7 +174,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
   single = subprocess.run(_cli(tmp_path / "one", *common), cwd=REPO, env=one,
                           capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
-  two = subprocess.run([sys.executable, "launch/local.py", "--num_processes=2",
+  two = subprocess.run([sys.executable, "-m", "t5gemma_jax.launch.local", "--num_processes=2",
                         "--devices_per_process=2", "--", *_cli(tmp_path / "two", *common)[3:]],
                        cwd=REPO, env=base, capture_output=True, text=True, timeout=600)
   assert two.returncode == 0, two.stdout[-3000:]

@@ -3,7 +3,8 @@
   t5gemma <command> --gin_file=models/tiny.gin --gin.RunOptions.dtype='"bfloat16"'
 
 Gin files are looked up as given, then under `--gin_search_path` folders, then the
-repository's `gin/` folder.
+package's `t5gemma_jax/gin/` folder. `t5gemma launch NAME ...` runs a launcher
+(t5gemma_jax.launch).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from typing import Callable, NamedTuple, Optional, Sequence
 
 from t5gemma_jax.cli import (backends, compile_command, convert_commands, errors, gin_setup,
-                             model_commands, run_commands)
+                             launch_command, model_commands, run_commands)
 
 
 class Command(NamedTuple):
@@ -66,6 +67,8 @@ def parse(argv: Sequence[str]) -> Invocation:
                    help="comma-separated folders, as T5X spells it")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of errors")
     command.add_args(p)
+  sub.add_parser("launch", help="start jobs: local processes, TPU VMs, Slurm, sweeps, "
+                 "reports (t5gemma launch --help)", add_help=False)
   args, rest = parser.parse_known_args(argv)
   try:
     bindings = gin_setup.parse_bindings(rest)
@@ -89,8 +92,11 @@ def configure(invocation: Invocation):
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs one command; bad input gives one line on stderr and exit status 2 (other failures
   1), with the traceback only under --verbose."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["launch"]:  # the launchers parse their own arguments
+    return launch_command.main(argv[1:])
   backends.quiet_start()
-  invocation = parse(sys.argv[1:] if argv is None else argv)
+  invocation = parse(argv)
   args = invocation.args
   try:
     configure(invocation)

@@ -137,7 +137,8 @@ def compare_with_transformers(folder: str, params: Any, cfg: ModelConfig,
     import torch
     import transformers
   except ImportError as e:
-    raise ImportError(f"--verify needs torch and transformers installed ({e})") from None
+    raise ImportError(f"--verify needs torch and transformers installed ({e}): pip install "
+                      "'t5gemma-jax[hf]'") from None
   import jax
   import jax.numpy as jnp
   from t5gemma_jax.model import from_config

@@ -1,7 +1,7 @@
 """Tabulates and plots training runs: OUT/report.md and OUT/loss_curves.png.
 
-  python launch/report.py /tmp/sweep                  # the runs of /tmp/sweep/sweep.json
-  python launch/report.py /runs/a /runs/b [--out=DIR]  # any MODEL_DIRs (OUT: their parent)
+  t5gemma launch report /tmp/sweep                  # the runs of /tmp/sweep/sweep.json
+  t5gemma launch report /runs/a /runs/b [--out=DIR]  # any MODEL_DIRs (OUT: their parent)
 
 For each run the table has its swept values (for plain MODEL_DIRs: the gin bindings in which
 their config.gin files differ), final step, final train loss, best and final validation loss,
@@ -23,8 +23,8 @@ import statistics
 import sys
 from typing import Optional, Sequence
 
-from local_runs import STATUS  # what launch/sweep.py's local mode writes
 from t5gemma_jax import atomic, storage
+from t5gemma_jax.launch.local_runs import STATUS  # what the sweep's local mode writes
 
 BINDING_LINE = re.compile(r"^([A-Za-z_][\w./]*) = (.*)$")
 NO_VALUE = "–"

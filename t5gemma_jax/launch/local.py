@@ -4,7 +4,7 @@ The multi-host rehearsal: each process gets its own slice of forced CPU devices 
 coordinator environment that `t5gemma_jax.sharding.maybe_initialize_distributed` reads, exactly
 as it would on N hosts of a pod.
 
-  python launch/local.py --num_processes=2 --devices_per_process=2 -- \
+  t5gemma launch local --num_processes=2 --devices_per_process=2 -- \
       train --gin_file=runs/demo.gin --gin.MODEL_DIR='"/tmp/two"' --gin.TRAIN_STEPS=5
 
 Output lines are prefixed with the process index. If any process fails, the others are
@@ -95,7 +95,7 @@ def run(command: Sequence[str], num_processes: int, devices_per_process: int = 1
       if timeout is not None:
         timeout -= 0.5
         if timeout <= 0:
-          raise TimeoutError("launch/local.py: processes timed out")
+          raise TimeoutError("t5gemma launch local: processes timed out")
   finally:
     for p in procs:
       if p.poll() is None:

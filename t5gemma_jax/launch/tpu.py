@@ -1,22 +1,22 @@
 r"""Cloud TPU VMs for `t5gemma train`: create, run, status, logs, delete (gcloud underneath).
 
-  python launch/tpu.py create my-tpu --zone=us-east5-a --accelerator_type=v5p-64 \
+  t5gemma launch tpu create my-tpu --zone=us-east5-a --accelerator_type=v5p-64 \
       --num_slices=2 --spot
-  python launch/tpu.py run my-tpu --zone=us-east5-a --num_slices=2 --accelerator_type=v5p-64 \
+  t5gemma launch tpu run my-tpu --zone=us-east5-a --num_slices=2 --accelerator_type=v5p-64 \
       --model_dir=gs://bkt/runs/bb \
       -- --gin_file=runs/pretrain.gin --gin_file=models/b-b.gin --gin.BATCH_SIZE=1024
-  python launch/tpu.py logs my-tpu --zone=us-east5-a --num_slices=2 --follow
-  python launch/tpu.py delete my-tpu --zone=us-east5-a --num_slices=2
+  t5gemma launch tpu logs my-tpu --zone=us-east5-a --num_slices=2 --follow
+  t5gemma launch tpu delete my-tpu --zone=us-east5-a --num_slices=2
 
 `run --accelerator_type=TYPE` first compiles the run for that slice here (`t5gemma compile`, the
 TPU compiler through libtpu; no TPU needed) and stops, before anything is shipped, when a step
 does not fit in HBM (--skip_compile_check launches anyway).
 Every subcommand takes --dry_run: it prints the commands, one per line and shell-quoted, instead
-of running them. `run` ships the code (a tarball of this checkout's `git ls-files`, or a
-`--git_ref` cloned on the workers), installs it into a virtualenv next to it and starts the same
-`t5gemma train` command in the background on every worker of every slice. MODEL_DIR (a gs://
-path) comes from --model_dir; running `run` again stops the previous run (SIGTERM: it saves a
-checkpoint) and resumes from MODEL_DIR. --num_slices=N > 1 is Multislice: one queued resource
+of running them. `run` ships the code (a tarball of this checkout's `git ls-files`, a built
+`--wheel`, or a `--git_ref` cloned on the workers; see `shipping`), installs it into a
+virtualenv next to it and starts the same `t5gemma train` command in the background on every
+worker of every slice. MODEL_DIR (a gs:// path) comes from --model_dir; running `run` again
+stops the previous run (SIGTERM: it saves a checkpoint) and resumes from MODEL_DIR. --num_slices=N > 1 is Multislice: one queued resource
 whose nodes are NAME-0 ... NAME-(N-1), data parallel across slices (MeshConfig.dcn=(N, 1, 1)).
 Pass the same NAME, --zone, --num_slices and --queued to every subcommand.
 
@@ -42,27 +42,15 @@ import re
 import shlex
 import subprocess
 import sys
-import tarfile
 import tempfile
 from typing import Optional, Sequence
 
 from t5gemma_jax import chips
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from t5gemma_jax.launch import shipping
 
 # generation: default runtime version (the slice shapes and chip figures: t5gemma_jax.chips)
 RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite",
                     "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
-
-
-def _pinned_jax(default: str = "0.10.2") -> str:
-  """The jax version setup.py pins, so the workers get the tested stack."""
-  path = os.path.join(REPO_ROOT, "setup.py")
-  if not os.path.exists(path):
-    return default
-  with open(path) as f:
-    found = re.search(r'"jax==([^"]+)"', f.read())
-  return found.group(1) if found else default
 
 
 def accelerator(accelerator_type: str) -> dict:
@@ -186,6 +174,10 @@ def stop_script(args: argparse.Namespace) -> str:
   return f'if {running}; then kill "$(cat {pid})"; echo "stopping the previous run"; fi'
 
 
+def _source(args: argparse.Namespace) -> shipping.Source:
+  return shipping.Source(args.wheel, args.git_ref, args.repo_url)
+
+
 def prepare_script(args: argparse.Namespace) -> str:
   """Runs on every worker before the launch: await the old run's end, fetch code, install."""
   paths = _remote_paths(args.remote_dir)
@@ -194,27 +186,18 @@ def prepare_script(args: argparse.Namespace) -> str:
   steps = ["set -e",  # up to 10 minutes for the previous run's checkpoint, then SIGKILL
            f"for _ in $(seq 120); do {running} || break; sleep 5; done",
            f'if {running}; then kill -9 "$(cat {_on_worker(paths["pid"])})"; fi']
-  if args.git_ref:
-    ref, url = shlex.quote(args.git_ref), shlex.quote(args.repo_url)
-    steps += [f"if [ ! -d {code}/.git ]; then rm -rf {code}; git clone -q {url} {code}; fi",
-              f"git -C {code} fetch -q --tags origin",
-              # FETCH_HEAD covers branches, tags and full hashes; short hashes need the checkout.
-              f"git -C {code} fetch -q origin {ref} && git -C {code} checkout -q --force "
-              f"FETCH_HEAD || git -C {code} checkout -q --force {ref}"]
-  else:
-    tarball = _on_worker(paths["tarball"])
-    steps += [f"rm -rf {code}", f"mkdir -p {code}", f"tar -xzf {tarball} -C {code}",
-              f"rm -f {tarball}"]
+  upload = (shipping.wheel_upload(paths["code"], args.wheel) if args.wheel
+            else paths["tarball"])
+  steps += shipping.fetch_steps(_source(args), code, _on_worker(upload))
   if not args.skip_setup:
     py = shlex.quote(args.python)
     if re.fullmatch(r"python3\.\d+", args.python):
       apt = "sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -qq"
       steps.append(f"if ! {py} -c 'import ensurepip' 2>/dev/null; then {apt} update && "
                    f"{apt} install -y {py} {py}-venv; fi")
-    jax = shlex.quote(f"jax[tpu]=={args.jax_version}")
     steps += [f"[ -x {venv}/bin/python ] || {py} -m venv {venv}",
               f"{venv}/bin/pip install -q --upgrade pip",
-              f"cd {code}", f"{venv}/bin/pip install -q -e . {jax}"]
+              f"cd {code}", shipping.install_step(_source(args), venv, args.jax_version)]
   return "; ".join(steps)
 
 
@@ -249,20 +232,22 @@ def local_tarball(args: argparse.Namespace) -> str:
 
 def run_commands(args: argparse.Namespace, train_args: Sequence[str]) -> list[list[str]]:
   """Stop, ship, install, start: each step on every slice before the next step starts."""
-  if bool(args.git_ref) != bool(args.repo_url):
-    raise ValueError("--git_ref and --repo_url go together (or neither: ship this checkout)")
+  _source(args).check()
   for item in args.env:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", item, re.S):
       raise ValueError(f"--env {item!r}: expected NAME=VALUE")
   launch = launch_script(args, train_args)  # validates the train arguments first
-  pack_cmd = [sys.executable, os.path.abspath(__file__), "pack", f"--output={local_tarball(args)}"]
+  pack_cmd = [sys.executable, "-m", "t5gemma_jax.launch.tpu", "pack",
+              f"--output={local_tarball(args)}"]
   cmds = [] if args.skip_compile_check else [compile_check_command(args, train_args)]
-  cmds += [] if args.git_ref else [pack_cmd]
+  cmds += [] if args.git_ref or args.wheel else [pack_cmd]
   cmds += [_ssh(args, node, stop_script(args)) for node in nodes(args)]
   if not args.git_ref:
-    remote = _remote_paths(args.remote_dir)["tarball"]
-    cmds += [_gcloud(args, "tpu-vm", "scp", local_tarball(args), f"{node}:{remote}")
-             + ["--worker=all"] for node in nodes(args)]
+    local, remote = ((os.path.abspath(args.wheel),
+                      shipping.wheel_upload(args.remote_dir, args.wheel)) if args.wheel
+                     else (local_tarball(args), _remote_paths(args.remote_dir)["tarball"]))
+    cmds += [_gcloud(args, "tpu-vm", "scp", local, f"{node}:{remote}") + ["--worker=all"]
+             for node in nodes(args)]
   cmds += [_ssh(args, node, prepare_script(args)) for node in nodes(args)]
   cmds += [_ssh(args, node, launch) for node in nodes(args)]
   return cmds
@@ -299,24 +284,9 @@ def delete_commands(args: argparse.Namespace) -> list[list[str]]:
   return [cmd + (["--quiet"] if args.yes else [])]
 
 
-def pack(output: str, root: str = REPO_ROOT) -> list[str]:
-  """Writes a .tar.gz of the files git knows in `root` (tracked or new, not ignored).
-
-  Returns:
-    The archived paths. Working-tree contents go in, so uncommitted edits travel too.
-  """
-  listed = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others",
-                           "--exclude-standard"], check=True, capture_output=True).stdout
-  names = sorted({n for n in listed.decode().split("\0")
-                  if n and os.path.lexists(os.path.join(root, n))})  # skips deleted files
-  with tarfile.open(output, "w:gz") as tar:
-    for n in names:
-      tar.add(os.path.join(root, n), arcname=n, recursive=False)
-  return names
-
-
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="launch/tpu.py", description=__doc__.split("\n\n")[0],
+  parser = argparse.ArgumentParser(prog="t5gemma launch tpu",
+                                   description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split("\n\n", 1)[1])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -348,13 +318,16 @@ def _parser() -> argparse.ArgumentParser:
         help="code folder on the workers (relative: under home); the virtualenv, log and pid "
              "file sit next to it as DIR-venv, DIR.log, DIR.pid")
   p = subs["run"]
-  p.usage = "launch/tpu.py run NAME --zone=ZONE --model_dir=gs://... [options] -- TRAIN_ARGS"
+  p.usage = "t5gemma launch tpu run NAME --zone=ZONE --model_dir=gs://... [options] -- TRAIN_ARGS"
   p.epilog = "TRAIN_ARGS (after --) go to `t5gemma train` unchanged: --gin_file=..., --gin.X=..."
   p.add_argument("--model_dir", required=True, help="gs:// folder; its checkpoints resume")
   p.add_argument("--git_ref", default=None, help="clone this branch/tag/commit on the workers")
   p.add_argument("--repo_url", default=None, help="repository to clone (with --git_ref)")
+  p.add_argument("--wheel", default=None,
+                 help="ship and install this built wheel (`pip wheel --no-deps .`) instead of "
+                      "the checkout's files")
   p.add_argument("--python", default="python3.11", help="interpreter for the virtualenv")
-  p.add_argument("--jax_version", default=_pinned_jax(), help="jax[tpu] version to install")
+  p.add_argument("--jax_version", default=shipping.pinned_jax(), help="jax[tpu] version to install")
   p.add_argument("--skip_setup", action="store_true", help="reuse the installed virtualenv")
   p.add_argument("--accelerator_type", default=None,
                  help="the slice's type (e.g. v5p-64): the run is compiled for it here first "
@@ -402,12 +375,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   args, _ = parse(argv)
   if args.command == "pack":
-    print(f"packed {len(pack(args.output))} files into {args.output}", file=sys.stderr)
+    print(f"packed {len(shipping.pack(args.output))} files into {args.output}", file=sys.stderr)
     return 0
   try:
     cmds = plan(argv)
   except ValueError as e:
-    print(f"launch/tpu.py {args.command}: error: {e}", file=sys.stderr)
+    print(f"t5gemma launch tpu {args.command}: error: {e}", file=sys.stderr)
     return 2
   for cmd in cmds:
     if args.dry_run:

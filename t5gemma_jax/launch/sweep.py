@@ -1,8 +1,8 @@
 """Expands a sweep over gin overrides into named runs, then trains, prints or launches them.
 
-  python launch/sweep.py --root=/tmp/obj --axis 'objective=span_corruption,ul2,prefix_lm' \
+  t5gemma launch sweep --root=/tmp/obj --axis 'objective=span_corruption,ul2,prefix_lm' \
       --axis 'lr:LEARNING_RATE=1e-3,3e-4' -- --gin_file=runs/pretrain.gin --gin_file=models/s-s.gin
-  python launch/sweep.py --root=gs://b/obj --sweep_file=obj.json --mode=tpu --tpu_arg=--zone=Z
+  t5gemma launch sweep --root=gs://b/obj --sweep_file=obj.json --mode=tpu --tpu_arg=--zone=Z
 
 Arguments after `--` go to every run (`--gin_file=F`, `--gin.NAME=VALUE`, `--gin_search_path=D`).
 `--axis [LABEL:]NAME=V1,V2,...`: NAME is `objective` (V picks
@@ -28,7 +28,7 @@ lists and objects become gin literals.
 CPUs, output in train.log only), teeing each one's output to MODEL_DIR/train.log; it skips
 runs whose MODEL_DIR/sweep_status.json says they finished with the same arguments, carries on
 after a failure and exits 1 if any failed. --mode=print prints the commands; --mode=tpu prints
-(--launch: runs) `launch/tpu.py run PREFIX-RUN --model_dir=ROOT/RUN [TPU_ARGS] [--dry_run] --
+(--launch: runs) `t5gemma launch tpu run PREFIX-RUN --model_dir=ROOT/RUN [TPU_ARGS] [--dry_run] --
 GIN_ARGS` for each run.
 """
 
@@ -47,11 +47,12 @@ import sys
 from collections import Counter
 from typing import Any, NamedTuple, Optional, Sequence
 
-from local_runs import run_local
 from t5gemma_jax import atomic, storage
+from t5gemma_jax.launch.local_runs import run_local
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-GIN_DIR = os.path.join(os.path.dirname(HERE), "t5gemma_jax", "gin")
+GIN_DIR = os.path.join(os.path.dirname(HERE), "gin")
+SWEEP_DIR = os.path.join(HERE, "sweeps")  # the sweep files that ship with the package
 SAFE = re.compile(r"[A-Za-z0-9._+-]+")
 LITERAL = re.compile(r"[0-9.+-].*|True|False|None")  # numbers and constants, as gin text
 AXIS_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
@@ -207,8 +208,21 @@ def parse_cli_axis(spec: str) -> Axis:
   return make_axis(key.strip(), split_values(values))
 
 
+def find_sweep_file(path: str) -> str:
+  """`path` as given, else the packaged sweep file of that name (e.g. encdec_vs_deconly.json)."""
+  if os.path.exists(path):
+    return path
+  packaged = os.path.join(SWEEP_DIR, path)
+  if os.path.basename(path) == path and os.path.exists(packaged):
+    return packaged
+  shipped = ", ".join(sorted(os.listdir(SWEEP_DIR)))
+  raise ValueError(f"sweep file {path}: no such file (the package ships: {shipped})")
+
+
 def load_sweep_file(path: str) -> dict:
-  """{"name", "base" (train arguments), "axes", "zip"} from a JSON sweep file."""
+  """{"name", "base" (train arguments), "axes", "zip"} from a JSON sweep file (a path, or the
+  name of one the package ships)."""
+  path = find_sweep_file(path)
   with open(path, encoding="utf-8") as f:
     try:
       spec = json.load(f)
@@ -291,18 +305,17 @@ def tpu_name(prefix: str, run: Run) -> str:
 
 
 def tpu_command(run: Run, prefix: str, tpu_args: Sequence[str], dry_run: bool) -> list[str]:
-  script = os.path.relpath(os.path.join(HERE, "tpu.py"))
-  if script.startswith(".."):
-    script = os.path.join(HERE, "tpu.py")
   # tpu.py sets MODEL_DIR from --model_dir (and refuses it after --).
-  return [sys.executable, script, "run", tpu_name(prefix, run), f"--model_dir={run.model_dir}",
-          *tpu_args, *(["--dry_run"] if dry_run else []), "--", *run.args]
+  return [sys.executable, "-m", "t5gemma_jax.launch.tpu", "run", tpu_name(prefix, run),
+          f"--model_dir={run.model_dir}", *tpu_args, *(["--dry_run"] if dry_run else []), "--",
+          *run.args]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   cut = argv.index("--") if "--" in argv else len(argv)
-  parser = argparse.ArgumentParser(prog="launch/sweep.py", description=__doc__.split("\n\n")[0],
+  parser = argparse.ArgumentParser(prog="t5gemma launch sweep",
+                                   description=__doc__.split("\n\n")[0],
                                    epilog="Arguments after -- go to every run.")
   parser.add_argument("--root", required=True, help="runs go to ROOT/NAME")
   parser.add_argument("--sweep_file", help="JSON sweep file (format: see the module docstring)")
@@ -344,7 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not storage.is_remote(root):
       raise
     print(f"sweep: warning: could not write {root}/sweep.json ({type(e).__name__}); "
-          "launch/report.py needs it", file=sys.stderr)
+          "t5gemma launch report needs it", file=sys.stderr)
   if args.mode == "local":
     return run_local(runs, local_command, jobs=args.jobs)
   if args.mode == "print":

@@ -1,6 +1,6 @@
 r"""An sbatch script that runs `t5gemma train` on GPU nodes under Slurm; submits it too.
 
-  python launch/slurm.py --nodes=2 --gpus_per_node=8 --partition=a100 --time=24:00:00 \
+  t5gemma launch slurm --nodes=2 --gpus_per_node=8 --partition=a100 --time=24:00:00 \
       --venv=/shared/t5gemma/.venv --model_dir=/shared/runs/bb --dry_run \
       -- --gin_file=runs/pretrain.gin --gin_file=models/b-b.gin --gin.BATCH_SIZE=256
 
@@ -25,7 +25,6 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def split_train_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -117,8 +116,8 @@ def script(args: argparse.Namespace, train_args: Sequence[str]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="launch/slurm.py", description=__doc__.split("\n\n")[0],
-      usage="launch/slurm.py --nodes=N --model_dir=DIR [options] -- TRAIN_ARGS",
+      prog="t5gemma launch slurm", description=__doc__.split("\n\n")[0],
+      usage="t5gemma launch slurm --nodes=N --model_dir=DIR [options] -- TRAIN_ARGS",
       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--nodes", type=int, required=True)
   p.add_argument("--gpus_per_node", type=int, default=8)
@@ -135,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--requeue", action="store_true", help="let Slurm requeue a preempted job")
   p.add_argument("--sbatch", action="append", default=[], metavar="NAME[=VALUE]",
                  help="any other #SBATCH option, e.g. --sbatch=qos=high (repeatable)")
-  p.add_argument("--workdir", default=REPO_ROOT, help="folder the job starts in (the checkout)")
+  p.add_argument("--workdir", default=os.getcwd(),
+                 help="folder the job starts in (default: this one)")
   p.add_argument("--venv", default=None, help="virtualenv to activate (its bin/activate)")
   p.add_argument("--setup", action="append", default=[], metavar="LINE",
                  help="shell line run before srun, e.g. 'module load cuda' (repeatable)")
@@ -165,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   try:
     args, text = build(sys.argv[1:] if argv is None else argv)
   except ValueError as e:
-    print(f"launch/slurm.py: error: {e}", file=sys.stderr)
+    print(f"t5gemma launch slurm: error: {e}", file=sys.stderr)
     return 2
   if args.write:
     with open(args.write, "w") as f:

@@ -1,4 +1,4 @@
-"""Training a sweep's runs on this machine, in turn or several at a time (launch/sweep.py
+"""Training a sweep's runs on this machine, in turn or several at a time (t5gemma launch sweep
 --mode=local): each run's output goes to MODEL_DIR/train.log and its outcome to
 MODEL_DIR/sweep_status.json, which lets the same command skip the runs that finished.
 

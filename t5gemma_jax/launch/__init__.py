@@ -1,0 +1,24 @@
+"""Launchers that start `t5gemma` jobs: `t5gemma launch NAME ...` or
+`python -m t5gemma_jax.launch.NAME ...` (each module's `main(argv)`).
+
+  local       N processes on this machine joined by jax.distributed on localhost (the
+              multi-host rehearsal the tests use)
+  tpu         Cloud TPU VMs and queued resources: create, run, status, logs, delete
+              (--dry_run prints the gcloud commands); `shipping` is how code reaches workers
+  slurm       an sbatch script for GPU clusters: one process per GPU or per node under srun
+  sweep       grids or lists of gin overrides as named runs, each with its own MODEL_DIR; run
+              here (`local_runs`: in turn or --jobs=N at a time), printed, or launched on TPU;
+              the sweep files in sweeps/ ship with the package
+  report      a sweep's metrics as a markdown table and a PNG of loss curves
+
+The end-to-end TPU walk-through is docs/tpu_pod.md.
+"""
+
+# launcher module name -> what it does (`t5gemma launch --help`).
+LAUNCHERS = {
+    "local": "N processes on this machine joined by jax.distributed",
+    "tpu": "Cloud TPU VMs: create, run, status, logs, delete",
+    "slurm": "an sbatch script for GPU clusters",
+    "sweep": "expand a sweep into runs; train, print or launch them",
+    "report": "a sweep's table and loss curves",
+}
