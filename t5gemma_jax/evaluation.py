@@ -151,6 +151,12 @@ def make_predict_fn(params: Any, cfg: ModelConfig, max_new_tokens: int, batch_si
   return predict_fn
 
 
+def metric_settings(task: str) -> dict[str, str]:
+  """{metric: the settings behind its numbers} of a task's metric fns: sacreBLEU signatures,
+  ROUGE options ({} for metrics that record none)."""
+  return metric_lib.signatures(seqio.get_mixture_or_task(task).metric_fns)
+
+
 def evaluate(params: Any, cfg: ModelConfig, task: str, split: str,
              lengths: Mapping[str, int], *, max_new_tokens: int, batch_size: int = 16,
              num_examples: Optional[int] = None, model_dir: Optional[str] = None,
@@ -179,16 +185,25 @@ def evaluate(params: Any, cfg: ModelConfig, task: str, split: str,
       async_compute_metrics=False)
   if not evaluator.eval_tasks:
     raise ValueError(f"task {task!r} has no split {split!r} with metric fns to evaluate")
-  metrics, _ = evaluator.evaluate(
-      compute_metrics=True, step=step,
-      predict_fn=make_predict_fn(params, cfg, max_new_tokens, batch_size, **decode))
+  predict = make_predict_fn(params, cfg, max_new_tokens, batch_size, **decode)
+  counts = {}
+
+  def predict_and_count(ds, **kwargs):  # once per task, on that task's cached examples
+    out = predict(ds, **kwargs)
+    names = [n for n, d in evaluator.cached_model_datasets.items() if d is ds]
+    counts.update({n: len(out) for n in names})
+    return out
+
+  metrics, _ = evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_and_count)
   results = {name: {k: float(v.value if hasattr(v, "value") else v) for k, v in m.items()}
              for name, m in metrics.result().items()}
-  # Beside the numbers, the exact settings that produced them (sacreBLEU signatures, ...).
-  settings = {t.name: metric_lib.signatures(t.metric_fns) for t in evaluator.eval_tasks}
+  # Beside the numbers, the exact settings that produced them (sacreBLEU signatures, ...) and
+  # how many examples were scored.
+  settings = {t.name: metric_settings(t.name) for t in evaluator.eval_tasks}
   if model_dir and jax.process_index() == 0:
     with storage.AppendLog(os.path.join(model_dir, "eval_results.jsonl")) as log:
-      log.write("".join(json.dumps({"step": step, "task": name, "split": split, **m,
+      log.write("".join(json.dumps({"step": step, "task": name, "split": split,
+                                    "examples": counts.get(name), **m,
                                     "metric_settings": settings.get(name, {})}) + "\n"
                         for name, m in results.items()))
   return results
@@ -199,9 +214,8 @@ class _TensorBoardWithSettings(seqio.TensorBoardLogger):
   events file as the numbers (one writer per task, as before)."""
 
   def __call__(self, task_name, step, metrics, dataset, inferences, targets):
-    fns = seqio.get_mixture_or_task(task_name).metric_fns
     texts = {f"metric_settings/{k}": seqio.metrics.Text(v)
-             for k, v in metric_lib.signatures(fns).items()}
+             for k, v in metric_settings(task_name).items()}
     super().__call__(task_name, step, {**metrics, **texts}, dataset, inferences, targets)
 
 

@@ -73,13 +73,25 @@ def test_supervised_tasks_match_the_registered_ones():
     baselines.score("wmt14_ende")
 
 
-def test_train_summary_prints_the_baseline_on_the_same_examples():
+def test_train_summary_prints_the_baseline_and_settings_on_the_same_examples():
+  import seqio
   from t5gemma_jax.cli import run_commands
+  from tests.helpers import byte_tasks
   summary = {"start": "initialised", "first_step": 0, "last_step": 5, "checkpoints": "c",
              "metrics": "m", "tensorboard": "t", "eval_split": "validation", "eval_examples": 50,
              "metrics_by_task": {"cldr_translate_en_de": {"bleu": 1.0, "chrf": 2.0},
                                  "my_task": {"bleu": 3.0}}}
-  text = run_commands.summary_text(summary)
+  byte_tasks.byte_task("my_task")
+  try:
+    text = run_commands.summary_text(summary)
+  finally:
+    seqio.TaskRegistry.remove("my_task")
+  # Every number says how it was computed: the sacreBLEU signatures, 13a vs T5's intl.
+  lines = text.splitlines()
+  at = lines.index("cldr_translate_en_de: bleu 1.00, chrf 2.00")
+  assert lines[at + 1] == f"  bleu: {metrics.signatures([metrics.bleu])['bleu']}"
+  assert lines[at + 2].startswith("  chrf: nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no")
+  assert "  bleu: nrefs:1|case:mixed|eff:no|tok:intl" in text  # my_task: T5's BLEU
   want = baselines.score("cldr_translate_en_de", num_examples=50)
   assert want["examples"] == 50
   assert (f"  baseline (copy source, the same 50 examples): bleu {want['bleu']:.2f}, "

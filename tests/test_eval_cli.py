@@ -48,6 +48,7 @@ def test_eval_appends_metrics(clean_gin, run_dir, capsys):
   assert "docstring_summarization: rouge1" in capsys.readouterr().out
   rows = [json.loads(line) for line in open(run_dir / "eval_results.jsonl")]
   assert rows[-1]["task"] == "docstring_summarization" and rows[-1]["step"] == 4
+  assert rows[-1]["examples"] == 8  # how many were decoded and scored
   assert {"rouge1", "rouge2", "rougeLsum"} <= set(rows[-1])
 
 

@@ -13,6 +13,7 @@ from rouge_score import rouge_scorer, scoring
 
 from t5gemma_jax import evaluation, metrics, presets, tasks
 from t5gemma_jax.tasks import files
+from tests.helpers import byte_tasks
 from tests.helpers.random_params import random_params
 
 # Unicode quotes, a dash and a currency sign: "intl" splits them off, "13a" does not.
@@ -115,27 +116,10 @@ def test_metric_mode_selects_the_tasks_metric_fns():
   assert fns("cnn_dailymail") == [metrics.rouge]
 
 
-def _byte_task(name: str) -> str:
-  """A two-example task on bytes (no trained vocabulary needed) scored by BLEU and chrF."""
-  def dataset(split, shuffle_files, seed=None):
-    del split, shuffle_files, seed
-    return tf.data.Dataset.from_tensor_slices({"inputs": ["hello", "world"],
-                                               "targets": ["hallo", "welt"]})
-
-  features = {k: seqio.Feature(seqio.ByteVocabulary(), add_eos=True)
-              for k in ("inputs", "targets")}
-  seqio.TaskRegistry.remove(name)
-  seqio.TaskRegistry.add(
-      name, source=seqio.FunctionDataSource(dataset, splits=["validation"]),
-      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
-      output_features=features, metric_fns=[metrics.t5_bleu, metrics.chrf])
-  return name
-
-
 @pytest.mark.slow  # decodes with a tiny model (a compile)
 def test_eval_results_record_the_metric_settings(tmp_path):
   cfg = presets.preset("tiny")
-  task = _byte_task("bytes_for_metric_settings")
+  task = byte_tasks.byte_task("bytes_for_metric_settings")
   try:
     results = evaluation.evaluate(random_params(cfg), cfg, task, "validation",
                                   {"inputs": 8, "targets": 4}, max_new_tokens=4, batch_size=2,

@@ -280,3 +280,14 @@ def test_baseline_rows_score_the_examples_the_runs_decoded(tmp_path):
   assert rows[1]["model"] == row["name"]
   assert rows[1]["cldr_translate_en_de/chrf"] == f"{copy['chrf']:.2f}"
   assert rows[1]["my_task/chrf"] == "–"
+  # Runs whose eval_results.jsonl records how many examples were scored: that count is used.
+  (tmp_path / "eval_results.jsonl").write_text(json.dumps(
+      {"step": 3, "task": "cldr_translate_en_de", "split": "validation", "examples": 40,
+       "chrf": 50.0, "metric_settings": {}}) + "\n")
+  summary = report.summarise(str(tmp_path))
+  assert summary["eval_setting"] == ("validation", 40)
+  assert summary["eval"] == {"cldr_translate_en_de/chrf": 50.0}  # the count is not a metric
+  [row] = report.baseline_rows([{**runs[0], "summary": summary}])
+  assert "40 examples" in row["name"]
+  assert row["summary"]["eval"]["cldr_translate_en_de/chrf"] == baselines.score(
+      "cldr_translate_en_de", "validation", num_examples=40)["chrf"]

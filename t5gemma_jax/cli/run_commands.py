@@ -38,6 +38,7 @@ def summary_text(s: dict) -> str:
   baseline = _baselines(scored, s.get("eval_split", "validation"), s.get("eval_examples"))
   for task, values in sorted(scored.items()):
     lines.append(f"{task}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(values.items())))
+    lines += _settings_lines(task)
     if task in baseline:
       lines.append(baseline[task])
   for task, records in sorted(s.get("examples", {}).items()):
@@ -46,6 +47,13 @@ def summary_text(s: dict) -> str:
       lines += [f"  input:      {r['input'][:100]}", f"  prediction: {r['prediction'][:100]}",
                 f"  reference:  {r.get('target', '')[:100]}"]
   return "\n".join(lines)
+
+
+def _settings_lines(task: str) -> list[str]:
+  """One line per metric setting of `task` (sacreBLEU signatures, ROUGE options), so a number
+  in the summary says how it was computed."""
+  from t5gemma_jax import evaluation
+  return [f"  {name}: {text}" for name, text in sorted(evaluation.metric_settings(task).items())]
 
 
 def _baselines(scored: dict, split: str, num_examples) -> dict[str, str]:

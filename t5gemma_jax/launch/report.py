@@ -66,12 +66,14 @@ def summarise(model_dir: str) -> dict:
   records = _jsonl(os.path.join(model_dir, "metrics.jsonl"))
   train, val = series(records, "loss"), series(records, "validation_loss")
   speed = [v for _, v in series(records, "tokens_per_s")]
-  evals = {}
+  evals, scored_on = {}, None
   results = _jsonl(os.path.join(model_dir, "eval_results.jsonl"))
   for r in sorted(results, key=lambda r: r.get("step", 0)):  # the latest value wins
     for k, v in r.items():
-      if k not in ("step", "task", "split") and _number(v) is not None:
+      if k not in ("step", "task", "split", "examples") and _number(v) is not None:
         evals[f"{r.get('task', '?')}/{k}"] = _number(v)
+    if r.get("examples") is not None:
+      scored_on = (r.get("split", "validation"), int(r["examples"]))
   try:
     status = json.loads(read_text(os.path.join(model_dir, STATUS)) or "{}").get("status")
   except ValueError:
@@ -85,7 +87,8 @@ def summarise(model_dir: str) -> dict:
       "best_validation_loss": min(finite_val) if finite_val else None,
       "final_validation_loss": val[-1][1] if val else None,
       "tokens_per_s": statistics.median(speed[1:] or speed) if speed else None,
-      "eval": evals, "train_curve": train, "validation_curve": val,
+      "eval": evals, "eval_setting": scored_on, "train_curve": train,
+      "validation_curve": val,
   }
 
 
@@ -122,9 +125,12 @@ def load_runs(paths: Sequence[str]) -> tuple[list[dict], list[str], Optional[str
   return runs, columns, None
 
 
-def _eval_setting(model_dir: str) -> tuple[str, Optional[int]]:
-  """(split, number of examples) a run's end-of-training evaluation decoded (its config.gin,
-  else TrainConfig's defaults)."""
+def _eval_setting(run: dict) -> tuple[str, Optional[int]]:
+  """(split, number of examples) a run's latest evaluation decoded: what eval_results.jsonl
+  records, or for runs older than that record, its config.gin, else TrainConfig's defaults."""
+  if run["summary"].get("eval_setting"):
+    return tuple(run["summary"]["eval_setting"])
+  model_dir = run["model_dir"]
   import ast
   import dataclasses
   from t5gemma_jax.train import loop
@@ -145,7 +151,7 @@ def baseline_rows(runs: Sequence[dict]) -> list[dict]:
   from t5gemma_jax import baselines
   tasks &= set(baselines.supervised_tasks())
   rows = []
-  for split, n in sorted({_eval_setting(r["model_dir"]) for r in runs if r["summary"]["eval"]},
+  for split, n in sorted({_eval_setting(r) for r in runs if r["summary"]["eval"]},
                          key=str):
     scores = {f"{t}/{k}": v for t in sorted(tasks)
               for k, v in baselines.score(t, split, num_examples=n).items() if k != "examples"}
