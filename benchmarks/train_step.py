@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from t5gemma_jax import config, presets, sharding  # noqa: E402
 from t5gemma_jax.model import abstract_params  # noqa: E402
 from t5gemma_jax.run_options import RunOptions  # noqa: E402
-from t5gemma_jax.train import flops, optim, step as step_lib  # noqa: E402
+from t5gemma_jax.train import flops, optim, profiling, step as step_lib  # noqa: E402
 from t5gemma_jax.train.losses import LossConfig  # noqa: E402
 
 
@@ -93,8 +93,8 @@ def jitted_train_step(cfg: config.T5GemmaConfig, optimizer, run: RunOptions = Ru
 def jax_step_time(cfg, b, steps: int, keep_params: bool = True, profile_dir: str = "",
                   run: RunOptions = RunOptions()) -> tuple[float, float, object]:
   """(seconds per step, compile seconds, the initial params on the host or None) of our train
-  step on one device; with `profile_dir`, the timed steps are traced there (TensorBoard's
-  profile plugin or Perfetto read it)."""
+  step on one device; with `profile_dir`, the timed steps (2 .. steps + 1; step 1 compiles) are
+  traced there as training does (`profiling.StepProfiler`: `tensorboard --logdir` it)."""
   optimizer = benchmark_optimizer(cfg, run)
   train, _, shardings, mesh = jitted_train_step(cfg, optimizer, run)
   state, _ = step_lib.init_state(cfg, optimizer, mesh, seed=0, shardings=shardings, run=run)
@@ -106,15 +106,18 @@ def jax_step_time(cfg, b, steps: int, keep_params: bool = True, profile_dir: str
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
   times = []
-  if profile_dir:
-    jax.profiler.start_trace(profile_dir)
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = train(state, batch, rng)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  if profile_dir:
-    jax.profiler.stop_trace()
+  profiler = profiling.StepProfiler((2, steps) if profile_dir else None, profile_dir,
+                                    enabled=True)
+  try:
+    for number in range(2, steps + 2):
+      profiler.begin(number)  # starting the trace is not timed, nor is writing it
+      start = time.perf_counter()
+      state, metrics = train(state, batch, rng)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+      profiler.end(number, (state, metrics))
+  finally:
+    profiler.close()
   per_step = float(np.median(times))
   return per_step, max(first - per_step, 0.0), params0
 

@@ -16,7 +16,6 @@ from typing import Mapping, Optional
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from t5gemma_jax import (atomic, checkpoint, compile_cache, evaluation, params_reader, run_files,
                          sharding, storage)
@@ -24,9 +23,11 @@ from t5gemma_jax.config import ModelConfig, is_decoder_only
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.model import abstract_params
 from t5gemma_jax.run_options import RunOptions
-from t5gemma_jax.train import flops, optim, progress as progress_lib, step as step_lib
+from t5gemma_jax.train import (flops, optim, profiling, progress as progress_lib,
+                               step as step_lib)
 from t5gemma_jax.train.losses import LossConfig
 from t5gemma_jax.train.metrics_writer import MetricsWriter
+from t5gemma_jax.train.step_log import StepLog
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,10 @@ class TrainConfig:
     seed: parameters, dropout and data order.
     num_microbatches: gradient accumulation steps per batch.
     optimizer, loss, mesh: their configs.
-    log_period: steps between metric records.
+    log_period: steps between metric records (their fields: `step_log`), e.g. loss,
+      step_seconds and its data_wait_seconds / device_wait_seconds (is the input the bottleneck).
+    profile_steps: (first step, count): a `jax.profiler` trace of those steps under
+      MODEL_DIR/tensorboard (TensorBoard's Profile tab; see `profiling`); () or None: off.
     init_from: fine-tune: take params (only) from this run directory's latest checkpoint.
     peak_flops: per-device peak FLOP/s for MFU when the device is not in the table.
     pack: pack examples into rows.
@@ -79,6 +83,7 @@ class TrainConfig:
   loss: LossConfig = LossConfig()
   mesh: sharding.MeshConfig = sharding.MeshConfig()
   log_period: int = 10
+  profile_steps: Optional[tuple[int, int]] = None
   init_from: Optional[str] = None
   peak_flops: Optional[float] = None
   pack: bool = True
@@ -109,6 +114,11 @@ class TrainConfig:
                        f"with positive integers, got {lengths!r}")
     if not isinstance(self.model_dir, str) or not self.model_dir:
       raise ValueError(f"TrainConfig.model_dir must be a path, got {self.model_dir!r}")
+    window = profiling.check_window(self.profile_steps)
+    if window is not None and window[0] > self.train_steps:
+      raise ValueError(f"TrainConfig.profile_steps {self.profile_steps!r} starts after the "
+                       f"last step (train_steps {self.train_steps})")
+    object.__setattr__(self, "profile_steps", window)  # () and lists -> None / a tuple
 
 
 class _Preemption:
@@ -140,13 +150,6 @@ def _check_vocabulary(cfg: TrainConfig) -> None:
                      "data_settings.builtin_vocab_size)")
 
 
-def _check_finite(step: int, loss: float) -> None:
-  if not np.isfinite(loss):
-    raise FloatingPointError(f"loss is {loss} at step {step}: stopping without saving this "
-                             "state (lower the learning rate, check the data, or resume from "
-                             "the last checkpoint)")
-
-
 def _data(cfg: TrainConfig, split: str, train: bool) -> pipeline.DataConfig:
   return pipeline.DataConfig(cfg.mixture_or_task, cfg.task_feature_lengths, cfg.batch_size,
                              split=split, shuffle=train and cfg.shuffle, seed=cfg.seed,
@@ -167,43 +170,6 @@ def evaluate(eval_step, params, cfg: TrainConfig, batch_sharding) -> Optional[fl
     total += float(sums["loss"])
     weight += float(sums["weight"])
   return total / weight if weight else None
-
-
-class _StepLog:
-  """Per-step metrics -> NaN check, progress bar and, every `log_period` steps, a record."""
-
-  def __init__(self, cfg: TrainConfig, writer: MetricsWriter, bar, step_flops: float,
-               peak: Optional[float], first: int):
-    self._cfg, self._writer, self._bar = cfg, writer, bar
-    self._flops, self._peak = step_flops, peak
-    self._since, self._since_step, self._tokens = time.perf_counter(), first, 0.0
-    self.history: dict = {}
-
-  def consume(self, step: int, device_metrics) -> None:
-    host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    _check_finite(step, host["loss"])
-    self._tokens += host["real_tokens"]
-    if self._bar is not None:
-      self._bar.step(step, host["loss"])
-    if step % self._cfg.log_period and step != self._cfg.train_steps:
-      return
-    now = time.perf_counter()
-    elapsed = max(now - self._since, 1e-9)
-    seconds = elapsed / max(step - self._since_step, 1)
-    devices = jax.device_count()
-    record = dict(host, tokens_per_s=self._tokens / elapsed, step_seconds=seconds,
-                  tflops_per_device=flops.tflops_per_device(self._flops, seconds, devices),
-                  mfu=(flops.model_flops_utilization(self._flops, seconds, devices, self._peak)
-                       if self._peak else None))
-    self._writer.write(step, record)
-    self.history.update(train_loss=record["loss"], tokens_per_s=record["tokens_per_s"])
-    self._since, self._since_step, self._tokens = now, step, 0.0
-    if self._bar is not None:
-      self._bar.record(step, record)
-
-  def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,21 +282,26 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
   preemption = _Preemption()
   rng = jax.random.PRNGKey(cfg.seed + 1)
   first = int(jax.device_get(state.step))
-  log = _StepLog(cfg, writer, _progress(cfg, first), step_flops, peak, first)
+  log = StepLog(writer, _progress(cfg, first), cfg.log_period, cfg.train_steps, step_flops,
+                peak, first)
+  profiler = profiling.StepProfiler(cfg.profile_steps, os.path.join(cfg.model_dir,
+                                                                    "tensorboard"))
   summary = {"start": start, "first_step": first, "model_dir": cfg.model_dir,
              "compilation_cache": cache_dir}
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
       step, pending = first, None
       while step < cfg.train_steps:
-        batch = first_batch if first_batch is not None else next(data)
+        profiler.begin(step + 1)
+        batch = first_batch if first_batch is not None else log.next_batch(data)
         first_batch = None
         if batch_log is not None:
           batch_log.write(json.dumps({"step": step, "crc32": data.last_fingerprint}) + "\n")
         state, metrics = train_step(state, batch, rng)
         step += 1
+        profiler.end(step, (state, metrics))
         if step == first + 1:  # set-up, data and compiles: what the compilation cache saves
-          jax.block_until_ready(metrics)
+          log.block(metrics)
           summary["seconds_to_first_step"] = time.perf_counter() - started
         # Read the previous step's metrics while this one runs: the device never waits for the
         # host, except at the points below where the current loss must be known.
@@ -359,6 +330,7 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
           summary["preempted"] = True
           break
   finally:
+    profiler.close()
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -375,7 +347,8 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
                  eval_split=cfg.eval_split, eval_examples=cfg.eval_examples,
                  checkpoints=os.path.join(cfg.model_dir, "checkpoints"),
                  metrics=os.path.join(cfg.model_dir, "metrics.jsonl"),
-                 tensorboard=os.path.join(cfg.model_dir, "tensorboard"))
+                 tensorboard=os.path.join(cfg.model_dir, "tensorboard"),
+                 profile=profiler.trace_dir)
   return summary
 
 
