@@ -4,8 +4,9 @@ A run compiles its train step, eval step and decoding loop once per shape; with 
 second run of the same program on the same jax/libtpu (a restart, a resumed preemption, the
 next seed of a sweep) loads the executables instead of compiling them.
 
-Where: `TrainConfig.compilation_cache` (gin) for training, else `$T5GEMMA_CACHE/jax`, else
-`~/.cache/t5gemma/jax`; `t5gemma infer` and `eval` use the latter two. Local folders and gs:// paths
+Where: `TrainConfig.compilation_cache` (gin) for training, else `jax/` under the package's
+cache folder (`$T5GEMMA_CACHE`, else `~/.cache/t5gemma_jax`); `t5gemma infer` and `eval` use
+the latter. Local folders and gs:// paths
 both work (jax reads and writes them through etils.epath). "" turns the cache off.
 """
 
@@ -16,15 +17,16 @@ from typing import Optional
 
 import jax
 
-ENV = "T5GEMMA_CACHE"
+from t5gemma_jax import cache_root
+
+ENV = cache_root.ENV
 # Compiles shorter than this are not worth a file (jax's own default is 1 s).
 MIN_COMPILE_SECONDS = 0.5
 
 
 def default_dir() -> str:
-  """`$T5GEMMA_CACHE/jax`, else `~/.cache/t5gemma/jax`."""
-  root = os.environ.get(ENV) or os.path.join(os.path.expanduser("~"), ".cache", "t5gemma")
-  return os.path.join(root, "jax")
+  """`jax/` under `cache_root.cache_root()`."""
+  return os.path.join(cache_root.cache_root(), "jax")
 
 
 def enable(path: Optional[str] = None) -> Optional[str]:

@@ -34,6 +34,8 @@ def summary_text(s: dict) -> str:
       f"metrics:     {s['metrics']}",
       f"tensorboard: tensorboard --logdir {s['tensorboard']}",
   ]
+  if s.get("profile"):
+    lines.append(f"profile:     {s['profile']} (TensorBoard's Profile tab)")
   scored = s.get("metrics_by_task", {})
   baseline = _baselines(scored, s.get("eval_split", "validation"), s.get("eval_examples"))
   for task, values in sorted(scored.items()):

@@ -38,6 +38,7 @@ import warnings
 import zlib
 from typing import Iterable, Iterator, Optional, Sequence, TypeVar, Union
 
+from t5gemma_jax import cache_root
 from t5gemma_jax.data import cldr
 
 CORPUS_VERSION = 2  # bump when extraction or filtering changes, to invalidate the caches
@@ -133,9 +134,8 @@ def docstrings(packages: Sequence[str] = DEFAULT_PACKAGES, *, stdlib: bool = Tru
 
 
 def default_cache_dir() -> str:
-  """`$T5GEMMA_CACHE`, else `~/.cache/t5gemma_jax`."""
-  return os.environ.get("T5GEMMA_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "t5gemma_jax")
+  """`cache_root.cache_root()`: `$T5GEMMA_CACHE`, else `~/.cache/t5gemma_jax`."""
+  return cache_root.cache_root()
 
 
 def _package_roots(name: str) -> list[tuple[str, Optional[str]]]:

@@ -21,7 +21,7 @@ import seqio
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from t5gemma_jax import atomic, storage
+from t5gemma_jax import atomic, cache_root, storage
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
@@ -30,8 +30,8 @@ TRAINER_VERSION = 1
 
 
 def default_cache_dir() -> str:
-  return os.environ.get("T5GEMMA_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
-                                                      "t5gemma_jax"))
+  """`cache_root.cache_root()`: `$T5GEMMA_CACHE`, else `~/.cache/t5gemma_jax`."""
+  return cache_root.cache_root()
 
 
 def gemma_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
