@@ -22,6 +22,7 @@ from t5gemma_jax.config import ModelConfig
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.model import abstract_params
 from t5gemma_jax.run_options import RunOptions
+from t5gemma_jax.train import wandb_writer
 
 
 def strip(tokens: Sequence[int], eos_id: int, pad_id: int = 0) -> list[int]:
@@ -176,8 +177,10 @@ def evaluate(params: Any, cfg: ModelConfig, task: str, split: str,
     {task name: {metric: value}}.
   """
   pipeline.get_mixture_or_task(task)
-  # Every process computes the metrics (all hold every prediction); process 0 alone logs them.
-  loggers = (_TensorBoardWithSettings,) if model_dir and jax.process_index() == 0 else ()
+  # Every process computes the metrics (all hold every prediction); process 0 alone logs them,
+  # also to the W&B run of a training run that has one.
+  loggers = ((_TensorBoardWithSettings, *wandb_writer.eval_loggers())
+             if model_dir and jax.process_index() == 0 else ())
   evaluator = seqio.Evaluator(
       task, feature_converter=pipeline.feature_converter(pack=False), eval_split=split,
       sequence_length=dict(lengths), num_examples=num_examples, logger_cls=loggers,

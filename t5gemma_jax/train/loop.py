@@ -62,6 +62,7 @@ class TrainConfig:
       MODEL_DIR/batches_p{process}.jsonl, to check exact data resumption.
     compilation_cache: jax's persistent compilation cache folder (local or gs://); None:
       `compile_cache.default_dir()` ($T5GEMMA_CACHE); "": off.
+    wandb_project: also log to this Weights & Biases project (process 0; see `wandb_writer`).
   """
 
   model: ModelConfig
@@ -96,6 +97,7 @@ class TrainConfig:
   decode: evaluation.DecodeConfig = evaluation.DecodeConfig()
   log_batches: bool = False
   compilation_cache: Optional[str] = None
+  wandb_project: Optional[str] = None
 
   def __post_init__(self):
     for name in ("batch_size", "train_steps", "checkpoint_period", "keep_checkpoints",
@@ -278,7 +280,7 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
   step_flops = flops.training_flops_per_step(cfg.model, cfg.batch_size, lengths["inputs"],
                                              lengths["targets"])
   peak = flops.peak_flops(override=cfg.peak_flops)
-  writer = MetricsWriter(cfg.model_dir)
+  writer = MetricsWriter(cfg.model_dir, cfg.wandb_project, (extra_files or {}).get("config.gin"))
   preemption = _Preemption()
   rng = jax.random.PRNGKey(cfg.seed + 1)
   first = int(jax.device_get(state.step))
