@@ -9,7 +9,7 @@ from typing import Mapping
 
 import jax
 
-from t5gemma_jax import storage
+from t5gemma_jax import run_files, storage
 
 
 class MetricsWriter:
@@ -33,7 +33,7 @@ class MetricsWriter:
     self._flush_tb = not storage.is_remote(model_dir)
     if self._enabled:
       # Append: a resumed run continues the same log (local or in a bucket).
-      self._jsonl = storage.AppendLog(os.path.join(model_dir, "metrics.jsonl"))
+      self._jsonl = storage.AppendLog(os.path.join(model_dir, run_files.METRICS))
       import tensorflow as tf
       self._tf = tf
       self._tb = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
