@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import seqio
 
-from t5gemma_jax import atomic, decoding, storage
+from t5gemma_jax import atomic, decoding, run_files, storage
 from t5gemma_jax import metrics as metric_lib
 from t5gemma_jax.config import ModelConfig
 from t5gemma_jax.data import pipeline
@@ -204,7 +204,7 @@ def evaluate(params: Any, cfg: ModelConfig, task: str, split: str,
   # how many examples were scored.
   settings = {t.name: metric_settings(t.name) for t in evaluator.eval_tasks}
   if model_dir and jax.process_index() == 0:
-    with storage.AppendLog(os.path.join(model_dir, "eval_results.jsonl")) as log:
+    with storage.AppendLog(os.path.join(model_dir, run_files.EVAL_RESULTS)) as log:
       log.write("".join(json.dumps({"step": step, "task": name, "split": split,
                                     "examples": counts.get(name), **m,
                                     "metric_settings": settings.get(name, {})}) + "\n"

@@ -1,7 +1,9 @@
-"""What a run directory records besides its checkpoints: the model and the vocabulary.
+"""What a run directory records besides its checkpoints: the model, the vocabulary, where its
+weights came from, and the names of the logs a training writes there.
 
 `train`, `import_hf` and `adapt` write them; `export` reads them, so an exported folder needs
-no gin file and carries the tokenizer the run was trained with. Local or remote (gs://) paths.
+no gin file, carries the tokenizer the run was trained with and a model card saying how the
+run was made. Local or remote (gs://) paths.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ MODEL_CONFIG = "model_config.json"
 MODEL_GIN = "model.gin"
 VOCABULARY = "vocabulary.model"
 VOCABULARY_INFO = "vocabulary.json"
+SOURCE = "source.json"  # `import_hf` / `adapt`: the folders the weights were read from
+# What `train` and `eval` write (read back by `run_history`).
+TRAIN_GIN = "config.gin"
+METRICS = "metrics.jsonl"
+EVAL_RESULTS = "eval_results.jsonl"
 
 
 def read_model_config(run_dir: str) -> config.ModelConfig:
@@ -58,3 +65,29 @@ def read_vocabulary(run_dir: str) -> Optional[Any]:
     return None
   info = json.loads(storage.read_text(os.path.join(run_dir, VOCABULARY_INFO)))
   return seqio.SentencePieceVocabulary(model, extra_ids=int(info["extra_ids"]))
+
+
+def write_source(record: dict, run_dir: str) -> None:
+  """Keeps where a run's step 0 came from: {"command": "import_hf" or "adapt", "folders":
+  [{"path", "given", "repo_id", "revision"}, ...]} (`hub_folder.CheckpointFolder.record`)."""
+  atomic.write_text(os.path.join(run_dir, SOURCE), json.dumps(record, indent=2,
+                                                              sort_keys=True) + "\n")
+
+
+def read_source(run_dir: str) -> Optional[dict]:
+  """The record `write_source` kept, or None (a trained run, or an older import).
+
+  Raises:
+    ValueError: the file is not a JSON object (naming it).
+  """
+  path = os.path.join(run_dir, SOURCE)
+  text = storage.read_text_if_exists(path)
+  if text is None:
+    return None
+  try:
+    record = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(record, dict):
+    raise ValueError(f"{path}: expected a JSON object")
+  return record

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import yaml
 
 from t5gemma_jax import config, evaluation, model, params_reader, presets, run_files
 from t5gemma_jax.cli import app, gin_setup
@@ -70,7 +71,18 @@ def test_mesh_trained_scanned_run_exports_to_transformers(mesh_run, tmp_path, cl
   assert app.main(["export", f"--checkpoint_dir={mesh_run}/checkpoints/3",
                     f"--output_dir={out}", "--verify"]) == 0
   files = set(os.listdir(out))
-  assert {"config.json", "generation_config.json", "model.safetensors"} <= files
+  assert {"config.json", "generation_config.json", "model.safetensors", "README.md"} <= files
+  # The model card, from what the CLI's training wrote (config.gin, metrics.jsonl).
+  card = open(os.path.join(out, "README.md")).read()
+  meta = yaml.safe_load(card.split("---\n")[1])
+  assert meta["pipeline_tag"] == "text2text-generation" and meta["license"] == "unknown"
+  for text in ("| Steps trained | 3 |", "| Mixture / task | `cldr_translate_en_de` |",
+               "| Feature lengths | inputs 32, targets 16 |",
+               "| Batch size | 8 sequences per step |", "| Optimizer | adamw",
+               "| Preset | `preset(name='tiny'", "| Last logged (step 3) | loss ",
+               f"`t5gemma export --checkpoint_dir={mesh_run}/checkpoints/3 ",
+               "| Verified | transformers' logits on this folder within "):
+    assert text in card, text
   hf_model, info = transformers.T5GemmaForConditionalGeneration.from_pretrained(
       out, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))

@@ -7,6 +7,7 @@ import os
 
 import gin
 
+from t5gemma_jax import run_files
 from t5gemma_jax.cli import compile_command, gin_setup
 
 
@@ -14,7 +15,7 @@ def train(args: argparse.Namespace) -> int:
   """Trains (or resumes) the run described by gin; prints a summary at the end."""
   del args
   from t5gemma_jax.train import loop
-  summary = loop.run(gin_setup.train_config(), extra_files={"config.gin": gin.config_str()})
+  summary = loop.run(gin_setup.train_config(), extra_files={run_files.TRAIN_GIN: gin.config_str()})
   print(summary_text(summary))
   return 0
 

@@ -28,7 +28,8 @@ from typing import Any, Optional
 import numpy as np
 
 from t5gemma_jax.config import ModuleConfig, T5GemmaConfig
-from t5gemma_jax.convert import hf_gemma_config, hf_reader, param_schema, safetensors_io
+from t5gemma_jax.convert import (hf_gemma_config, hf_reader, hub_folder, param_schema,
+                                 safetensors_io)
 from t5gemma_jax.convert.hf_config import CONFIG_NAME
 from t5gemma_jax.model import layout
 from t5gemma_jax.run_options import DTYPES
@@ -101,8 +102,9 @@ def from_gemma2(decoder_only: str, decoder_from: Optional[str] = None, *, seed: 
                      f"got {cross_attention!r}")
 
   enc = _open(decoder_only)
-  same = decoder_from is None or os.path.realpath(decoder_from) == os.path.realpath(decoder_only)
-  dec = enc if same else _open(decoder_from)
+  dec = enc if decoder_from is None else _open(decoder_from)
+  if os.path.realpath(dec.path) == os.path.realpath(enc.path):  # one folder, however named
+    dec = enc
   if enc.module.vocab_size != dec.module.vocab_size:
     raise ValueError(f"vocab_size differs: {enc.module.vocab_size} in {enc.config_path} but "
                      f"{dec.module.vocab_size} in {dec.config_path}; the encoder and decoder "
@@ -148,13 +150,11 @@ def read_config(path: str) -> tuple[str, dict]:
   """(config.json path, parsed config) of a decoder-only folder, with errors naming the file.
 
   The `t5gemma adapt` CLI reads it to choose between Gemma 2 and Gemma 3 adaptation
-  (`adapt_gemma3`).
+  (`adapt_gemma3`). `path` may be a huggingface_hub cache folder (`hub_folder.resolve`): the
+  folder the tensors are read from is the config's, `os.path.dirname(config_path)`.
   """
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"decoder-only checkpoint folder not found: {path}")
-  config_path = os.path.join(path, CONFIG_NAME)
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
+  config_path = os.path.join(
+      hub_folder.resolve(path, "decoder-only checkpoint folder").path, CONFIG_NAME)
   with open(config_path) as f:
     try:
       hf_config = json.load(f)
@@ -184,7 +184,8 @@ def _open(path: str) -> Source:
   if m.get("hidden_activation") is None:  # older Gemma configs only name it hidden_act
     m["hidden_activation"] = m.get("hidden_act") or "gelu_pytorch_tanh"
   module = hf_gemma_config.module_from_hf(m, m, config_path)
-  return Source(path=path, config_path=config_path, hf_config=hf_config, module=module)
+  return Source(path=os.path.dirname(config_path), config_path=config_path,
+                hf_config=hf_config, module=module)
 
 
 def _special_ids(enc: Source, dec: Source) -> dict[str, int]:

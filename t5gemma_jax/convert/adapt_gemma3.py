@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -79,9 +80,9 @@ def from_gemma3(decoder_only: str, *, eoi_id: int = T5GEMMA2_EOI_ID,
   if not 0 <= eoi_id < module.vocab_size:
     raise ValueError(f"eoi_id {eoi_id} is outside the vocabulary of {where} (vocab_size "
                      f"{module.vocab_size}); pass an eoi_id below it")
-  src = adapt.Source(path=decoder_only, config_path=config_path, hf_config=hf_config,
-                     module=module)
-  src.tensors = _text_tensors(safetensors_io.read_folder(decoder_only), decoder_only,
+  folder = os.path.dirname(config_path)  # for a hub cache folder, its snapshot
+  src = adapt.Source(path=folder, config_path=config_path, hf_config=hf_config, module=module)
+  src.tensors = _text_tensors(safetensors_io.read_folder(folder), folder,
                               multimodal=hf_config.get("model_type") == "gemma3")
   if param_dtype is None:
     param_dtype = hf_reader.default_param_dtype(src.tensors)

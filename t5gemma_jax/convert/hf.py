@@ -19,7 +19,8 @@ import os
 from typing import Any, Optional
 
 from t5gemma_jax.config import ModelConfig
-from t5gemma_jax.convert import hf_config, hf_reader, hf_t5gemma2, hf_writer, safetensors_io
+from t5gemma_jax.convert import (hf_config, hf_reader, hf_t5gemma2, hf_writer, hub_folder,
+                                 safetensors_io)
 from t5gemma_jax.model import layout
 from t5gemma_jax.run_options import common_dtype_name
 
@@ -34,7 +35,9 @@ def load(path: str, *, param_dtype: Optional[str] = None,
   """Reads an HF T5Gemma folder into our params and config.
 
   Args:
-    path: folder with config.json and model.safetensors (or shards + index).
+    path: folder with config.json and model.safetensors (or shards + index), or a
+      huggingface_hub cache folder (`models--org--name`, or its `snapshots/<commit>`; see
+      `hub_folder.resolve`).
     param_dtype: the dtype name of the returned params (default: the dtype stored in the
       files; float32 when they mix dtypes).
     scan_layers: return the scanned layout (`RunOptions.scan_layers`).
@@ -42,11 +45,8 @@ def load(path: str, *, param_dtype: Optional[str] = None,
   Returns:
     (params, cfg): a nested dict of numpy arrays and the architecture.
   """
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"checkpoint folder not found: {path}")
+  path = hub_folder.resolve(path).path
   config_path = os.path.join(path, hf_config.CONFIG_NAME)
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"no {hf_config.CONFIG_NAME} in {path}")
   with open(config_path) as f:
     hf_json = json.load(f)
   cfg = hf_config.config_from_hf(hf_json, config_path)

@@ -18,7 +18,7 @@ import numpy as np
 from t5gemma_jax import params_reader, run_files
 from t5gemma_jax.config import ModelConfig, is_decoder_only
 from t5gemma_jax.convert import (hf, hf_causal_lm, hf_config, hf_t5gemma2, hf_writer,
-                                 params_checkpoint)
+                                 hub_folder, model_card, params_checkpoint)
 from t5gemma_jax.model import abstract_params, layout
 from t5gemma_jax.run_options import DTYPES, RunOptions, common_dtype_name
 
@@ -63,8 +63,12 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, *,
                       overwrite: bool = False, vocabulary: Any = None, verify: bool = False,
                       tolerance: float = 1e-3,
                       max_shard_bytes: int = hf_writer.DEFAULT_SHARD_BYTES,
-                      read_bytes: int = 512 * 1024**2) -> dict:
+                      read_bytes: int = 512 * 1024**2, command: Optional[str] = None,
+                      license: Optional[str] = None) -> dict:
   """Writes a Hugging Face T5Gemma folder from an orbax checkpoint.
+
+  The folder gets a README.md model card (`model_card`) describing the architecture, what the
+  run directory records of its training and evaluation, and the export itself.
 
   Args:
     checkpoint_path: a step directory (`RUN/checkpoints/STEP`), a checkpoints directory or a
@@ -78,6 +82,8 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, *,
     tolerance: largest max-abs logit difference `verify` accepts.
     max_shard_bytes: largest safetensors file.
     read_bytes: how much of the checkpoint is read at once (the host-memory working set).
+    command: the command line, for the model card (None: called from Python).
+    license: the license identifier for the model card's metadata (None: "unknown").
 
   Returns:
     {"step_dir", "output_dir", "dtype", "scanned", "parameters", "max_abs_logit_diff"?}.
@@ -106,7 +112,7 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, *,
       from t5gemma_jax.convert import tokenizer_files
       tokenizer_files.write_tokenizer_files(vocabulary, writer.tmp)
 
-  def check(folder: str) -> None:
+  def verify_logits(folder: str) -> None:
     params = {}
     for path, array in reader.iter_params(read_bytes):
       node = params
@@ -117,8 +123,20 @@ def export_checkpoint(checkpoint_path: str, output_dir: str, *,
     report["max_abs_logit_diff"] = compare_with_transformers(
         folder, params, cfg, tolerance)
 
+  def finish(folder: str) -> None:
+    """Runs in the complete temporary folder, before it is moved into place."""
+    if verify:
+      verify_logits(folder)
+    # Last, so that the card can say what the verification found.
+    facts = model_card.gather(
+        cfg, output_dir=output_dir, dtype=dtype, parameters=report["parameters"],
+        run_dir=str(reader.run_dir), step=reader.step, step_dir=step_dir,
+        tokenizer=vocabulary is not None, command=command, license=license,
+        verified=(report["max_abs_logit_diff"], tolerance) if verify else None)
+    model_card.write(folder, model_card.render(facts))
+
   hf_writer.write_folder(cfg, output_dir, dtype, fill, overwrite=overwrite,
-                         max_shard_bytes=max_shard_bytes, check=check if verify else None)
+                         max_shard_bytes=max_shard_bytes, check=finish)
   return report
 
 
@@ -204,7 +222,8 @@ def import_hf(hf_dir: str, output_dir: str, *, scan_layers: bool = False,
   decode it as a MODEL_DIR; `output_dir/model.gin` binds its model for the CLI.
 
   Args:
-    hf_dir: folder with config.json and safetensors.
+    hf_dir: folder with config.json and safetensors, or a huggingface_hub cache folder
+      (`hub_folder.resolve`); where it came from is kept in the run's source.json.
     output_dir: the run directory to create.
     scan_layers: store the scanned layout (either layout restores into both).
     param_dtype: stored dtype (default: the folder's).
@@ -214,6 +233,8 @@ def import_hf(hf_dir: str, output_dir: str, *, scan_layers: bool = False,
     (the architecture, the stored dtype name).
   """
   hf_writer.check_destination(output_dir, overwrite)
-  params, cfg = hf.load(hf_dir, param_dtype=param_dtype, scan_layers=scan_layers)
-  params_checkpoint.save_params(params, cfg, output_dir, overwrite=overwrite)
+  folder = hub_folder.resolve(hf_dir)
+  params, cfg = hf.load(folder.path, param_dtype=param_dtype, scan_layers=scan_layers)
+  params_checkpoint.save_params(params, cfg, output_dir, overwrite=overwrite,
+                                source={"command": "import_hf", "folders": [folder.record()]})
   return cfg, common_dtype_name(leaf.dtype for _, leaf in hf_writer.leaves_of(params))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 from t5gemma_jax import checkpoint, run_files
 from t5gemma_jax.config import T5GemmaConfig
@@ -19,7 +19,7 @@ from t5gemma_jax.convert import hf_writer
 
 
 def save_params(params: Any, cfg: T5GemmaConfig, out_dir: str, *,
-                overwrite: bool = False) -> str:
+                overwrite: bool = False, source: Optional[dict] = None) -> str:
   """Writes `params` as step 0 of a run directory that `train` and `infer` start from.
 
   The directory gets `checkpoints/0` (params and step, no optimizer state: fine-tune with
@@ -30,6 +30,7 @@ def save_params(params: Any, cfg: T5GemmaConfig, out_dir: str, *,
     params: the params tree (numpy or jax arrays), in `cfg`'s layout.
     cfg: the model config.
     out_dir: the run directory to create; must be empty or absent unless `overwrite`.
+    source: where the params came from, kept as `source.json` (`run_files.write_source`).
 
   Returns:
     The step directory written.
@@ -49,6 +50,8 @@ def save_params(params: Any, cfg: T5GemmaConfig, out_dir: str, *,
                                  async_save=False) as ckpt:
       ckpt.save(0, state, force=True)
     run_files.write_model_files(cfg, tmp)
+    if source is not None:
+      run_files.write_source(source, tmp)
     hf_writer.replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

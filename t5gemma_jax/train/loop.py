@@ -348,7 +348,7 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
   summary.update(log.history, last_step=int(jax.device_get(state.step)),
                  eval_split=cfg.eval_split, eval_examples=cfg.eval_examples,
                  checkpoints=os.path.join(cfg.model_dir, "checkpoints"),
-                 metrics=os.path.join(cfg.model_dir, "metrics.jsonl"),
+                 metrics=os.path.join(cfg.model_dir, run_files.METRICS),
                  tensorboard=os.path.join(cfg.model_dir, "tensorboard"),
                  profile=profiler.trace_dir)
   return summary

@@ -10,7 +10,7 @@ from typing import Mapping, Optional
 
 import jax
 
-from t5gemma_jax import storage
+from t5gemma_jax import run_files, storage
 
 
 class MetricsWriter:
@@ -42,7 +42,7 @@ class MetricsWriter:
         from t5gemma_jax.train import wandb_writer
         self._wandb = wandb_writer.WandbWriter(model_dir, wandb_project, config_gin)
       # Append: a resumed run continues the same log (local or in a bucket).
-      self._jsonl = storage.AppendLog(os.path.join(model_dir, "metrics.jsonl"))
+      self._jsonl = storage.AppendLog(os.path.join(model_dir, run_files.METRICS))
       import tensorflow as tf
       self._tf = tf
       self._tb = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
