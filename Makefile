@@ -18,8 +18,12 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Test files spread over TEST_JOBS processes (pytest-xdist; a file's tests stay in one process,
+# so its module fixtures are built once). CI has 2 cores.
+TEST_JOBS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
 
 # The quick tier (about 3 minutes here): everything but the tests marked slow (subprocess
 # trainings, multi-process runs, TPU compiles, the longest numerics checks).
