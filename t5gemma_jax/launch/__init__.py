@@ -14,6 +14,8 @@
 The end-to-end TPU walk-through is docs/tpu_pod.md.
 """
 
+from typing import Sequence
+
 # launcher module name -> what it does (`t5gemma launch --help`).
 LAUNCHERS = {
     "local": "N processes on this machine joined by jax.distributed",
@@ -22,3 +24,12 @@ LAUNCHERS = {
     "sweep": "expand a sweep into runs; train, print or launch them",
     "report": "a sweep's table and loss curves",
 }
+
+
+def split_train_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """(launcher arguments, `t5gemma train` arguments): the latter follow the first `--`."""
+  argv = list(argv)
+  if "--" in argv:
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+  return argv, []

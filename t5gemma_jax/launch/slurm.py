@@ -25,15 +25,8 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
+from t5gemma_jax.launch import split_train_args
 
-
-def split_train_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """(launcher arguments, `t5gemma train` arguments): the latter follow the first `--`."""
-  argv = list(argv)
-  if "--" in argv:
-    i = argv.index("--")
-    return argv[:i], argv[i + 1:]
-  return argv, []
 
 
 def _sbatch_lines(args: argparse.Namespace) -> list[str]:

@@ -46,7 +46,7 @@ import tempfile
 from typing import Optional, Sequence
 
 from t5gemma_jax import chips
-from t5gemma_jax.launch import shipping
+from t5gemma_jax.launch import shipping, split_train_args
 
 # generation: default runtime version (the slice shapes and chip figures: t5gemma_jax.chips)
 RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite",
@@ -62,15 +62,6 @@ def accelerator(accelerator_type: str) -> dict:
   found = chips.parse(accelerator_type)
   return {"generation": found.chip.generation, "type": found.type, "chips": found.chips,
           "hosts": found.hosts, "version": RUNTIME_VERSIONS[found.chip.generation]}
-
-
-def split_train_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """(launcher arguments, `t5gemma train` arguments): the latter follow the first `--`."""
-  argv = list(argv)
-  if "--" in argv:
-    i = argv.index("--")
-    return argv[:i], argv[i + 1:]
-  return argv, []
 
 
 def nodes(args: argparse.Namespace) -> list[str]:
