@@ -4,7 +4,7 @@
 
 Joins `jax.distributed` on 127.0.0.1:PORT as process INDEX of COUNT (not when COUNT is 1), runs
 each argv list of the JSON list in turn, and writes REPORT (JSON): each command's exit status,
-how many `decoding.generate` calls it made here and the tokens `evaluation.predictions` gave. Exits with the first non-zero status.
+how many `decoding.generate` calls it made here and the tokens `inference.predictions` gave. Exits with the first non-zero status.
 """
 
 import json
@@ -29,11 +29,11 @@ if count > 1:
                              initialization_timeout=120)
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from t5gemma_jax import decoding, evaluation  # noqa: E402
+from t5gemma_jax import decoding, inference  # noqa: E402
 from t5gemma_jax.cli import app  # noqa: E402
 
 calls, decoded = [0], []
-generate, predictions = decoding.generate, evaluation.predictions
+generate, predictions = decoding.generate, inference.predictions
 
 
 def counted_generate(*args, **kwargs):
@@ -43,13 +43,13 @@ def counted_generate(*args, **kwargs):
 
 
 def recorded_predictions(*args, **kwargs):
-  """`evaluation.predictions`, its tokens kept: every process should get all of them."""
+  """`inference.predictions`, its tokens kept: every process should get all of them."""
   tokens = predictions(*args, **kwargs)
   decoded.append(tokens.tolist())
   return tokens
 
 
-decoding.generate, evaluation.predictions = counted_generate, recorded_predictions
+decoding.generate, inference.predictions = counted_generate, recorded_predictions
 results = []
 for argv in commands:
   calls[0], decoded[:] = 0, []

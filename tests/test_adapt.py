@@ -226,7 +226,7 @@ def test_bad_tensors_are_named(tmp_path):
 
 @pytest.mark.slow
 def test_cli_adapt_then_warmup_trains_cross_attention_alone(tmp_path, clean_gin):
-  from t5gemma_jax import evaluation, run_files
+  from t5gemma_jax import inference, run_files
   from t5gemma_jax.cli import app
   # An unbalanced pair with the built-in vocabulary's size, so it trains on built-in data.
   _gemma2(tmp_path / "wide", seed=6, vocab_size=2048, **{k: v for k, v in WIDE.items()
@@ -236,7 +236,7 @@ def test_cli_adapt_then_warmup_trains_cross_attention_alone(tmp_path, clean_gin)
   assert app.main(["adapt", f"--decoder_only={tmp_path}/wide",
                     f"--decoder_from={tmp_path}/narrow", f"--output_dir={ckpt}"]) == 0
   cfg = run_files.read_model_config(ckpt)
-  before = jax.device_get(evaluation.load_params(cfg, ckpt))
+  before = jax.device_get(inference.load_params(cfg, ckpt))
   run = str(tmp_path / "warmup")
   assert app.main([
       "train", "--gin_file=runs/adapt_warmup.gin", f"--gin_file={ckpt}/model.gin",
@@ -245,7 +245,7 @@ def test_cli_adapt_then_warmup_trains_cross_attention_alone(tmp_path, clean_gin)
       '--gin.TASK_FEATURE_LENGTHS={"inputs": 32, "targets": 16}', "--gin.BATCH_SIZE=4",
       "--gin.TRAIN_STEPS=3", "--gin.EVAL_PERIOD=0", "--gin.WARMUP_STEPS=0",
       "--gin.TrainConfig.progress=False"]) == 0
-  after = jax.device_get(evaluation.load_params(cfg, run))
+  after = jax.device_get(inference.load_params(cfg, run))
   moved = set()
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(before)[0],
                           jax.tree_util.tree_leaves(after)):

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5gemma_jax import config, evaluation, presets, tasks  # noqa: F401  (registers the tasks)
+from t5gemma_jax import config, inference, presets, tasks  # noqa: F401  (registers the tasks)
 from t5gemma_jax.cli import app
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.train import flops, matched
@@ -135,7 +135,7 @@ def test_cli_run_resumes_bitwise_and_exports(tmp_path):
   cfg = presets.decoder_only("tiny", prefix_lm=True)
   with open(whole / "model_config.json") as f:
     assert config.from_dict(json.load(f)) == cfg
-  a, b = (evaluation.load_params(cfg, str(d)) for d in (whole, split))
+  a, b = (inference.load_params(cfg, str(d)) for d in (whole, split))
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   exported = tmp_path / "hf"

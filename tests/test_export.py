@@ -15,7 +15,7 @@ import torch
 import transformers
 import yaml
 
-from t5gemma_jax import config, evaluation, model, params_reader, presets, run_files
+from t5gemma_jax import config, inference, model, params_reader, presets, run_files
 from t5gemma_jax.cli import app, gin_setup
 from t5gemma_jax.convert import hf, hf_checkpoint, params_checkpoint, safetensors_io
 from t5gemma_jax.model import layout
@@ -89,7 +89,7 @@ def test_mesh_trained_scanned_run_exports_to_transformers(mesh_run, tmp_path, cl
 
   cfg = run_files.read_model_config(mesh_run)
   assert params_reader.ParamsReader(mesh_run).scanned  # --gin.RunOptions.scan_layers reached it
-  params = evaluation.load_params(cfg, mesh_run, run=SCANNED)  # gathered from the shards
+  params = inference.load_params(cfg, mesh_run, run=SCANNED)  # gathered from the shards
   enc, dec = ref.padded_batch(np.random.default_rng(0), cfg.vocab_size, 3, 20, 12)
   ours = np.asarray(jax.jit(model.T5Gemma(cfg, SCANNED).apply)({"params": params}, enc, dec))
   theirs = ref.logits(hf_model.eval(), enc, dec)
@@ -112,9 +112,9 @@ def test_bfloat16_export_and_restore_in_the_other_layout(mesh_run, tmp_path):
   assert {str(t.dtype) for t in _tensors(out).values()} == {"bfloat16"}
   # The scanned checkpoint restores into the unrolled layout, converted on the device.
   cfg = run_files.read_model_config(mesh_run)
-  scanned = evaluation.load_params(cfg, mesh_run, run=SCANNED)
+  scanned = inference.load_params(cfg, mesh_run, run=SCANNED)
   assert "layers" in scanned["encoder"]
-  unrolled = evaluation.load_params(cfg, mesh_run)
+  unrolled = inference.load_params(cfg, mesh_run)
   expect = layout.unscan_params(jax.device_get(scanned), cfg)
   for a, b in zip(jax.tree_util.tree_leaves(unrolled), jax.tree_util.tree_leaves(expect)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
@@ -148,7 +148,7 @@ def test_import_of_a_transformers_folder_decodes_and_its_model_gin_binds(tmp_pat
   invocation = app.parse(["show_config", f"--gin_file={run}/model.gin"])
   gin_setup.load("show_config", invocation.args.gin_file, [])
   assert gin_setup.model_config() == cfg
-  params = evaluation.load_params(cfg, run, run=SCANNED)
+  params = inference.load_params(cfg, run, run=SCANNED)
   enc, dec = ref.padded_batch(np.random.default_rng(1), 512, 2, 16, 8)
   ours = np.asarray(jax.jit(model.T5Gemma(cfg, SCANNED).apply)(
       {"params": params}, enc, dec))

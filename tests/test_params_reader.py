@@ -171,7 +171,7 @@ def test_layout_is_told_by_the_layout_rule_and_converted_on_read(tmp_path):
   reader = params_reader.ParamsReader(tmp_path / "run")
   assert reader.scanned and reader.step == 0
   assert reader.scanned == layout.is_scanned(params)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # as evaluation.load_params
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # as inference.load_params
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                         abstract_params(cfg, boxed=False))
   with pytest.raises(ValueError, match="does not match the abstract params: params/"):

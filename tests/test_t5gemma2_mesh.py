@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from t5gemma_jax import evaluation, model, run_files
+from t5gemma_jax import inference, model, run_files
 from t5gemma_jax.cli import app
 from t5gemma_jax.run_options import RunOptions
 from tests.helpers import hf_reference as ref
@@ -101,7 +101,7 @@ def test_cli_trains_on_the_mesh_and_exports_to_transformers(mesh_run, tmp_path, 
   hf_model = transformers.T5Gemma2ForConditionalGeneration.from_pretrained(
       out, dtype=torch.float32, attn_implementation="eager").eval()
   scanned = RunOptions(scan_layers=True)
-  params = evaluation.load_params(cfg, mesh_run, run=scanned)  # gathered from the shards
+  params = inference.load_params(cfg, mesh_run, run=scanned)  # gathered from the shards
   assert params["encoder"]["layers"]["block_5"]["self_attn"]["q"]["kernel"].shape[0] == 1
   enc, dec = ref.padded_batch(np.random.default_rng(0), 2048, 3, 30, 12)
   ours = np.asarray(jax.jit(model.T5Gemma(cfg, scanned).apply)({"params": params}, enc, dec))

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from t5gemma_jax import checkpoint, evaluation, presets
+from t5gemma_jax import checkpoint, inference, presets
 from t5gemma_jax.cli import app
 from t5gemma_jax.train import optim, step as step_lib
 from t5gemma_jax.train.losses import LossConfig
@@ -113,7 +113,7 @@ def _cli(model_dir, *extra):
 
 
 def _final_params(model_dir):
-  return evaluation.load_params(presets.preset("tiny"), str(model_dir))
+  return inference.load_params(presets.preset("tiny"), str(model_dir))
 
 
 def _wait_for_checkpoint(model_dir, step, proc, timeout=300):

@@ -53,12 +53,12 @@ def _register_run_configurables() -> None:
   that `show_task` and the conversion commands do not import the trainer."""
   if "run" in _registered:
     return
-  from t5gemma_jax import evaluation, sharding
+  from t5gemma_jax import evaluation, inference, sharding
   from t5gemma_jax.train import loop, losses, optim
   for cls, name in ((loop.TrainConfig, "TrainConfig"), (optim.OptimizerConfig, "OptimizerConfig"),
                     (optim.ScheduleConfig, "ScheduleConfig"), (losses.LossConfig, "LossConfig"),
-                    (sharding.MeshConfig, "MeshConfig"), (evaluation.DecodeConfig, "DecodeConfig"),
-                    (evaluation.InferConfig, "InferConfig"), (evaluation.EvalConfig, "EvalConfig")):
+                    (sharding.MeshConfig, "MeshConfig"), (inference.DecodeConfig, "DecodeConfig"),
+                    (inference.InferConfig, "InferConfig"), (evaluation.EvalConfig, "EvalConfig")):
     gin.external_configurable(cls, name)
   _registered["run"] = True
 

@@ -83,10 +83,10 @@ def infer(args: argparse.Namespace) -> int:
   """Decodes a task split or a text file with a run's checkpoint into JSONL."""
   del args
   import jax
-  from t5gemma_jax import compile_cache, evaluation
+  from t5gemma_jax import compile_cache, inference
   compile_cache.enable()
   cfg = gin_setup.infer_config()
-  n = evaluation.infer(cfg)
+  n = inference.infer(cfg)
   if jax.process_index() == 0:  # it wrote the file; the others only decoded their share
     print(f"wrote {n} predictions to {cfg.output}")
   return 0

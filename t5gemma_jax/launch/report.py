@@ -18,15 +18,13 @@ import io
 import json
 import math
 import os
-import re
 import statistics
 import sys
 from typing import Optional, Sequence
 
-from t5gemma_jax import atomic, storage
+from t5gemma_jax import atomic, run_history, storage
 from t5gemma_jax.launch.local_runs import STATUS  # what the sweep's local mode writes
 
-BINDING_LINE = re.compile(r"^([A-Za-z_][\w./]*) = (.*)$")
 NO_VALUE = "–"
 
 
@@ -93,18 +91,9 @@ def summarise(model_dir: str) -> dict:
 
 
 def _bindings(config_text: str) -> dict[str, str]:
-  """NAME = VALUE lines of a config.gin, continuation lines joined."""
-  out, last = {}, None
-  for line in config_text.splitlines():
-    m = BINDING_LINE.match(line)
-    if m:
-      last = m.group(1)
-      out[last] = m.group(2)
-    elif last and line[:1].isspace():
-      out[last] += " " + line.strip()
-    else:
-      last = None
-  return out
+  """{NAME or Configurable.parameter: value text} of a config.gin (`run_history.parse_gin`)."""
+  settings = run_history.parse_gin(config_text)
+  return {**settings.macros, **settings.bindings}
 
 
 def load_runs(paths: Sequence[str]) -> tuple[list[dict], list[str], Optional[str]]:
@@ -130,14 +119,12 @@ def _eval_setting(run: dict) -> tuple[str, Optional[int]]:
   records, or for runs older than that record, its config.gin, else TrainConfig's defaults."""
   if run["summary"].get("eval_setting"):
     return tuple(run["summary"]["eval_setting"])
-  model_dir = run["model_dir"]
-  import ast
   import dataclasses
   from t5gemma_jax.train import loop
   defaults = {f.name: f.default for f in dataclasses.fields(loop.TrainConfig)}
-  bound = _bindings(read_text(os.path.join(model_dir, "config.gin")) or "")
-  split, n = (ast.literal_eval(bound[f"TrainConfig.{k}"]) if f"TrainConfig.{k}" in bound
-              else defaults[k] for k in ("eval_split", "eval_examples"))
+  bound = run_history.parse_gin(read_text(os.path.join(run["model_dir"], "config.gin")) or "")
+  split, n = (defaults[k] if bound.text(f"TrainConfig.{k}") is None
+              else bound.value(f"TrainConfig.{k}") for k in ("eval_split", "eval_examples"))
   return split, n
 
 

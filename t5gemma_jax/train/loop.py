@@ -17,8 +17,8 @@ from typing import Mapping, Optional
 import flax.linen as nn
 import jax
 
-from t5gemma_jax import (atomic, checkpoint, compile_cache, evaluation, params_reader, run_files,
-                         sharding, storage)
+from t5gemma_jax import (atomic, checkpoint, compile_cache, evaluation, inference, params_reader,
+                         run_files, sharding, storage)
 from t5gemma_jax.config import ModelConfig, is_decoder_only
 from t5gemma_jax.data import pipeline
 from t5gemma_jax.model import abstract_params
@@ -94,7 +94,7 @@ class TrainConfig:
   eval_tasks_period: int = 0
   eval_examples: Optional[int] = 64
   show_examples: int = 0
-  decode: evaluation.DecodeConfig = evaluation.DecodeConfig()
+  decode: inference.DecodeConfig = inference.DecodeConfig()
   log_batches: bool = False
   compilation_cache: Optional[str] = None
   wandb_project: Optional[str] = None
@@ -342,7 +342,7 @@ def run(cfg: TrainConfig, extra_files: Optional[Mapping[str, str]] = None) -> di
     log.close()
   if cfg.show_examples and cfg.eval_tasks and not summary.get("preempted"):
     summary["examples"] = {
-        task: evaluation.task_records(state.params, cfg.model, task, cfg.eval_split,
+        task: inference.task_records(state.params, cfg.model, task, cfg.eval_split,
                                       cfg.task_feature_lengths["inputs"], cfg.show_examples,
                                       cfg.decode, cfg.run) for task in cfg.eval_tasks}
   summary.update(log.history, last_step=int(jax.device_get(state.step)),
