@@ -6,8 +6,8 @@ next seed of a sweep) loads the executables instead of compiling them.
 
 Where: `TrainConfig.compilation_cache` (gin) for training, else `jax/` under the package's
 cache folder (`$T5GEMMA_CACHE`, else `~/.cache/t5gemma_jax`); `t5gemma infer` and `eval` use
-the latter. Local folders and gs:// paths
-both work (jax reads and writes them through etils.epath). "" turns the cache off.
+the latter. Local folders and gs:// paths both work (jax reads and writes them through
+etils.epath). "" turns the cache off.
 """
 
 from __future__ import annotations

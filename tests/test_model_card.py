@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from t5gemma_jax import metrics, presets, run_files, run_history
+from t5gemma_jax import config_gin, metrics, presets, run_files, run_history
 from t5gemma_jax.convert import (hf, hf_checkpoint, hf_writer, hub_folder, model_card,
                                  params_checkpoint)
 from tests.helpers.random_params import random_params
@@ -257,7 +257,7 @@ def test_a_decoder_only_card_and_the_gin_reader():
   assert meta["pipeline_tag"] == "text-generation" and "gemma2" in meta["tags"]
   assert "base_model" not in meta and "AutoModelForCausalLM.from_pretrained(path)" in body
   assert "No tokenizer files in this folder" in body and "(Python)" in body
-  gin = run_history.parse_gin(CONFIG_GIN.replace("{init_from}", "/r"))
+  gin = config_gin.parse_gin(CONFIG_GIN.replace("{init_from}", "/r"))
   assert gin.value("data_settings.builtin_mixture_rates") == {
       "cldr_translate_en_de": 1.0, "cldr_translate_en_ru": 1.0}
   assert gin.value("TrainConfig.batch_size") == 8 and gin.value("TrainConfig.seed") is None

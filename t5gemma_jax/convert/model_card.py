@@ -20,7 +20,7 @@ import os
 import re
 from typing import Any, Optional
 
-from t5gemma_jax import run_files, run_history
+from t5gemma_jax import config_gin, run_files, run_history
 from t5gemma_jax.config import ModelConfig, is_decoder_only
 from t5gemma_jax.convert import hf_config
 
@@ -285,7 +285,7 @@ def _export(facts: ExportFacts) -> str:
 # ------------------------------------------------------------------------------- helpers
 
 
-def _preset(gin: Optional[run_history.GinSettings]) -> Optional[str]:
+def _preset(gin: Optional[config_gin.GinSettings]) -> Optional[str]:
   """'preset(name='tiny', dropout_rate=0.1)' when the run's model came from a preset."""
   if gin is None:
     return None
@@ -300,7 +300,7 @@ def _preset(gin: Optional[run_history.GinSettings]) -> Optional[str]:
       for k, v in args.items()) + ")"
 
 
-def _settings(gin: run_history.GinSettings, configurable: str, keys: tuple) -> str:
+def _settings(gin: config_gin.GinSettings, configurable: str, keys: tuple) -> str:
   """'adamw, weight_decay 0.01' from the bound `keys` of `configurable` ("name" first, bare)."""
   bound = gin.parameters_of(configurable)
   parts = []

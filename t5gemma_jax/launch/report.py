@@ -22,7 +22,7 @@ import statistics
 import sys
 from typing import Optional, Sequence
 
-from t5gemma_jax import atomic, run_history, storage
+from t5gemma_jax import atomic, config_gin, storage
 from t5gemma_jax.launch.local_runs import STATUS  # what the sweep's local mode writes
 
 NO_VALUE = "–"
@@ -91,8 +91,8 @@ def summarise(model_dir: str) -> dict:
 
 
 def _bindings(config_text: str) -> dict[str, str]:
-  """{NAME or Configurable.parameter: value text} of a config.gin (`run_history.parse_gin`)."""
-  settings = run_history.parse_gin(config_text)
+  """{NAME or Configurable.parameter: value text} of a config.gin (`config_gin.parse_gin`)."""
+  settings = config_gin.parse_gin(config_text)
   return {**settings.macros, **settings.bindings}
 
 
@@ -122,7 +122,7 @@ def _eval_setting(run: dict) -> tuple[str, Optional[int]]:
   import dataclasses
   from t5gemma_jax.train import loop
   defaults = {f.name: f.default for f in dataclasses.fields(loop.TrainConfig)}
-  bound = run_history.parse_gin(read_text(os.path.join(run["model_dir"], "config.gin")) or "")
+  bound = config_gin.parse_gin(read_text(os.path.join(run["model_dir"], "config.gin")) or "")
   split, n = (defaults[k] if bound.text(f"TrainConfig.{k}") is None
               else bound.value(f"TrainConfig.{k}") for k in ("eval_split", "eval_examples"))
   return split, n

@@ -20,7 +20,6 @@ resumed run re-logging steps after its last checkpoint is not refused as out of 
 
 from __future__ import annotations
 
-import ast
 import numbers
 import os
 import re
@@ -28,7 +27,7 @@ import secrets
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
-from t5gemma_jax import atomic, storage
+from t5gemma_jax import atomic, config_gin, storage
 
 INSTALL_HINT = "pip install t5gemma-jax[wandb]"
 STEP_METRIC = "step"
@@ -74,41 +73,10 @@ def run_id(model_dir: str) -> str:
 
 
 def gin_bindings(text: str) -> dict[str, Any]:
-  """A config.gin's bindings as a flat W&B config: {"TrainConfig.batch_size": 8, ...}.
-
-  Values that are Python literals become them (numbers, strings, tuples, dicts); a value that
-  is one macro (`%BATCH_SIZE`) takes the macro's; anything else (`@preset()`, ...) stays text.
-
-  Args:
-    text: gin's config string (`gin.config_str()`): one `name = value` per binding, long values
-      continued on indented lines or after a trailing backslash; comments start with '#'.
-
-  Returns:
-    {binding name: value}, in the file's order.
-  """
-  raw: dict[str, str] = {}
-  key = None
-  for line in text.splitlines():
-    if not line.strip() or line.lstrip().startswith("#"):
-      continue
-    continued = key is not None and (line[:1].isspace() or raw[key].endswith("\\"))
-    if continued:
-      raw[key] = raw[key].rstrip("\\").rstrip() + " " + line.strip()
-      continue
-    name, sep, value = line.partition(" = ")
-    key = name.strip() if sep else None  # `include`, `import`: not bindings
-    if key is not None:
-      raw[key] = value.strip()
-  out = {}
-  for name, value in raw.items():
-    value = value.rstrip("\\").strip()
-    if value.startswith("%") and value[1:] in raw:
-      value = raw[value[1:]]
-    try:
-      out[name] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[name] = value
-  return out
+  """A config.gin's macros and bindings as a flat W&B config: {"TrainConfig.batch_size": 8, ...}
+  (`config_gin.GinSettings.values`: literals as values, a macro reference as the macro's
+  value, anything else such as `@preset()` as text)."""
+  return config_gin.parse_gin(text).values()
 
 
 class WandbWriter:
