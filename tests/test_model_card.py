@@ -97,6 +97,24 @@ def plain(tmp_path_factory):
   return out
 
 
+def test_hf_save_writes_a_card_that_claims_no_training(plain):
+  """Params from memory: the architecture and the export, no run, no training invented."""
+  meta, body = front_matter(open(os.path.join(plain, "README.md"), encoding="utf-8").read())
+  assert meta["license"] == "unknown" and "base_model" not in meta
+  assert "model-index" not in meta and meta["pipeline_tag"] == "text2text-generation"
+  assert "from params in memory (`t5gemma_jax.convert.hf.save`)" in body
+  assert "Not recorded: `t5gemma_jax.convert.hf.save` wrote these params" in body
+  assert "No evaluation of these weights is recorded." in body
+  assert "| Command | `t5gemma_jax.convert.hf.save` (Python) |" in body
+  assert "Source run" not in body and "| Step |" not in body
+  cfg = presets.preset("tiny")
+  assert f"| Parameters | {sum(x.size for x in _leaves(random_params(cfg, seed=4))):,} |" in body
+
+
+def _leaves(tree):
+  return [leaf for _, leaf in hf_writer.leaves_of(tree)]
+
+
 def test_a_hub_cache_folder_loads_bitwise_like_the_plain_folder(plain, tmp_path):
   repo_dir = hub_cache(tmp_path, plain)
   snapshot = repo_dir / "snapshots" / COMMIT

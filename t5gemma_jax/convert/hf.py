@@ -18,9 +18,11 @@ import json
 import os
 from typing import Any, Optional
 
+import numpy as np
+
 from t5gemma_jax.config import ModelConfig
 from t5gemma_jax.convert import (hf_config, hf_reader, hf_t5gemma2, hf_writer, hub_folder,
-                                 safetensors_io)
+                                 model_card, safetensors_io)
 from t5gemma_jax.model import layout
 from t5gemma_jax.run_options import common_dtype_name
 
@@ -65,11 +67,13 @@ def load(path: str, *, param_dtype: Optional[str] = None,
 
 def save(params: Params, cfg: ModelConfig, path: str, *, dtype: Optional[str] = None,
          overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3,
-         vocabulary: Any = None) -> None:
+         vocabulary: Any = None, license: Optional[str] = None) -> None:
   """Writes an HF folder that `T5GemmaForConditionalGeneration.from_pretrained` loads.
 
   config.json, generation_config.json and safetensors (sharded above `max_shard_bytes`, with
-  an index), plus tokenizer files when a SentencePiece `vocabulary` is given. Parameters are
+  an index), plus tokenizer files when a SentencePiece `vocabulary` is given, and a README.md
+  model card (`model_card`: the architecture; params from memory record no training, which
+  `t5gemma export` of a run directory adds). Parameters are
   written one at a time (a device array is fetched only when its turn comes), into a temporary
   folder renamed into place at the end: an interrupted save leaves nothing at `path`.
 
@@ -82,6 +86,7 @@ def save(params: Params, cfg: ModelConfig, path: str, *, dtype: Optional[str] = 
     overwrite: replace a non-empty `path`.
     max_shard_bytes: largest safetensors file.
     vocabulary: a seqio SentencePieceVocabulary whose tokenizer files to include.
+    license: the license identifier the card's front matter states (None: "unknown").
   """
 
   def fill(writer):
@@ -93,5 +98,12 @@ def save(params: Params, cfg: ModelConfig, path: str, *, dtype: Optional[str] = 
 
   if dtype is None:
     dtype = common_dtype_name(leaf.dtype for _, leaf in hf_writer.leaves_of(params))
+  def card(folder: str) -> None:
+    parameters = sum(int(np.prod(leaf.shape)) for _, leaf in hf_writer.leaves_of(params))
+    facts = model_card.gather(cfg, output_dir=path, dtype=dtype, parameters=parameters,
+                              run_dir=None, step=None, step_dir=None,
+                              tokenizer=vocabulary is not None, license=license)
+    model_card.write(folder, model_card.render(facts))
+
   hf_writer.write_folder(cfg, path, dtype, fill, overwrite=overwrite,
-                         max_shard_bytes=max_shard_bytes)
+                         max_shard_bytes=max_shard_bytes, check=card)

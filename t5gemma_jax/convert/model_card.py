@@ -26,6 +26,8 @@ from t5gemma_jax.convert import hf_config
 
 CARD_NAME = "README.md"
 UNKNOWN_LICENSE = "unknown"  # the Hub's own value for a license nobody stated
+EXPORT_API = "t5gemma_jax.convert.hf_checkpoint.export_checkpoint"
+SAVE_API = "t5gemma_jax.convert.hf.save"
 # Gin factories whose bindings name a model (a preset), shown as the run's "Preset".
 PRESET_FACTORIES = ("preset", "decoder_only", "matched_decoder_only")
 _YAML_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
@@ -41,8 +43,9 @@ class ExportFacts:
     cfg: the architecture.
     dtype: the stored dtype name.
     parameters: the number of parameters written.
-    history: what the run directory records (`run_history.read`).
-    step_dir: the checkpoint step directory exported.
+    history: what the run directory records (`run_history.read`); None for params written
+      from memory (`hf.save`), which come with no record.
+    step_dir: the checkpoint step directory exported (None with no history).
     tokenizer: whether tokenizer files are in the folder.
     command: the command line that exported it (None: called from Python).
     license: a license identifier given by the user (None: unknown).
@@ -57,7 +60,7 @@ class ExportFacts:
   dtype: str
   parameters: int
   history: run_history.RunHistory
-  step_dir: str
+  step_dir: Optional[str]
   tokenizer: bool
   command: Optional[str] = None
   license: Optional[str] = None
@@ -66,8 +69,9 @@ class ExportFacts:
   verified: Optional[tuple[float, float]] = None
 
 
-def gather(cfg: ModelConfig, *, output_dir: str, dtype: str, parameters: int, run_dir: str,
-           step: int, step_dir: str, tokenizer: bool, command: Optional[str] = None,
+def gather(cfg: ModelConfig, *, output_dir: str, dtype: str, parameters: int,
+           run_dir: Optional[str], step: Optional[int], step_dir: Optional[str],
+           tokenizer: bool, command: Optional[str] = None,
            license: Optional[str] = None,
            verified: Optional[tuple[float, float]] = None) -> ExportFacts:
   """Reads the run's records and stamps the export (version, date).
@@ -76,7 +80,8 @@ def gather(cfg: ModelConfig, *, output_dir: str, dtype: str, parameters: int, ru
     cfg, dtype, parameters, step_dir, tokenizer, command, license, verified: see
       `ExportFacts`.
     output_dir: the folder being exported (its name names the model).
-    run_dir, step: the run directory and the checkpoint step exported.
+    run_dir, step: the run directory and the checkpoint step exported; None for params
+      written from memory.
   """
   try:
     version = importlib.metadata.version("t5gemma-jax")
@@ -84,7 +89,8 @@ def gather(cfg: ModelConfig, *, output_dir: str, dtype: str, parameters: int, ru
     version = "unknown (not installed)"
   return ExportFacts(
       name=os.path.basename(os.path.normpath(output_dir)), cfg=cfg, dtype=dtype,
-      parameters=parameters, history=run_history.read(run_dir, step), step_dir=step_dir,
+      parameters=parameters, history=None if run_dir is None else run_history.read(run_dir, step),
+      step_dir=step_dir,
       tokenizer=tokenizer, command=command, license=license, verified=verified,
       date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       version=version)
@@ -129,15 +135,16 @@ def _front_matter(facts: ExportFacts, hf: dict) -> str:
       "library_name": "transformers", "pipeline_tag": pipeline_tag(facts.cfg),
       "license": facts.license or UNKNOWN_LICENSE,
       "tags": list(dict.fromkeys(["t5gemma", "t5gemma-jax", "jax", hf["model_type"]]))}
-  if facts.history.base_models:
-    meta["base_model"] = facts.history.base_models
-  if facts.history.evals:
+  h = facts.history
+  if h is not None and h.base_models:
+    meta["base_model"] = h.base_models
+  if h is not None and h.evals:
     meta["model-index"] = [{"name": facts.name, "results": [
         {"task": {"type": pipeline_tag(facts.cfg)},
          "dataset": {"name": e.task, "type": e.task, "split": e.split},
          "metrics": [{"type": k, "name": k, "value": round(v, 4)}
                      for k, v in sorted(e.scores.items()) if math.isfinite(v)]}
-        for e in facts.history.evals]}]
+        for e in h.evals]}]
   return "---\n" + "\n".join(_yaml_lines(meta, "")) + "\n---"
 
 
@@ -147,6 +154,8 @@ def _summary(facts: ExportFacts, hf: dict) -> str:
           else "A T5Gemma 2 encoder-decoder model" if facts.cfg.family == "t5gemma2"
           else "A T5Gemma encoder-decoder model")
   text = f"{kind} (`{hf['architectures'][0]}`) exported by t5gemma-jax"
+  if h is None:
+    return text + f" from params in memory (`{SAVE_API}`), which records no training."
   if h.gin is not None:
     task = h.gin.value("TrainConfig.mixture_or_task")
     text += f", trained for {h.step:,} steps" + (f" on `{task}`" if task else "")
@@ -156,7 +165,7 @@ def _summary(facts: ExportFacts, hf: dict) -> str:
 
 
 def _architecture(facts: ExportFacts, hf: dict) -> str:
-  cfg, gin = facts.cfg, facts.history.gin
+  cfg, gin = facts.cfg, facts.history.gin if facts.history else None
   rows = [("Model type", f"`{hf['model_type']}` (transformers `{hf['architectures'][0]}`)")]
   preset = _preset(gin)
   if preset:
@@ -181,6 +190,9 @@ def _architecture(facts: ExportFacts, hf: dict) -> str:
 def _training(facts: ExportFacts) -> str:
   h = facts.history
   lines = ["## Training", ""]
+  if h is None:
+    return "\n".join(lines + [f"Not recorded: `{SAVE_API}` wrote these params from memory. "
+                              "`t5gemma export` of a run directory describes the training."])
   if h.gin is None:
     lines.append(f"No training is recorded in `{h.run_dir}` (it has no "
                  f"{run_files.TRAIN_GIN}): these are the weights its step {h.step:,} holds"
@@ -239,8 +251,8 @@ def _training_rows(h: run_history.RunHistory) -> list[tuple[str, str]]:
 
 def _evaluation(facts: ExportFacts) -> str:
   h = facts.history
-  if not h.evals:
-    later = f" ({_later(h.later_evals)})" if h.later_evals else ""
+  if h is None or not h.evals:
+    later = f" ({_later(h.later_evals)})" if h is not None and h.later_evals else ""
     return f"## Evaluation\n\nNo evaluation of these weights is recorded{later}."
   lines = ["## Evaluation", "",
            "Scores recorded in the run's eval_results.jsonl, the newest per task at or before "
@@ -271,11 +283,13 @@ def _usage(facts: ExportFacts) -> str:
 
 
 def _export(facts: ExportFacts) -> str:
+  h = facts.history
+  python = EXPORT_API if h is not None else SAVE_API
   rows = [("t5gemma-jax", facts.version),
-          ("Command", f"`{_cell(facts.command)}`" if facts.command
-           else "`t5gemma_jax.convert.hf_checkpoint.export_checkpoint` (Python)"),
-          ("Source run", f"`{facts.history.run_dir}`"),
-          ("Step", f"{facts.history.step:,} (`{facts.step_dir}`)"), ("Date", facts.date)]
+          ("Command", f"`{_cell(facts.command)}`" if facts.command else f"`{python}` (Python)")]
+  if h is not None:
+    rows += [("Source run", f"`{h.run_dir}`"), ("Step", f"{h.step:,} (`{facts.step_dir}`)")]
+  rows.append(("Date", facts.date))
   if facts.verified:
     rows.append(("Verified", f"transformers' logits on this folder within {facts.verified[0]:.3g}"
                              f" of t5gemma-jax's (tolerance {facts.verified[1]:g})"))
