@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import seqio
 
-from t5gemma_jax import inference, run_files, storage
+from t5gemma_jax import config_gin, inference, run_files, storage
 from t5gemma_jax import metrics as metric_lib
 from t5gemma_jax.config import ModelConfig
 from t5gemma_jax.data import pipeline
@@ -115,7 +115,13 @@ class _TensorBoardWithSettings(seqio.TensorBoardLogger):
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  """`t5gemma eval`: metrics of a run's latest checkpoint on a task (or mixture) split."""
+  """`t5gemma eval`: metrics of a run's latest checkpoint on a task (or mixture) split.
+
+  Attributes:
+    wandb_project: W&B project of the eval's own run beside the training run's (`wandb_writer`);
+      None: the training run's `TrainConfig.wandb_project` as its config.gin records it (no
+      W&B when it had none); "": no W&B.
+  """
 
   model: ModelConfig
   model_dir: str
@@ -126,6 +132,7 @@ class EvalConfig:
       default_factory=lambda: {"inputs": 256, "targets": 128})
   num_examples: Optional[int] = None
   decode: inference.DecodeConfig = inference.DecodeConfig()
+  wandb_project: Optional[str] = None
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, dict[str, float]]:
@@ -139,8 +146,25 @@ def run_eval(cfg: EvalConfig) -> dict[str, dict[str, float]]:
   # still training cannot be logged under the previous step's number.
   step = inference.latest_step_everywhere(os.path.join(cfg.model_dir, "checkpoints"))
   params = inference.load_params(cfg.model, cfg.model_dir, step=step, run=cfg.run)
+  project = wandb_project_of(cfg)
+  tracker = (wandb_writer.WandbWriter(cfg.model_dir, project, job_type="eval")
+             if project and jax.process_index() == 0 else None)
   d = cfg.decode
-  return evaluate(params, cfg.model, cfg.task, cfg.split, cfg.task_feature_lengths,
-                  max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
-                  num_examples=cfg.num_examples, model_dir=cfg.model_dir, step=step,
-                  run=cfg.run, **d.options())
+  try:
+    return evaluate(params, cfg.model, cfg.task, cfg.split, cfg.task_feature_lengths,
+                    max_new_tokens=d.max_new_tokens, batch_size=d.batch_size,
+                    num_examples=cfg.num_examples, model_dir=cfg.model_dir, step=step,
+                    run=cfg.run, **d.options())
+  finally:
+    if tracker is not None:
+      tracker.close()
+
+
+def wandb_project_of(cfg: EvalConfig) -> Optional[str]:
+  """The W&B project `t5gemma eval` logs to: `cfg.wandb_project`, else the training run's
+  (its config.gin's `TrainConfig.wandb_project`); None for none."""
+  if cfg.wandb_project is not None:
+    return cfg.wandb_project or None
+  text = storage.read_text_if_exists(os.path.join(cfg.model_dir, run_files.TRAIN_GIN))
+  project = config_gin.parse_gin(text).value("TrainConfig.wandb_project") if text else None
+  return project if isinstance(project, str) and project else None

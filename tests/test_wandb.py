@@ -64,7 +64,8 @@ def test_training_logs_to_wandb_and_a_resumed_run_continues_it(clean_gin, offlin
   run_id = open(os.path.join(model_dir, "wandb", "run_id")).read().strip()
   folder, recs = _offline_run(model_dir, run_id, 0)
   [run] = wandb_records.of_type(recs, "run")
-  assert (run.run_id, run.project, run.display_name) == (run_id, "t5gemma-test", "my_run")
+  assert (run.run_id, run.project, run.display_name, run.run_group, run.job_type) == (
+      run_id, "t5gemma-test", "my_run", "my_run", "train")
   config = wandb_records.config(run)
   assert config["TrainConfig.batch_size"] == 4 and config["TRAIN_STEPS"] == 3
   assert config["TrainConfig.eval_tasks"] == [TASK]
@@ -96,6 +97,24 @@ def test_training_logs_to_wandb_and_a_resumed_run_continues_it(clean_gin, offlin
   assert [r for r in history if "loss" in r] == _metric_rows(model_dir, 3)
   assert [r["step"] for r in history if "loss" in r] == [4, 5]
   assert not glob.glob(str(tmp_path / "wandb_home" / "dir" / "*" / "offline-run-*"))
+
+  # `t5gemma eval` of the run: a W&B run of its own beside the training run, in its group.
+  assert app.main(["eval", "--gin_file=runs/eval.gin", "--gin_file=models/tiny.gin",
+                   f'--gin.MODEL_DIR="{model_dir}"', f'--gin.EVAL_TASK="{TASK}"',
+                   f"--gin.EvalConfig.num_examples={EXAMPLES}",
+                   "--gin.DecodeConfig.max_new_tokens=8",
+                   '--gin.DecodeConfig.strategy="greedy"']) == 0
+  eval_id = open(os.path.join(model_dir, "wandb", "eval_run_id")).read().strip()
+  assert eval_id != run_id
+  assert len(glob.glob(os.path.join(model_dir, "wandb", f"offline-run-*-{run_id}"))) == 2
+  _, recs = _offline_run(model_dir, eval_id, 0)
+  [run] = wandb_records.of_type(recs, "run")
+  assert (run.project, run.display_name, run.run_group, run.job_type) == (
+      "t5gemma-test", "my_run-eval", "my_run", "eval")
+  [scored] = [r for r in wandb_records.history(recs) if f"eval/{TASK}/examples" in r]
+  result = [json.loads(line) for line in open(os.path.join(model_dir, "eval_results.jsonl"))][-1]
+  assert scored["step"] == result["step"] == 5 and result["examples"] == EXAMPLES
+  assert scored[f"eval/{TASK}/bleu"] == result["bleu"]
 
 
 def test_without_the_wandb_package_the_error_says_how_to_install_it(monkeypatch, tmp_path):

@@ -7,7 +7,12 @@
     the decoded examples (input, target, prediction).
 The run's id is made once and kept in MODEL_DIR/wandb/run_id: a resumed run (the same
 MODEL_DIR) continues the same W&B run (resume="allow"), a new MODEL_DIR starts a new one. The
-run's name is MODEL_DIR's last folder name. W&B writes its files under MODEL_DIR/wandb (local
+run's name is MODEL_DIR's last folder name, also its W&B group.
+
+`t5gemma eval` of such a run logs its scores and tables to a W&B run of its own in the same
+group (job type "eval", id kept in MODEL_DIR/wandb/eval_run_id, name "NAME-eval"): each eval
+of the run continues it, and it never writes into the training run, which may still be
+logging from another process. W&B writes its files under MODEL_DIR/wandb (local
 MODEL_DIR; for a bucket, in W&B's default folder: $WANDB_DIR, else ./wandb). W&B's own
 variables apply as usual: WANDB_MODE=offline keeps everything on disk (`wandb sync` uploads it
 later), WANDB_MODE=disabled turns it off, WANDB_ENTITY picks the team.
@@ -31,6 +36,7 @@ from t5gemma_jax import atomic, config_gin, storage
 
 INSTALL_HINT = "pip install t5gemma-jax[wandb]"
 STEP_METRIC = "step"
+TRAIN_JOB = "train"
 MAX_TABLE_ROWS = 1000  # decoded examples logged per task and evaluation
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -49,17 +55,19 @@ def import_wandb():
   return wandb
 
 
-def run_id(model_dir: str) -> str:
-  """The W&B run id of `model_dir`: read from MODEL_DIR/wandb/run_id, made and kept there on
-  the first call.
+def run_id(model_dir: str, job_type: str = TRAIN_JOB) -> str:
+  """The W&B run id of `model_dir`'s `job_type` run: read from MODEL_DIR/wandb/run_id (the
+  training run; "JOB_run_id" for another job), made and kept there on the first call.
 
   Args:
     model_dir: the run directory (local or remote).
+    job_type: "train", or the job logging beside it ("eval").
 
   Returns:
     The id (8 random lowercase hex digits when made here).
   """
-  path = os.path.join(model_dir, "wandb", "run_id")
+  name = "run_id" if job_type == TRAIN_JOB else f"{job_type}_run_id"
+  path = os.path.join(model_dir, "wandb", name)
   kept = storage.read_text_if_exists(path)
   if kept is not None:
     kept = kept.strip()
@@ -82,13 +90,15 @@ def gin_bindings(text: str) -> dict[str, Any]:
 class WandbWriter:
   """One W&B run for a MODEL_DIR (process 0 alone makes one: see `MetricsWriter`)."""
 
-  def __init__(self, model_dir: str, project: str, config_gin: Optional[str] = None):
-    """Opens (or resumes) the W&B run of `model_dir`.
+  def __init__(self, model_dir: str, project: str, config_gin: Optional[str] = None,
+               job_type: str = TRAIN_JOB):
+    """Opens (or resumes) the W&B run of `model_dir`'s `job_type`.
 
     Args:
       model_dir: the run directory (its id file and, when local, W&B's files go there).
       project: the W&B project.
       config_gin: the run's config.gin text (the run config and a file of the run), if any.
+      job_type: "train" (the training run), or "eval" (`t5gemma eval`'s run beside it).
     """
     global _active
     if not isinstance(project, str) or not project.strip():
@@ -96,8 +106,10 @@ class WandbWriter:
     wandb = import_wandb()
     self._wandb = wandb
     local = not storage.is_remote(model_dir)
-    name = os.path.basename(os.path.normpath(model_dir)) or None
-    self._run = wandb.init(project=project, id=run_id(model_dir), name=name, resume="allow",
+    group = os.path.basename(os.path.normpath(model_dir)) or None
+    name = group if job_type == TRAIN_JOB or group is None else f"{group}-{job_type}"
+    self._run = wandb.init(project=project, id=run_id(model_dir, job_type), name=name,
+                           group=group, job_type=job_type, resume="allow",
                            dir=model_dir if local else None,
                            config=gin_bindings(config_gin) if config_gin else None)
     self._run.define_metric(STEP_METRIC)
