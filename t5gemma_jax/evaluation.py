@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Mapping, Optional
 
 import jax
@@ -146,9 +147,16 @@ def run_eval(cfg: EvalConfig) -> dict[str, dict[str, float]]:
   # still training cannot be logged under the previous step's number.
   step = inference.latest_step_everywhere(os.path.join(cfg.model_dir, "checkpoints"))
   params = inference.load_params(cfg.model, cfg.model_dir, step=step, run=cfg.run)
-  project = wandb_project_of(cfg)
-  tracker = (wandb_writer.WandbWriter(cfg.model_dir, project, job_type="eval")
-             if project and jax.process_index() == 0 else None)
+  project = wandb_project_of(cfg) if jax.process_index() == 0 else None
+  tracker = None
+  if project and cfg.wandb_project is None and not wandb_writer.installed():
+    # Inherited from the training run, on a machine without wandb: the scores still go to
+    # eval_results.jsonl and TensorBoard. An explicit EvalConfig.wandb_project fails below.
+    print(f"t5gemma eval: the run logged to W&B project {project!r} but wandb is not "
+          f"installed here ({wandb_writer.INSTALL_HINT}); evaluating without W&B",
+          file=sys.stderr)
+  elif project:
+    tracker = wandb_writer.WandbWriter(cfg.model_dir, project, job_type="eval")
   d = cfg.decode
   try:
     return evaluate(params, cfg.model, cfg.task, cfg.split, cfg.task_feature_lengths,

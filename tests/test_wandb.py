@@ -58,7 +58,7 @@ def _metric_rows(model_dir, first_step):
 
 @pytest.mark.slow
 def test_training_logs_to_wandb_and_a_resumed_run_continues_it(clean_gin, offline_wandb,
-                                                               tmp_path, capsys):
+                                                               tmp_path, capsys, monkeypatch):
   model_dir = str(tmp_path / "my_run")
   _train(model_dir, 3)
   run_id = open(os.path.join(model_dir, "wandb", "run_id")).read().strip()
@@ -99,11 +99,11 @@ def test_training_logs_to_wandb_and_a_resumed_run_continues_it(clean_gin, offlin
   assert not glob.glob(str(tmp_path / "wandb_home" / "dir" / "*" / "offline-run-*"))
 
   # `t5gemma eval` of the run: a W&B run of its own beside the training run, in its group.
-  assert app.main(["eval", "--gin_file=runs/eval.gin", "--gin_file=models/tiny.gin",
-                   f'--gin.MODEL_DIR="{model_dir}"', f'--gin.EVAL_TASK="{TASK}"',
-                   f"--gin.EvalConfig.num_examples={EXAMPLES}",
-                   "--gin.DecodeConfig.max_new_tokens=8",
-                   '--gin.DecodeConfig.strategy="greedy"']) == 0
+  eval_argv = ["eval", "--gin_file=runs/eval.gin", "--gin_file=models/tiny.gin",
+               f'--gin.MODEL_DIR="{model_dir}"', f'--gin.EVAL_TASK="{TASK}"',
+               f"--gin.EvalConfig.num_examples={EXAMPLES}", "--gin.DecodeConfig.max_new_tokens=8",
+               '--gin.DecodeConfig.strategy="greedy"']
+  assert app.main(eval_argv) == 0
   eval_id = open(os.path.join(model_dir, "wandb", "eval_run_id")).read().strip()
   assert eval_id != run_id
   assert len(glob.glob(os.path.join(model_dir, "wandb", f"offline-run-*-{run_id}"))) == 2
@@ -115,6 +115,14 @@ def test_training_logs_to_wandb_and_a_resumed_run_continues_it(clean_gin, offlin
   result = [json.loads(line) for line in open(os.path.join(model_dir, "eval_results.jsonl"))][-1]
   assert scored["step"] == result["step"] == 5 and result["examples"] == EXAMPLES
   assert scored[f"eval/{TASK}/bleu"] == result["bleu"]
+
+  # The same eval where wandb is not installed: scored all the same, W&B left out, and said.
+  monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+  capsys.readouterr()
+  assert app.main(eval_argv) == 0
+  assert "wandb is not installed here" in capsys.readouterr().err
+  assert len(open(os.path.join(model_dir, "eval_results.jsonl")).readlines()) == 3
+  assert len(glob.glob(os.path.join(model_dir, "wandb", f"offline-run-*-{eval_id}"))) == 1
 
 
 def test_without_the_wandb_package_the_error_says_how_to_install_it(monkeypatch, tmp_path):

@@ -45,6 +45,15 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _active: Optional["WandbWriter"] = None
 
 
+def installed() -> bool:
+  """Whether the `wandb` package can be imported here."""
+  try:
+    import_wandb()
+  except ImportError:
+    return False
+  return True
+
+
 def import_wandb():
   """The `wandb` module, or an ImportError that says how to install it."""
   try:
