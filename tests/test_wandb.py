@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -43,10 +44,17 @@ def _train(model_dir, steps, eval_tasks=f'("{TASK}",)'):
 
 def _offline_run(model_dir, run_id, index):
   """The `index`-th offline run folder of `run_id` (W&B names them by start time) and its
-  records."""
+  records, once complete: W&B's core process may still be writing them after `finish()`
+  returns, so this waits (up to a minute) for the run's closing "exit" record."""
   folders = sorted(glob.glob(os.path.join(model_dir, "wandb", f"offline-run-*-{run_id}")))
   folder = folders[index]
-  return folder, wandb_records.records(os.path.join(folder, f"run-{run_id}.wandb"))
+  path = os.path.join(folder, f"run-{run_id}.wandb")
+  deadline = time.monotonic() + 60
+  while True:
+    recs = wandb_records.records(path)
+    if wandb_records.of_type(recs, "exit") or time.monotonic() > deadline:
+      return folder, recs
+    time.sleep(0.2)
 
 
 def _metric_rows(model_dir, first_step):

@@ -17,7 +17,7 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
 def records(path):
-  """Every Record in the .wandb file at `path`, in order (CRCs checked)."""
+  """Every complete Record in the .wandb file at `path`, in order (CRCs checked)."""
   from wandb.proto import wandb_internal_pb2
   data = open(path, "rb").read()
   ident, magic, version = struct.unpack("<4sHB", data[:7])
@@ -32,6 +32,8 @@ def records(path):
     if kind == 0:  # zero padding up to the block's end
       pos += left
       continue
+    if pos + _HEADER.size + length > len(data):
+      break  # a chunk still being written (the file is read while W&B's core writes it)
     chunk = data[pos + _HEADER.size:pos + _HEADER.size + length]
     assert zlib.crc32(bytes([kind]) + chunk) == crc, f"bad CRC at byte {pos} of {path}"
     pos += _HEADER.size + length
