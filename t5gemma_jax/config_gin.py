@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 from typing import Any, Optional
+
+from t5gemma_jax import run_files, storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,13 @@ def parse_gin(text: str) -> GinSettings:
       continue
     (bindings if "." in name else macros)[name] = value
   return GinSettings(macros=macros, bindings=bindings)
+
+
+def read_run(run_dir: str) -> Optional[GinSettings]:
+  """The config.gin a training run wrote into `run_dir` (local or remote), parsed; None when
+  it has none (not a training run, or not started)."""
+  text = storage.read_text_if_exists(os.path.join(run_dir, run_files.TRAIN_GIN))
+  return None if text is None else parse_gin(text)
 
 
 def _literal(text: str) -> Any:

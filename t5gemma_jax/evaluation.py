@@ -173,6 +173,6 @@ def wandb_project_of(cfg: EvalConfig) -> Optional[str]:
   (its config.gin's `TrainConfig.wandb_project`); None for none."""
   if cfg.wandb_project is not None:
     return cfg.wandb_project or None
-  text = storage.read_text_if_exists(os.path.join(cfg.model_dir, run_files.TRAIN_GIN))
-  project = config_gin.parse_gin(text).value("TrainConfig.wandb_project") if text else None
+  trained = config_gin.read_run(cfg.model_dir)
+  project = trained.value("TrainConfig.wandb_project") if trained else None
   return project if isinstance(project, str) and project else None

@@ -15,8 +15,8 @@ import math
 import os
 from typing import Any, Optional
 
-from t5gemma_jax import run_files, storage
-from t5gemma_jax.config_gin import GinSettings, parse_gin
+from t5gemma_jax import config_gin, run_files, storage
+from t5gemma_jax.config_gin import GinSettings
 
 MAX_ANCESTORS = 8  # init_from links followed (a chain of fine-tunes; guards against a loop)
 _EVAL_KEYS = ("step", "task", "split", "metric_settings")
@@ -83,7 +83,7 @@ def read(run_dir: str, step: int) -> RunHistory:
   Returns:
     The history; fields the run does not record are None or empty.
   """
-  gin = _gin_of(run_dir)
+  gin = _safe(config_gin.read_run, run_dir)
   logged = _safe(storage.read_records, os.path.join(run_dir, run_files.METRICS)) or []
   records = [r for r in logged if _int(r.get("step")) is not None and r["step"] <= step]
   evals, later = _evals(run_dir, step)
@@ -99,11 +99,6 @@ def read(run_dir: str, step: int) -> RunHistory:
                     later_evals=later, init_from=chain, source=source)
 
 
-def _gin_of(run_dir: str) -> Optional[GinSettings]:
-  text = _safe(storage.read_text_if_exists, os.path.join(run_dir, run_files.TRAIN_GIN))
-  return parse_gin(text) if text is not None else None
-
-
 def _init_chain(run_dir: str, gin: Optional[GinSettings]) -> tuple[str, ...]:
   chain: list[str] = []
   seen = {os.path.normpath(run_dir)}
@@ -113,7 +108,7 @@ def _init_chain(run_dir: str, gin: Optional[GinSettings]) -> tuple[str, ...]:
       break
     chain.append(parent)
     seen.add(os.path.normpath(parent))
-    gin = _gin_of(parent)
+    gin = _safe(config_gin.read_run, parent)
   return tuple(chain)
 
 

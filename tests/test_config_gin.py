@@ -1,13 +1,12 @@
 """config.gin read back without gin (`config_gin.parse_gin`) agrees with gin itself."""
 
 import gin
-import pytest
 
 from t5gemma_jax import config_gin
 from t5gemma_jax.cli import gin_setup
 
 
-def test_every_literal_of_the_demo_runs_config_gin_reads_back_as_gin_holds_it():
+def test_every_literal_of_the_demo_runs_config_gin_reads_back_as_gin_holds_it(clean_gin):
   gin_setup.load("train", ["runs/demo.gin"], ["BATCH_SIZE = 4",
                                                'RunOptions.dtype = "bfloat16"'])
   text = gin.config_str()
@@ -38,7 +37,18 @@ def test_continued_values_macros_of_macros_and_skipped_lines():
   assert s.parameters_of("f") == {"x": 3, "y": {"a": 1, "b": [2, 3]}, "z": "@g()"}
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-  yield
-  gin.clear_config()
+
+def test_gin_bindings_become_a_flat_run_config():
+  """What the W&B run config gets: every macro and binding, literals as values."""
+  text = ("# Macros:\nBATCH_SIZE = 8\nNAME = 'x'\n\n# Parameters for TrainConfig:\n"
+          "TrainConfig.batch_size = %BATCH_SIZE\nTrainConfig.model = @preset()\n"
+          "data_settings.rates = \\\n    {'a': 1.0,\n     'b': 2.0}\ninclude 'runs/demo.gin'\n")
+  assert config_gin.parse_gin(text).values() == {
+      "BATCH_SIZE": 8, "NAME": "x", "TrainConfig.batch_size": 8,
+      "TrainConfig.model": "@preset()", "data_settings.rates": {"a": 1.0, "b": 2.0}}
+
+
+def test_a_run_directory_without_config_gin_reads_as_none(tmp_path):
+  assert config_gin.read_run(str(tmp_path)) is None
+  (tmp_path / "config.gin").write_text("TrainConfig.batch_size = 3\n")
+  assert config_gin.read_run(str(tmp_path)).value("TrainConfig.batch_size") == 3

@@ -140,15 +140,6 @@ def test_without_the_wandb_package_the_error_says_how_to_install_it(monkeypatch,
   assert os.listdir(tmp_path) == []  # it failed before opening any log
 
 
-def test_gin_bindings_become_a_flat_run_config():
-  text = ("# Macros:\nBATCH_SIZE = 8\nNAME = 'x'\n\n# Parameters for TrainConfig:\n"
-          "TrainConfig.batch_size = %BATCH_SIZE\nTrainConfig.model = @preset()\n"
-          "data_settings.rates = \\\n    {'a': 1.0,\n     'b': 2.0}\ninclude 'runs/demo.gin'\n")
-  assert wandb_writer.gin_bindings(text) == {
-      "BATCH_SIZE": 8, "NAME": "x", "TrainConfig.batch_size": 8,
-      "TrainConfig.model": "@preset()", "data_settings.rates": {"a": 1.0, "b": 2.0}}
-
-
 def test_config_gin_is_a_tensorboard_text_summary(tmp_path):
   import tensorflow as tf
   text = "TrainConfig.batch_size = 8\nTRAIN_STEPS = 100\n"

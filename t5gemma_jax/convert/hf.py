@@ -73,9 +73,9 @@ def save(params: Params, cfg: ModelConfig, path: str, *, dtype: Optional[str] = 
   config.json, generation_config.json and safetensors (sharded above `max_shard_bytes`, with
   an index), plus tokenizer files when a SentencePiece `vocabulary` is given, and a README.md
   model card (`model_card`: the architecture; params from memory record no training, which
-  `t5gemma export` of a run directory adds). Parameters are
-  written one at a time (a device array is fetched only when its turn comes), into a temporary
-  folder renamed into place at the end: an interrupted save leaves nothing at `path`.
+  `t5gemma export` of a run directory adds). Parameters are written one at a time (a device
+  array is fetched only when its turn comes), into a temporary folder renamed into place at
+  the end: an interrupted save leaves nothing at `path`.
 
   Args:
     params: our params, scanned or not, numpy or jax arrays (sharded arrays are gathered one
@@ -98,6 +98,7 @@ def save(params: Params, cfg: ModelConfig, path: str, *, dtype: Optional[str] = 
 
   if dtype is None:
     dtype = common_dtype_name(leaf.dtype for _, leaf in hf_writer.leaves_of(params))
+
   def card(folder: str) -> None:
     parameters = sum(int(np.prod(leaf.shape)) for _, leaf in hf_writer.leaves_of(params))
     facts = model_card.gather(cfg, output_dir=path, dtype=dtype, parameters=parameters,

@@ -59,7 +59,7 @@ class ExportFacts:
   cfg: ModelConfig
   dtype: str
   parameters: int
-  history: run_history.RunHistory
+  history: Optional[run_history.RunHistory]
   step_dir: Optional[str]
   tokenizer: bool
   command: Optional[str] = None

@@ -90,10 +90,9 @@ def summarise(model_dir: str) -> dict:
   }
 
 
-def _bindings(config_text: str) -> dict[str, str]:
-  """{NAME or Configurable.parameter: value text} of a config.gin (`config_gin.parse_gin`)."""
-  settings = config_gin.parse_gin(config_text)
-  return {**settings.macros, **settings.bindings}
+def _bindings(settings: Optional[config_gin.GinSettings]) -> dict[str, str]:
+  """{NAME or Configurable.parameter: value text} of a run's config.gin ({} without one)."""
+  return {**settings.macros, **settings.bindings} if settings else {}
 
 
 def load_runs(paths: Sequence[str]) -> tuple[list[dict], list[str], Optional[str]]:
@@ -105,7 +104,7 @@ def load_runs(paths: Sequence[str]) -> tuple[list[dict], list[str], Optional[str
     # MODEL_DIR is ROOT/NAME: this still finds the runs of a sweep folder copied elsewhere.
     return ([{"name": r["name"], "model_dir": os.path.join(paths[0], r["name"]),
               "values": r["values"]} for r in sweep["runs"]], columns, paths[0])
-  configs = {p: _bindings(read_text(os.path.join(p, "config.gin")) or "") for p in paths}
+  configs = {p: _bindings(config_gin.read_run(p)) for p in paths}
   known = [c for c in configs.values() if c]  # runs not started yet have no config.gin
   keys = sorted({k for c in known for k in c} - {"MODEL_DIR", "TrainConfig.model_dir"})
   columns = [k for k in keys if len({c.get(k) for c in known}) > 1]
@@ -122,7 +121,7 @@ def _eval_setting(run: dict) -> tuple[str, Optional[int]]:
   import dataclasses
   from t5gemma_jax.train import loop
   defaults = {f.name: f.default for f in dataclasses.fields(loop.TrainConfig)}
-  bound = config_gin.parse_gin(read_text(os.path.join(run["model_dir"], "config.gin")) or "")
+  bound = config_gin.read_run(run["model_dir"]) or config_gin.parse_gin("")
   split, n = (defaults[k] if bound.text(f"TrainConfig.{k}") is None
               else bound.value(f"TrainConfig.{k}") for k in ("eval_split", "eval_examples"))
   return split, n

@@ -32,7 +32,8 @@ import secrets
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
-from t5gemma_jax import atomic, config_gin, storage
+from t5gemma_jax import atomic, storage
+from t5gemma_jax.config_gin import parse_gin
 
 INSTALL_HINT = "pip install t5gemma-jax[wandb]"
 STEP_METRIC = "step"
@@ -89,13 +90,6 @@ def run_id(model_dir: str, job_type: str = TRAIN_JOB) -> str:
   return made
 
 
-def gin_bindings(text: str) -> dict[str, Any]:
-  """A config.gin's macros and bindings as a flat W&B config: {"TrainConfig.batch_size": 8, ...}
-  (`config_gin.GinSettings.values`: literals as values, a macro reference as the macro's
-  value, anything else such as `@preset()` as text)."""
-  return config_gin.parse_gin(text).values()
-
-
 class WandbWriter:
   """One W&B run for a MODEL_DIR (process 0 alone makes one: see `MetricsWriter`)."""
 
@@ -120,7 +114,8 @@ class WandbWriter:
     self._run = wandb.init(project=project, id=run_id(model_dir, job_type), name=name,
                            group=group, job_type=job_type, resume="allow",
                            dir=model_dir if local else None,
-                           config=gin_bindings(config_gin) if config_gin else None)
+                           # One entry per macro and binding, literals as values.
+                           config=parse_gin(config_gin).values() if config_gin else None)
     self._run.define_metric(STEP_METRIC)
     self._run.define_metric("*", step_metric=STEP_METRIC)
     if config_gin and not self._run.disabled:  # WANDB_MODE=disabled: its dir is a temp one
