@@ -138,6 +138,10 @@ def test_without_the_wandb_package_the_error_says_how_to_install_it(monkeypatch,
   with pytest.raises(ImportError, match=r"pip install t5gemma-jax\[wandb\]"):
     metrics_writer.MetricsWriter(str(tmp_path), wandb_project="p")
   assert os.listdir(tmp_path) == []  # it failed before opening any log
+  # `t5gemma eval` asked for W&B explicitly: the error names its own binding.
+  with pytest.raises(ImportError, match=r"^EvalConfig\.wandb_project is set .*\[wandb\]"):
+    wandb_writer.WandbWriter(str(tmp_path), "p", job_type="eval")
+  assert os.listdir(tmp_path) == []
 
 
 def test_config_gin_is_a_tensorboard_text_summary(tmp_path):

@@ -38,6 +38,8 @@ from t5gemma_jax.config_gin import parse_gin
 INSTALL_HINT = "pip install t5gemma-jax[wandb]"
 STEP_METRIC = "step"
 TRAIN_JOB = "train"
+# The gin binding that asks for W&B, per job: what an error about it names.
+PROJECT_SETTING = {TRAIN_JOB: "TrainConfig.wandb_project", "eval": "EvalConfig.wandb_project"}
 MAX_TABLE_ROWS = 1000  # decoded examples logged per task and evaluation
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -55,12 +57,13 @@ def installed() -> bool:
   return True
 
 
-def import_wandb():
-  """The `wandb` module, or an ImportError that says how to install it."""
+def import_wandb(setting: str = PROJECT_SETTING[TRAIN_JOB]):
+  """The `wandb` module, or an ImportError that names `setting` (the binding that asked for
+  W&B) and says how to install it."""
   try:
     import wandb
   except ImportError as e:
-    raise ImportError("TrainConfig.wandb_project is set but the wandb package is not "
+    raise ImportError(f"{setting} is set but the wandb package is not "
                       f"installed: {INSTALL_HINT}") from e
   return wandb
 
@@ -101,12 +104,14 @@ class WandbWriter:
       model_dir: the run directory (its id file and, when local, W&B's files go there).
       project: the W&B project.
       config_gin: the run's config.gin text (the run config and a file of the run), if any.
-      job_type: "train" (the training run), or "eval" (`t5gemma eval`'s run beside it).
+      job_type: a key of PROJECT_SETTING: "train" (the training run), or "eval"
+        (`t5gemma eval`'s run beside it).
     """
     global _active
+    setting = PROJECT_SETTING[job_type]
     if not isinstance(project, str) or not project.strip():
-      raise ValueError(f"TrainConfig.wandb_project must be a W&B project name, got {project!r}")
-    wandb = import_wandb()
+      raise ValueError(f"{setting} must be a W&B project name, got {project!r}")
+    wandb = import_wandb(setting)
     self._wandb = wandb
     local = not storage.is_remote(model_dir)
     group = os.path.basename(os.path.normpath(model_dir)) or None
