@@ -40,6 +40,24 @@ def test_line_progress_prints_one_line_per_record():
 
 
 @pytest.mark.slow
+def test_a_launcher_that_loads_tensorflow_prints_no_start_up_lines(tmp_path):
+  """`t5gemma launch report` of an evaluated run scores the copy baseline through the seqio
+  task (TensorFlow): its output has the tables and nothing of TensorFlow's."""
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "metrics.jsonl").write_text('{"step": 2, "loss": 3.5}\n')
+  (run / "eval_results.jsonl").write_text(
+      '{"step": 2, "task": "cldr_translate_en_de", "split": "validation", "examples": 4, '
+      '"bleu": 1.0, "chrf": 2.0, "exact_match": 0.0}\n')
+  proc = subprocess.run([sys.executable, "-m", "t5gemma_jax.cli", "launch", "report", str(run)],
+                        capture_output=True, text=True, timeout=300,
+                        env={k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"})
+  assert proc.returncode == 0, proc.stderr
+  assert "baseline: copy source / first sentence (validation, 4 examples)" in proc.stdout
+  assert proc.stderr == "", proc.stderr
+
+
+@pytest.mark.slow
 def test_cli_start_prints_nothing_on_a_cpu_host():
   proc = subprocess.run([sys.executable, "-m", "t5gemma_jax.cli", "show_config",
                          "--gin_file=models/tiny.gin"], capture_output=True, text=True,

@@ -93,9 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs one command; bad input gives one line on stderr and exit status 2 (other failures
   1), with the traceback only under --verbose."""
   argv = sys.argv[1:] if argv is None else list(argv)
+  backends.quiet_start()  # also for launchers that load TensorFlow (report's baselines)
   if argv[:1] == ["launch"]:  # the launchers parse their own arguments
     return launch_command.main(argv[1:])
-  backends.quiet_start()
   invocation = parse(argv)
   args = invocation.args
   try:

@@ -22,7 +22,7 @@ import statistics
 import sys
 from typing import Optional, Sequence
 
-from t5gemma_jax import atomic, config_gin, storage
+from t5gemma_jax import atomic, config_gin, run_files, storage
 from t5gemma_jax.launch.local_runs import STATUS  # what the sweep's local mode writes
 
 NO_VALUE = "–"
@@ -61,11 +61,11 @@ def series(records: Sequence[dict], key: str) -> list[tuple[int, float]]:
 
 def summarise(model_dir: str) -> dict:
   """The report's numbers for one run; missing ones are None."""
-  records = _jsonl(os.path.join(model_dir, "metrics.jsonl"))
+  records = _jsonl(os.path.join(model_dir, run_files.METRICS))
   train, val = series(records, "loss"), series(records, "validation_loss")
   speed = [v for _, v in series(records, "tokens_per_s")]
   evals, scored_on = {}, None
-  results = _jsonl(os.path.join(model_dir, "eval_results.jsonl"))
+  results = _jsonl(os.path.join(model_dir, run_files.EVAL_RESULTS))
   for r in sorted(results, key=lambda r: r.get("step", 0)):  # the latest value wins
     for k, v in r.items():
       if k not in ("step", "task", "split", "examples") and _number(v) is not None:
